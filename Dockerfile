@@ -1,0 +1,19 @@
+# The app, worker and dashboard image used by compose.yaml.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+WORKDIR /srv
+
+# The CPU build of torch first (a plain `pip install torch` pulls a multi-GB CUDA build).
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+
+COPY pyproject.toml README.md ./
+COPY app app
+COPY workers workers
+COPY lua lua
+COPY schemas schemas
+# Editable, so the package finds lua/ and schemas/ beside it.
+RUN pip install --no-cache-dir -e .
+
+EXPOSE 8000 9181
+CMD ["backbone", "serve"]

@@ -1,0 +1,96 @@
+"""The Starlette application: `create_app(settings)`.
+
+The app keeps no state of its own between requests; the lifespan opens the
+shared clients (async Redis, a PostgreSQL pool, the embedding model) and hands
+them to every request through the lifespan state. Errors raised by routes are
+rendered once, here, as `{"error": {"code", "message"}}` with their status.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from app import health
+from app.embeddings import shared_embedder
+from app.errors import BackboneError, RateLimited, translate
+from app.settings import Settings
+from app.state import AppState
+from app.stores import async_redis_client
+
+log = logging.getLogger("backbone.api")
+
+
+def error_response(err: BackboneError) -> JSONResponse:
+    headers = {"Retry-After": str(err.retry_after)} if isinstance(err, RateLimited) else None
+    return JSONResponse(err.to_body(), status_code=err.status, headers=headers)
+
+
+async def _backbone_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BackboneError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(
+        {"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    mapped = translate(exc)
+    if mapped is not None:
+        log.warning("dependency failure on %s: %s", request.url.path, mapped.message)
+        return error_response(mapped)
+    log.exception("unhandled error on %s", request.url.path)
+    return JSONResponse(
+        {"error": {"code": "internal", "message": "internal error"}}, status_code=500
+    )
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/healthz", health.healthz, methods=["GET"]),
+        Route("/readyz", health.readyz, methods=["GET"]),
+    ]
+
+
+def create_app(settings: Settings) -> Starlette:
+    """Build the app for settings whose REDIS_URL and DATABASE_URL are resolved."""
+    assert settings.redis_url and settings.database_url, "resolve the store URLs first"
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        redis = async_redis_client(settings.redis_url or "")
+        pg: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            settings.database_url or "", min_size=1, max_size=10, open=False,
+            kwargs={"autocommit": True},
+        )
+        await pg.open(wait=False)
+        state = AppState(settings, redis, pg, shared_embedder(settings.embedding_model))
+        try:
+            yield {"backbone": state}
+        finally:
+            await pg.close()
+            await redis.aclose()
+
+    return Starlette(
+        routes=routes(),
+        lifespan=lifespan,
+        exception_handlers={
+            BackboneError: _backbone_error,
+            HTTPException: _http_error,
+            Exception: _unexpected,
+        },
+    )

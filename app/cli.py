@@ -1,0 +1,259 @@
+"""The `backbone` command.
+
+    backbone up                 embedded stores + app + one worker (what `make run` runs)
+    backbone serve              the API on HOST:PORT
+    backbone worker             one rq worker
+    backbone doctor             versions, modules, ports, index and table status
+    backbone index create|info|drop
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from importlib import metadata
+
+from app import indexes, migrations
+from app.bootstrap import prepare
+from app.embedded import EmbeddedStack, running_urls
+from app.errors import BackboneError
+from app.settings import Settings
+from app.stores import check_modules, pg_connect, redis_client
+
+Command = Callable[[Settings, argparse.Namespace], int]
+
+
+def _dims(settings: Settings) -> int | None:
+    """The vector width for the indexes: the YAML's unless another model is configured."""
+    if settings.embedding_model is None:
+        return None
+    from app.embeddings import shared_embedder
+
+    return shared_embedder(settings.embedding_model).dims
+
+
+@contextlib.contextmanager
+def _stores(settings: Settings, *, attach: bool = True) -> Iterator[Settings]:
+    """Resolved settings, the embedded servers started (or reused) for as long as needed."""
+    stack = EmbeddedStack(settings)
+    resolved = stack.start(attach=attach)
+    try:
+        yield resolved
+    finally:
+        stack.stop()
+
+
+def _running(settings: Settings) -> Settings:
+    redis_url, db_url = running_urls(settings)
+    if redis_url is None or db_url is None:
+        missing = " and ".join(
+            n for n, u in (("Redis", redis_url), ("PostgreSQL", db_url)) if u is None
+        )
+        raise BackboneError(
+            f"embedded {missing} not running: start them with `make run` (or `backbone up`), "
+            "or set REDIS_URL / DATABASE_URL"
+        )
+    return settings.with_urls(redis_url, db_url)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    # A SIGTERM (systemd, a supervisor, `kill`) stops everything like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    stack = EmbeddedStack(settings)
+    print("starting the stores ...", flush=True)
+    resolved = stack.start()
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        prepared = prepare(resolved, _dims(resolved))
+        env = {**os.environ, "REDIS_URL": resolved.redis_url or "",
+               "DATABASE_URL": resolved.database_url or ""}
+        for sub in ("serve", "worker"):
+            children.append(subprocess.Popen([sys.executable, "-m", "app.cli", sub], env=env))
+        _print_banner(resolved, prepared.indexes_created, prepared.migrations_applied)
+        while all(c.poll() is None for c in children):
+            time.sleep(0.5)
+        failed = [c for c in children if c.returncode not in (0, None)]
+        return 1 if failed else 0
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+        return 0
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signal.SIGINT)
+        for c in children:
+            try:
+                c.wait(15)
+            except subprocess.TimeoutExpired:
+                c.kill()
+        stack.stop()
+        print("stopped everything `backbone up` started.", flush=True)
+
+
+def _print_banner(s: Settings, created: list[str], applied: list[str]) -> None:
+    base = f"http://{s.host}:{s.port}"
+    lines = [
+        "",
+        "redis-backbone is up",
+        f"  app          {base}/   (readiness: {base}/readyz)",
+        f"  redis        {s.redis_url}",
+        f"  postgres     {s.database_url}",
+        f"  data folder  {s.data_dir}",
+    ]
+    if s.redis_url and s.redis_url.startswith("redis://127.0.0.1:"):
+        port = s.redis_url.rsplit(":", 1)[1].split("/")[0]
+        lines.append(f"  inspect      redis-cli -p {port}    (FT._LIST, FT.INFO idx:cache)")
+    lines.append(f"  rq dashboard rq-dashboard --redis-url {s.redis_url}")
+    if created:
+        lines.append(f"  created indexes: {', '.join(created)}")
+    if applied:
+        lines.append(f"  applied migrations: {', '.join(applied)}")
+    lines.append("  Ctrl-C stops everything started here; the data stays for the next run.")
+    print("\n".join(lines), flush=True)
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.api import create_app
+
+    with _stores(settings) as resolved:
+        prepare(resolved, _dims(resolved))
+        uvicorn.run(
+            create_app(resolved), host=resolved.host, port=resolved.port,
+            log_level=resolved.log_level.lower(), timeout_graceful_shutdown=10,
+        )
+    return 0
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.worker import run_worker
+
+    with _stores(settings) as resolved:
+        prepare(resolved, _dims(resolved))
+        run_worker(resolved, burst=args.burst)
+    return 0
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for dist in ("redis", "redisvl", "sentence-transformers", "torch", "starlette",
+                 "sse-starlette", "psycopg", "rq"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
+    report: dict[str, object] = {"versions": _versions(), "data_dir": str(settings.data_dir)}
+    ok = True
+    redis_url, db_url = running_urls(settings)
+    redis_report: dict[str, object] = {"url": redis_url or settings.redis_url}
+    if redis_url is None:
+        ok = False
+        redis_report["error"] = (
+            f"embedded Redis not running on port {settings.embedded_redis_port} (make run)"
+        )
+    else:
+        client = redis_client(redis_url)
+        try:
+            redis_report["server"] = client.info("server").get("redis_version")
+            redis_report["modules"] = check_modules(client)
+            redis_report["indexes"] = indexes.status(client)
+            ok = ok and all(i["exists"] for i in redis_report["indexes"].values())  # type: ignore[attr-defined]
+        except Exception as e:
+            ok = False
+            redis_report["error"] = str(e)
+        finally:
+            client.close()
+    report["redis"] = redis_report
+    pg_report: dict[str, object] = {"url": db_url or settings.database_url}
+    if db_url is None:
+        ok = False
+        pg_report["error"] = "embedded PostgreSQL not running (make run)"
+    else:
+        try:
+            with pg_connect(db_url, autocommit=True) as conn:
+                row = conn.execute("SHOW server_version").fetchone()
+                pg_report["server"] = row[0] if row else None
+                pg_report["migrations_applied"] = sorted(migrations.applied(conn))
+                pg_report["migrations_pending"] = [m.version for m in migrations.pending(conn)]
+                ok = ok and not pg_report["migrations_pending"]
+        except Exception as e:
+            ok = False
+            pg_report["error"] = str(e)
+    report["postgres"] = pg_report
+    report["ok"] = ok
+    print(json.dumps(report, indent=2, default=str))
+    return 0 if ok else 1
+
+
+def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
+    resolved = _running(settings)
+    client = redis_client(resolved.redis_url or "")
+    try:
+        if args.action == "create":
+            check_modules(client)
+            created = indexes.create_all(client, _dims(resolved))
+            print(f"created: {', '.join(created) or 'nothing (all exist)'}")
+        elif args.action == "drop":
+            dropped = indexes.drop_all(client, with_documents=args.with_documents)
+            print(f"dropped: {', '.join(dropped) or 'nothing'}")
+        else:
+            print(json.dumps(indexes.status(client), indent=2))
+    finally:
+        client.close()
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="backbone", description="redis-backbone")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="embedded stores + app + worker (make run)").set_defaults(fn=cmd_up)
+    sub.add_parser("serve", help="run the API").set_defaults(fn=cmd_serve)
+    w = sub.add_parser("worker", help="run one rq worker")
+    w.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    w.set_defaults(fn=cmd_worker)
+    sub.add_parser("doctor", help="check versions, modules, indexes, tables").set_defaults(
+        fn=cmd_doctor
+    )
+    i = sub.add_parser("index", help="manage the RediSearch indexes")
+    i.add_argument("action", choices=["create", "info", "drop"])
+    i.add_argument("--with-documents", action="store_true",
+                   help="with drop: delete the indexed hashes too")
+    i.set_defaults(fn=cmd_index)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        logging.basicConfig(
+            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        )
+        # pgserver narrates every initdb and pg_ctl at INFO; keep the banner readable.
+        logging.getLogger("pgserver").setLevel(logging.WARNING)
+        fn: Command = args.fn
+        return fn(settings, args)
+    except BackboneError as e:
+        print(f"backbone: {e.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

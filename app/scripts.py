@@ -1,0 +1,192 @@
+"""The Lua scripts in `lua/`, loaded once, each behind one typed wrapper.
+
+A file is named `<verb_noun>-<N>.lua`, N being how many KEYS it takes; the
+loader reads N from the name and refuses a call with another count. A wrapper
+builds a `Call` (keys, args, how to read the reply); `run` executes it on a
+sync client (workers) and `arun` on an async one (the app), by EVALSHA with a
+fallback to EVAL when the server has not seen the script (after a restart or a
+SCRIPT FLUSH), which also caches it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import redis
+import redis.asyncio as aredis
+from redis.exceptions import NoScriptError
+
+from app import keys
+
+LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
+FILE_NAME = re.compile(r"^(?P<name>[a-z][a-z_]*)-(?P<numkeys>\d+)\.lua$")
+
+T = TypeVar("T")
+Arg = str | int | float
+
+
+@dataclass(frozen=True)
+class LuaScript:
+    name: str
+    numkeys: int
+    source: str
+    sha: str
+    path: Path
+
+
+@cache
+def load_all() -> dict[str, LuaScript]:
+    """Every script in `lua/`, by name. Read from disk once per process."""
+    scripts: dict[str, LuaScript] = {}
+    for path in sorted(LUA_DIR.glob("*.lua")):
+        m = FILE_NAME.match(path.name)
+        if m is None:
+            raise RuntimeError(f"{path.name}: Lua files are named <verb_noun>-<N>.lua")
+        source = path.read_text()
+        scripts[m["name"]] = LuaScript(
+            name=m["name"],
+            numkeys=int(m["numkeys"]),
+            source=source,
+            sha=hashlib.sha1(source.encode()).hexdigest(),
+            path=path,
+        )
+    return scripts
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    script: LuaScript
+    keys: tuple[str, ...]
+    args: tuple[Arg, ...]
+    parse: Callable[[Any], T]
+
+
+def _call(
+    name: str, keys_: Sequence[str], args: Sequence[Arg], parse: Callable[[Any], T]
+) -> Call[T]:
+    script = load_all()[name]
+    if len(keys_) != script.numkeys:
+        raise ValueError(f"{name} takes {script.numkeys} KEYS, got {len(keys_)}")
+    return Call(script, tuple(keys_), tuple(args), parse)
+
+
+def run(client: redis.Redis, call: Call[T]) -> T:
+    s = call.script
+    try:
+        raw = client.evalsha(s.sha, s.numkeys, *call.keys, *call.args)
+    except NoScriptError:
+        raw = client.eval(s.source, s.numkeys, *call.keys, *call.args)
+    return call.parse(raw)
+
+
+async def arun(client: aredis.Redis, call: Call[T]) -> T:
+    s = call.script
+    try:
+        raw = await client.evalsha(s.sha, s.numkeys, *call.keys, *call.args)
+    except NoScriptError:
+        raw = await client.eval(s.source, s.numkeys, *call.keys, *call.args)
+    return call.parse(raw)
+
+
+def preload(client: redis.Redis) -> None:
+    """SCRIPT LOAD every script, so the first request pays no EVAL."""
+    for s in load_all().values():
+        client.script_load(s.source)
+
+
+def _int(raw: Any) -> int:
+    return int(raw)
+
+
+def _pair(raw: Any) -> tuple[int, int]:
+    return int(raw[0]), int(raw[1])
+
+
+def _text(raw: Any) -> str | None:
+    if raw is None or raw is False:
+        return None
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _owner_and_history(raw: Any) -> tuple[str | None, list[dict[str, Any]] | None]:
+    owner, history = _text(raw[0]), _text(raw[1])
+    return owner, (json.loads(history) if history is not None else None)
+
+
+# -- sessions ---------------------------------------------------------------
+
+
+def create_session(sid: str, user: str, ttl: int) -> Call[int]:
+    """1 created | 0 the id is taken."""
+    return _call("create_session", [keys.session(sid), keys.session_user(sid)], [user, ttl], _int)
+
+
+def append_messages(
+    sid: str, user: str, expected_length: int, messages_json: Sequence[str], ttl: int
+) -> Call[tuple[int, int]]:
+    """(code, length): 1 appended | 0 no session | -1 not the owner | -2 conflict."""
+    return _call(
+        "append_messages",
+        [keys.session(sid), keys.session_user(sid)],
+        [user, expected_length, ttl, *messages_json],
+        _pair,
+    )
+
+
+def read_session(sid: str, ttl: int) -> Call[tuple[str | None, list[dict[str, Any]] | None]]:
+    """(owner, history), both None when the session is not in Redis."""
+    return _call(
+        "read_session", [keys.session(sid), keys.session_user(sid)], [ttl], _owner_and_history
+    )
+
+
+def restore_session(sid: str, user: str, history_json: str, ttl: int) -> Call[int]:
+    """1 restored | 0 already present."""
+    return _call(
+        "restore_session",
+        [keys.session(sid), keys.session_user(sid)],
+        [user, history_json, ttl],
+        _int,
+    )
+
+
+def clear_unpersisted(sid: str, score: float) -> Call[int]:
+    """1 cleared | 0 the session was written again after the sweep read it."""
+    return _call("clear_unpersisted", [keys.UNPERSISTED], [sid, repr(score)], _int)
+
+
+# -- memory extraction --------------------------------------------------------
+
+
+def acquire_lock(sid: str, token: str, ttl_ms: int) -> Call[int]:
+    """1 acquired | 0 held by another token."""
+    return _call("acquire_lock", [keys.memory_lock(sid)], [token, ttl_ms], _int)
+
+
+def extend_lock(sid: str, token: str, ttl_ms: int) -> Call[int]:
+    """1 extended | 0 not held by this token."""
+    return _call("extend_lock", [keys.memory_lock(sid)], [token, ttl_ms], _int)
+
+
+def release_lock(sid: str, token: str) -> Call[int]:
+    """1 released | 0 not held by this token."""
+    return _call("release_lock", [keys.memory_lock(sid)], [token], _int)
+
+
+def advance_cursor(
+    sid: str, token: str, expected: str | None, new: str, summary: str, ttl: int
+) -> Call[int]:
+    """1 advanced | 0 lock lost | -1 cursor moved meanwhile | -2 not forward."""
+    return _call(
+        "advance_cursor",
+        [keys.memory_cursor(sid), keys.memory_lock(sid), keys.memory_summary(sid)],
+        [token, expected or "", new, summary, ttl],
+        _int,
+    )

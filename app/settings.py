@@ -1,0 +1,110 @@
+"""Typed settings, read once from the environment.
+
+Every variable is listed in `.env.example` and in the README's settings table.
+A malformed value fails loudly at start (`SettingsError`), never at first use.
+With no variable set, everything runs on the embedded default: a local Redis
+with the search and JSON modules and a local PostgreSQL under `DATA_DIR`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from app.errors import SettingsError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _str(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
+    value = env.get(name, "").strip()
+    return value or default
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = _str(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, *, lo: float, hi: float) -> float:
+    raw = _str(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise SettingsError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the app and the workers read from the environment."""
+
+    redis_url: str | None = None
+    database_url: str | None = None
+    data_dir: Path = PROJECT_ROOT / ".data"
+    embedded_redis_port: int = 6380
+    host: str = "127.0.0.1"
+    port: int = 8000
+    auth_secret: str | None = None
+    session_ttl_seconds: int = 86400
+    memory_lock_ttl_seconds: int = 300
+    memory_ttl_seconds: int = 30 * 86400
+    embedding_model: str | None = None
+    llm_base_url: str | None = None
+    llm_model: str = "gpt-4o-mini"
+    llm_api_key: str | None = None
+    searxng_url: str | None = None
+    retrieval_cache_audit_rate: float = 0.05
+    cache_audit_min_overlap: float = 0.5
+    sweep_interval_seconds: int = 30
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        e = os.environ if env is None else env
+        data_dir = Path(_str(e, "DATA_DIR", str(PROJECT_ROOT / ".data")) or ".data")
+        return cls(
+            redis_url=_str(e, "REDIS_URL"),
+            database_url=_str(e, "DATABASE_URL"),
+            data_dir=data_dir.resolve(),
+            embedded_redis_port=_int(e, "EMBEDDED_REDIS_PORT", 6380, minimum=1),
+            host=_str(e, "HOST", "127.0.0.1") or "127.0.0.1",
+            port=_int(e, "PORT", 8000, minimum=1),
+            auth_secret=_str(e, "AUTH_SECRET"),
+            session_ttl_seconds=_int(e, "SESSION_TTL_SECONDS", 86400, minimum=60),
+            memory_lock_ttl_seconds=_int(e, "MEMORY_LOCK_TTL_SECONDS", 300, minimum=1),
+            memory_ttl_seconds=_int(e, "MEMORY_TTL_SECONDS", 30 * 86400, minimum=60),
+            embedding_model=_str(e, "EMBEDDING_MODEL"),
+            llm_base_url=_str(e, "LLM_BASE_URL"),
+            llm_model=_str(e, "LLM_MODEL", "gpt-4o-mini") or "gpt-4o-mini",
+            llm_api_key=_str(e, "LLM_API_KEY"),
+            searxng_url=_str(e, "SEARXNG_URL"),
+            retrieval_cache_audit_rate=_float(
+                e, "RETRIEVAL_CACHE_AUDIT_RATE", 0.05, lo=0.0, hi=1.0
+            ),
+            cache_audit_min_overlap=_float(e, "CACHE_AUDIT_MIN_OVERLAP", 0.5, lo=0.0, hi=1.0),
+            sweep_interval_seconds=_int(e, "SWEEP_INTERVAL_SECONDS", 30, minimum=1),
+            log_level=(_str(e, "LOG_LEVEL", "INFO") or "INFO").upper(),
+        )
+
+    @property
+    def embedded(self) -> bool:
+        """True when at least one store comes from the embedded launcher."""
+        return self.redis_url is None or self.database_url is None
+
+    def with_urls(self, redis_url: str, database_url: str) -> Settings:
+        return replace(self, redis_url=redis_url, database_url=database_url)

@@ -1,0 +1,29 @@
+"""The shared clients of one app process, held in Starlette's lifespan state.
+
+No module globals: everything a request needs comes from `app_state(request)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aredis
+from psycopg_pool import AsyncConnectionPool
+from starlette.requests import Request
+
+from app.embeddings import Embedder
+from app.settings import Settings
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    redis: aredis.Redis
+    pg: AsyncConnectionPool[Any]
+    embedder: Embedder
+
+
+def app_state(request: Request) -> AppState:
+    state: AppState = request.state.backbone
+    return state

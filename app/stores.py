@@ -1,0 +1,89 @@
+"""Connections to Redis and PostgreSQL, and the start-up checks on them.
+
+`check_modules` is what turns "this Redis has no search module" into one clear
+sentence at start, instead of a stack trace from the first FT command.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import redis
+import redis.asyncio as aredis
+
+from app.errors import DatabaseUnavailable, MissingModules, RedisUnavailable
+
+# MODULE LIST name -> (minimum version as the module reports it, what it gives us)
+REQUIRED_MODULES: dict[str, tuple[int, str]] = {
+    "search": (20600, "the query engine (RediSearch 2.6+: FT.CREATE with HNSW vectors)"),
+    "ReJSON": (20400, "JSON (RedisJSON 2.4+: JSON.SET, JSON.ARRAPPEND)"),
+}
+
+HOW_TO_GET_THEM = (
+    "Use Redis Stack (redis/redis-stack-server), Redis 8 built with the query engine and "
+    "JSON, or unset REDIS_URL to use the embedded default (make run)."
+)
+
+
+def redis_client(url: str, **kw: Any) -> redis.Redis:
+    return redis.Redis.from_url(url, health_check_interval=30, **kw)
+
+
+def async_redis_client(url: str, **kw: Any) -> aredis.Redis:
+    return aredis.Redis.from_url(url, health_check_interval=30, **kw)
+
+
+def module_versions(client: redis.Redis) -> dict[str, int]:
+    try:
+        rows = client.module_list()
+    except redis.ResponseError:
+        # MODULE LIST may be denied by an ACL; probe the commands instead.
+        found: dict[str, int] = {}
+        for name, probe in (("search", ("FT._LIST",)), ("ReJSON", ("JSON.TYPE", "__probe__"))):
+            try:
+                client.execute_command(*probe)  # type: ignore[no-untyped-call]
+                found[name] = REQUIRED_MODULES[name][0]
+            except redis.ResponseError:
+                pass
+        return found
+    return parse_module_list(rows)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def parse_module_list(rows: list[dict[Any, Any]]) -> dict[str, int]:
+    """MODULE LIST reply (bytes or str keys) -> {name: version}."""
+    versions: dict[str, int] = {}
+    for row in rows:
+        fields = {_text(k): v for k, v in row.items()}
+        versions[_text(fields["name"])] = int(fields["ver"])
+    return versions
+
+
+def check_modules(client: redis.Redis) -> dict[str, int]:
+    """The versions of the required modules; MissingModules names any absent or too old."""
+    try:
+        versions = module_versions(client)
+    except redis.ConnectionError as e:
+        raise RedisUnavailable(f"cannot reach Redis: {e}") from e
+    problems = []
+    for name, (minimum, what) in REQUIRED_MODULES.items():
+        have = versions.get(name)
+        if have is None:
+            problems.append(f"module '{name}' is missing: {what}")
+        elif have < minimum:
+            problems.append(f"module '{name}' is version {have}, need {minimum}+: {what}")
+    if problems:
+        raise MissingModules("This Redis cannot serve redis-backbone: " + "; ".join(problems)
+                             + ". " + HOW_TO_GET_THEM)
+    return versions
+
+
+def pg_connect(url: str, **kw: Any) -> psycopg.Connection[Any]:
+    try:
+        return psycopg.connect(url, connect_timeout=5, **kw)
+    except psycopg.OperationalError as e:
+        raise DatabaseUnavailable(f"cannot reach PostgreSQL: {e}") from e

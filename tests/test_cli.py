@@ -1,0 +1,125 @@
+"""The `backbone` command as a user runs it, against real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+from app.embedded import free_port
+from app.settings import Settings
+
+BACKBONE = [sys.executable, "-m", "app.cli"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env.update(extra)
+    return env
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 120) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"backbone up exited early: {proc.communicate()[0]}")
+        try:
+            res = httpx.get(url, timeout=2)
+            if res.status_code == 200:
+                body: dict[str, object] = res.json()
+                return body
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} never became ready")
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    return out
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_up_starts_everything_stops_it_on_ctrl_c_and_a_second_run_keeps_the_data(
+    tmp_path: Path,
+) -> None:
+    redis_port, app_port = free_port(), free_port()
+    env = _env(DATA_DIR=str(tmp_path / "data"), EMBEDDED_REDIS_PORT=str(redis_port),
+               PORT=str(app_port), AUTH_SECRET="cli-test-secret-long-enough-for-hs256")
+    proc = subprocess.Popen([*BACKBONE, "up"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        body = _wait_ready(f"http://127.0.0.1:{app_port}/readyz", proc)
+        assert body["ready"] is True and all(body["checks"].values())  # type: ignore[attr-defined]
+        r = redis.Redis(port=redis_port)
+        assert {b"idx:cache", b"idx:kb", b"idx:memory"} <= set(r.execute_command("FT._LIST"))
+        deadline = time.monotonic() + 30
+        while not r.smembers("rq:workers") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert r.smembers("rq:workers"), "the rq worker did not register"
+        r.set("survives-restart", "1")
+        r.close()
+    finally:
+        out = _stop(proc)
+    assert proc.returncode == 0, out
+    assert f"redis-cli -p {redis_port}" in out
+    assert "data folder" in out
+    assert _port_is_free(redis_port) and _port_is_free(app_port)
+    assert (tmp_path / "data" / "redis").is_dir() and (tmp_path / "data" / "postgres").is_dir()
+
+    again = subprocess.Popen([*BACKBONE, "up"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_ready(f"http://127.0.0.1:{app_port}/readyz", again)
+        r = redis.Redis(port=redis_port)
+        assert r.get("survives-restart") == b"1"
+        r.close()
+    finally:
+        _stop(again)
+    assert again.returncode == 0
+
+
+def test_doctor_reports_modules_indexes_and_migrations_and_exits_zero(settings: Settings) -> None:
+    res = subprocess.run(
+        [*BACKBONE, "doctor"], capture_output=True, text=True, timeout=60,
+        env=_env(REDIS_URL=settings.redis_url or "", DATABASE_URL=settings.database_url or ""),
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(res.stdout)
+    assert report["ok"] is True
+    assert {"search", "ReJSON"} <= set(report["redis"]["modules"])
+    assert all(i["exists"] for i in report["redis"]["indexes"].values())
+    assert report["postgres"]["migrations_pending"] == []
+
+
+def test_doctor_fails_clearly_when_the_embedded_stores_are_not_running(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [*BACKBONE, "doctor"], capture_output=True, text=True, timeout=60,
+        env=_env(DATA_DIR=str(tmp_path), EMBEDDED_REDIS_PORT=str(free_port())),
+    )
+    assert res.returncode == 1
+    report = json.loads(res.stdout)
+    assert "not running" in report["redis"]["error"]
+    assert "not running" in report["postgres"]["error"]
+
+
+def test_index_info_lists_every_index(settings: Settings) -> None:
+    res = subprocess.run(
+        [*BACKBONE, "index", "info"], capture_output=True, text=True, timeout=60,
+        env=_env(REDIS_URL=settings.redis_url or "", DATABASE_URL=settings.database_url or ""),
+    )
+    assert res.returncode == 0, res.stderr
+    assert set(json.loads(res.stdout)) == {"idx:cache", "idx:kb", "idx:memory"}

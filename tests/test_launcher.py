@@ -1,0 +1,127 @@
+"""The embedded launcher, against the real servers it starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from app.bootstrap import prepare
+from app.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedStack, free_port
+from app.errors import EmbeddedStartError, MissingModules
+from app.settings import Settings
+from app.stores import check_modules, redis_client
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_embedded_redis_starts_with_the_search_and_json_modules(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "redis", free_port())
+    url = server.start()
+    try:
+        client = redis_client(url)
+        versions = check_modules(client)
+        assert versions["search"] >= 20600 and versions["ReJSON"] >= 20400
+        client.execute_command("JSON.SET", "probe", "$", "[]")
+        assert client.execute_command("JSON.ARRAPPEND", "probe", ".", '{"a":1}') == 1
+        client.close()
+    finally:
+        server.stop()
+
+
+def test_a_restart_on_the_same_folder_keeps_what_was_written(tmp_path: Path) -> None:
+    port = free_port()
+    first = EmbeddedRedis(tmp_path / "redis", port)
+    client = redis_client(first.start())
+    client.set("kept", "yes")
+    client.close()
+    first.stop()
+
+    second = EmbeddedRedis(tmp_path / "redis", port)
+    client = redis_client(second.start())
+    try:
+        assert client.get("kept") == b"yes"
+    finally:
+        client.close()
+        second.stop()
+
+
+def test_stop_ends_the_process_and_frees_the_port(tmp_path: Path) -> None:
+    port = free_port()
+    server = EmbeddedRedis(tmp_path / "redis", port)
+    server.start()
+    process = server.process
+    assert process is not None and not _port_is_free(port)
+    server.stop()
+    assert process.poll() is not None
+    assert _port_is_free(port)
+
+
+def test_attach_reuses_a_server_already_keeping_this_folder_and_does_not_stop_it(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    owner = EmbeddedRedis(tmp_path / "redis", port)
+    owner.start()
+    try:
+        guest = EmbeddedRedis(tmp_path / "redis", port)
+        assert guest.start(attach=True) == owner.url
+        guest.stop()
+        assert not _port_is_free(port), "the guest must not stop a server it did not start"
+    finally:
+        owner.stop()
+
+
+def test_a_port_already_taken_by_another_redis_is_a_clear_error(tmp_path: Path) -> None:
+    port = free_port()
+    other = EmbeddedRedis(tmp_path / "other", port)
+    other.start()
+    try:
+        with pytest.raises(EmbeddedStartError, match="EMBEDDED_REDIS_PORT"):
+            EmbeddedRedis(tmp_path / "mine", port).start(attach=True)
+    finally:
+        other.stop()
+
+
+def test_a_redis_without_the_modules_is_refused_at_start_naming_what_is_missing(
+    tmp_path: Path, settings: Settings
+) -> None:
+    plain = EmbeddedRedis(tmp_path / "plain", free_port(), modules=False)
+    url = plain.start()
+    try:
+        with pytest.raises(MissingModules) as info:
+            prepare(dataclasses.replace(settings, redis_url=url))
+        message = info.value.message
+        assert "'search' is missing" in message and "'ReJSON' is missing" in message
+        assert "Redis Stack" in message and "embedded default" in message
+        assert info.value.status == 503
+    finally:
+        plain.stop()
+
+
+def test_embedded_postgres_keeps_its_data_across_a_restart(tmp_path: Path) -> None:
+    folder = tmp_path / "postgres"
+    first = EmbeddedPostgres(folder)
+    with psycopg.connect(first.start(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE kept (v text)")
+        conn.execute("INSERT INTO kept VALUES ('yes')")
+    first.stop()
+
+    second = EmbeddedPostgres(folder)
+    try:
+        with psycopg.connect(second.start()) as conn:
+            assert conn.execute("SELECT v FROM kept").fetchall() == [("yes",)]
+    finally:
+        second.stop()
+
+
+def test_the_stack_starts_only_what_the_settings_leave_unset(settings: Settings) -> None:
+    stack = EmbeddedStack(settings)
+    assert stack.redis is None and stack.postgres is None
+    assert stack.start() == settings
