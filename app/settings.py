@@ -68,6 +68,9 @@ class Settings:
     llm_model: str = "gpt-4o-mini"
     llm_api_key: str | None = None
     searxng_url: str | None = None
+    llm_timeout_seconds: float = 60.0
+    offline_token_delay_ms: int = 20
+    tool_timeout_seconds: float = 10.0
     retrieval_cache_audit_rate: float = 0.05
     cache_audit_min_overlap: float = 0.5
     sweep_interval_seconds: int = 30
@@ -93,6 +96,9 @@ class Settings:
             llm_model=_str(e, "LLM_MODEL", "gpt-4o-mini") or "gpt-4o-mini",
             llm_api_key=_str(e, "LLM_API_KEY"),
             searxng_url=_str(e, "SEARXNG_URL"),
+            llm_timeout_seconds=_float(e, "LLM_TIMEOUT_SECONDS", 60.0, lo=1.0, hi=600.0),
+            offline_token_delay_ms=_int(e, "OFFLINE_TOKEN_DELAY_MS", 20),
+            tool_timeout_seconds=_float(e, "TOOL_TIMEOUT_SECONDS", 10.0, lo=0.1, hi=300.0),
             retrieval_cache_audit_rate=_float(
                 e, "RETRIEVAL_CACHE_AUDIT_RATE", 0.05, lo=0.0, hi=1.0
             ),
