@@ -20,9 +20,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app import health
+from app import health, session_routes
 from app.embeddings import shared_embedder
 from app.errors import BackboneError, RateLimited, translate
+from app.sessions import Sessions
 from app.settings import Settings
 from app.state import AppState
 from app.stores import async_redis_client
@@ -63,12 +64,14 @@ def routes() -> list[Route]:
     return [
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),
+        *session_routes.routes,
     ]
 
 
 def create_app(settings: Settings) -> Starlette:
     """Build the app for settings whose REDIS_URL and DATABASE_URL are resolved."""
     assert settings.redis_url and settings.database_url, "resolve the store URLs first"
+    assert settings.auth_secret, "resolve the auth secret first (app.auth.with_secret)"
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -78,7 +81,10 @@ def create_app(settings: Settings) -> Starlette:
             kwargs={"autocommit": True},
         )
         await pg.open(wait=False)
-        state = AppState(settings, redis, pg, shared_embedder(settings.embedding_model))
+        state = AppState(
+            settings, redis, pg, shared_embedder(settings.embedding_model),
+            Sessions(redis, pg, settings.session_ttl_seconds),
+        )
         try:
             yield {"backbone": state}
         finally:

@@ -5,6 +5,7 @@
     backbone worker             one rq worker
     backbone doctor             versions, modules, ports, index and table status
     backbone index create|info|drop
+    backbone token --user NAME  a bearer token signed with AUTH_SECRET (or .data/auth-secret)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterator
 from importlib import metadata
 
 from app import indexes, migrations
+from app.auth import issue_token, with_secret
 from app.bootstrap import prepare
 from app.embedded import EmbeddedStack, running_urls
 from app.errors import BackboneError
@@ -29,6 +31,7 @@ from app.settings import Settings
 from app.stores import check_modules, pg_connect, redis_client
 
 Command = Callable[[Settings, argparse.Namespace], int]
+LOCAL_USER = "local"
 
 
 def _dims(settings: Settings) -> int | None:
@@ -71,6 +74,7 @@ def _interrupt(signum: int, frame: object) -> None:
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     # A SIGTERM (systemd, a supervisor, `kill`) stops everything like Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
+    settings = with_secret(settings)
     stack = EmbeddedStack(settings)
     print("starting the stores ...", flush=True)
     resolved = stack.start()
@@ -78,7 +82,8 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     try:
         prepared = prepare(resolved, _dims(resolved))
         env = {**os.environ, "REDIS_URL": resolved.redis_url or "",
-               "DATABASE_URL": resolved.database_url or ""}
+               "DATABASE_URL": resolved.database_url or "",
+               "AUTH_SECRET": resolved.auth_secret or ""}
         for sub in ("serve", "worker"):
             children.append(subprocess.Popen([sys.executable, "-m", "app.cli", sub], env=env))
         _print_banner(resolved, prepared.indexes_created, prepared.migrations_applied)
@@ -116,6 +121,9 @@ def _print_banner(s: Settings, created: list[str], applied: list[str]) -> None:
         port = s.redis_url.rsplit(":", 1)[1].split("/")[0]
         lines.append(f"  inspect      redis-cli -p {port}    (FT._LIST, FT.INFO idx:cache)")
     lines.append(f"  rq dashboard rq-dashboard --redis-url {s.redis_url}")
+    token = issue_token(s.auth_secret or "", LOCAL_USER)
+    lines.append(f"  token        {token}")
+    lines.append(f"               (user '{LOCAL_USER}'; another: backbone token --user NAME)")
     if created:
         lines.append(f"  created indexes: {', '.join(created)}")
     if applied:
@@ -129,7 +137,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     from app.api import create_app
 
-    with _stores(settings) as resolved:
+    with _stores(with_secret(settings)) as resolved:
         prepare(resolved, _dims(resolved))
         uvicorn.run(
             create_app(resolved), host=resolved.host, port=resolved.port,
@@ -220,6 +228,12 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
+    secret = with_secret(settings).auth_secret or ""
+    print(issue_token(secret, args.user, ttl_seconds=args.days * 86400))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="backbone", description="redis-backbone")
     sub = p.add_subparsers(dest="command", required=True)
@@ -231,6 +245,10 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("doctor", help="check versions, modules, indexes, tables").set_defaults(
         fn=cmd_doctor
     )
+    t = sub.add_parser("token", help="print a bearer token for a user")
+    t.add_argument("--user", required=True)
+    t.add_argument("--days", type=int, default=30, help="validity (default 30)")
+    t.set_defaults(fn=cmd_token)
     i = sub.add_parser("index", help="manage the RediSearch indexes")
     i.add_argument("action", choices=["create", "info", "drop"])
     i.add_argument("--with-documents", action="store_true",

@@ -4,8 +4,8 @@
 | ------------------------------------ | ----------- | -------------------------- | --------------------------------------- |
 | `session:{<sid>}`                    | JSON array  | SESSION_TTL_SECONDS, renewed | the live history                      |
 | `session:{<sid>}:user`               | string      | same as the session        | the owning user id                      |
-| `session:{<sid>}:restore`            | string      | 30 s                       | guard: one restore from PostgreSQL      |
-| `sessions:unpersisted`               | sorted set  | none                       | sid -> ms since epoch it became dirty   |
+| `sessions:unpersisted`               | sorted set  | none                       | sid -> ms of its last unpersisted write |
+| `persist-sweep-tick`                 | string      | SWEEP_INTERVAL_SECONDS     | one sweep enqueued per interval         |
 | `memory-task-lock:{<sid>}`           | string      | MEMORY_LOCK_TTL_SECONDS    | owner token of the one extractor        |
 | `memory-last-extracted:{<sid>}`      | string      | MEMORY_TTL_SECONDS         | SHA-256 of the last mined message       |
 | `memory-summary:{<sid>}`             | string      | MEMORY_TTL_SECONDS         | rolling prose summary                   |
@@ -38,6 +38,7 @@ TOOL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 HEX = re.compile(r"^[0-9a-f]{1,64}$")
 
 UNPERSISTED = "sessions:unpersisted"
+SWEEP_TICK = "persist-sweep-tick"
 INDEX_CACHE = "idx:cache"
 INDEX_KB = "idx:kb"
 INDEX_MEMORY = "idx:memory"
@@ -77,10 +78,6 @@ def session(sid: str) -> str:
 
 def session_user(sid: str) -> str:
     return f"{session(sid)}:user"
-
-
-def session_restore(sid: str) -> str:
-    return f"{session(sid)}:restore"
 
 
 def memory_lock(sid: str) -> str:
@@ -132,7 +129,6 @@ def session_keys(sid: str) -> list[str]:
     return [
         session(sid),
         session_user(sid),
-        session_restore(sid),
         memory_lock(sid),
         memory_cursor(sid),
         memory_summary(sid),

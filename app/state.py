@@ -13,6 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
 
 from app.embeddings import Embedder
+from app.sessions import Sessions
 from app.settings import Settings
 
 
@@ -22,6 +23,7 @@ class AppState:
     redis: aredis.Redis
     pg: AsyncConnectionPool[Any]
     embedder: Embedder
+    sessions: Sessions
 
 
 def app_state(request: Request) -> AppState:

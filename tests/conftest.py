@@ -8,7 +8,8 @@ isolate by fresh ids and key prefixes, never by DB number or FLUSHALL.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,33 @@ def r(settings: Settings) -> Iterator[redis.Redis]:
 @pytest.fixture(scope="session")
 def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def token_for(settings: Settings) -> Callable[[str], dict[str, str]]:
+    """Authorization headers for a user."""
+    from app.auth import issue_token
+
+    def headers(user: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {issue_token(settings.auth_secret or '', user)}"}
+
+    return headers
+
+
+@pytest.fixture
+def user() -> str:
+    """A fresh user id per test, so tests never see each other's sessions."""
+    return f"u-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def stores_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Jobs read their settings from the environment, as in a real worker."""
+    monkeypatch.setenv("REDIS_URL", settings.redis_url or "")
+    monkeypatch.setenv("DATABASE_URL", settings.database_url or "")
+    return settings

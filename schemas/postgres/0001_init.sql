@@ -20,8 +20,9 @@ CREATE TABLE messages (
     content     text NOT NULL,
     hash        text NOT NULL,
     created_at  timestamptz NOT NULL,
-    -- the message exactly as it stood in Redis, so a restore is byte-for-byte
-    body        jsonb NOT NULL,
+    -- the message's canonical JSON text exactly as appended (json, not jsonb,
+    -- keeps the text), so a restore rebuilds the identical history
+    body        json NOT NULL,
     PRIMARY KEY (session_id, seq)
 );
 

@@ -1,0 +1,65 @@
+"""Bearer tokens: HS256 JWTs signed with AUTH_SECRET, subject = user id.
+
+With no AUTH_SECRET set, `backbone up` (and `serve`, `token`) use a secret kept
+in `<DATA_DIR>/auth-secret`, created once with mode 0600, so tokens printed by
+one command are accepted by the app of the next.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import replace
+
+import jwt
+from starlette.requests import Request
+
+from app.errors import Unauthorized
+from app.keys import USER_ID
+from app.settings import Settings
+
+ALGORITHM = "HS256"
+DEFAULT_TTL_SECONDS = 30 * 86400
+
+
+def with_secret(settings: Settings) -> Settings:
+    """Settings whose auth_secret is set: from the environment, else from the data folder."""
+    if settings.auth_secret:
+        return settings
+    path = settings.data_dir / "auth-secret"
+    if not path.exists():
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return replace(settings, auth_secret=path.read_text().strip())
+
+
+def issue_token(secret: str, user: str, ttl_seconds: int = DEFAULT_TTL_SECONDS) -> str:
+    if not USER_ID.fullmatch(user):
+        raise ValueError("user ids are 1-64 of A-Z a-z 0-9 _ . @ -")
+    now = int(time.time())
+    return jwt.encode({"sub": user, "iat": now, "exp": now + ttl_seconds}, secret, ALGORITHM)
+
+
+def verify_token(secret: str, token: str) -> str:
+    try:
+        claims = jwt.decode(token, secret, algorithms=[ALGORITHM], options={"require": ["sub"]})
+    except jwt.ExpiredSignatureError:
+        raise Unauthorized("the token has expired") from None
+    except jwt.PyJWTError as e:
+        raise Unauthorized(f"invalid token: {e}") from None
+    user = claims.get("sub")
+    if not isinstance(user, str) or not USER_ID.fullmatch(user):
+        raise Unauthorized("the token's subject is not a valid user id")
+    return user
+
+
+def authenticated_user(request: Request, secret: str) -> str:
+    """The user id of a request's `Authorization: Bearer <token>`; 401 otherwise."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("send Authorization: Bearer <token> (make one with `backbone token`)")
+    return verify_token(secret, token.strip())

@@ -1,0 +1,57 @@
+"""`/v1/sessions`: create, list, read and delete conversations.
+
+Every route needs `Authorization: Bearer <token>` (401), validates the session
+id before it touches a key (400), and answers 404 for an unknown session and
+403 for another user's.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from app import keys
+from app.auth import authenticated_user
+from app.state import AppState, app_state
+
+
+def _caller(request: Request) -> tuple[AppState, str]:
+    state = app_state(request)
+    return state, authenticated_user(request, state.settings.auth_secret or "")
+
+
+def _sid(request: Request) -> str:
+    return keys.check_session_id(str(request.path_params["sid"]))
+
+
+async def create_session(request: Request) -> JSONResponse:
+    state, user = _caller(request)
+    sid = await state.sessions.create(user)
+    return JSONResponse({"id": sid}, status_code=201)
+
+
+async def list_sessions(request: Request) -> JSONResponse:
+    state, user = _caller(request)
+    return JSONResponse({"sessions": await state.sessions.listing(user)})
+
+
+async def get_session(request: Request) -> JSONResponse:
+    state, user = _caller(request)
+    sid = _sid(request)
+    loaded = await state.sessions.load(sid, user)
+    return JSONResponse({"id": sid, "user": loaded.owner, "messages": loaded.messages})
+
+
+async def delete_session(request: Request) -> Response:
+    state, user = _caller(request)
+    await state.sessions.delete(_sid(request), user)
+    return Response(status_code=204)
+
+
+routes = [
+    Route("/v1/sessions", create_session, methods=["POST"]),
+    Route("/v1/sessions", list_sessions, methods=["GET"]),
+    Route("/v1/sessions/{sid}", get_session, methods=["GET"]),
+    Route("/v1/sessions/{sid}", delete_session, methods=["DELETE"]),
+]

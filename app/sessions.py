@@ -1,0 +1,171 @@
+"""Live sessions: the hot copy in Redis, the durable copy in PostgreSQL.
+
+- Create writes PostgreSQL first (the truth), then Redis, so an acknowledged
+  session always survives.
+- Append is the `append_messages` Lua script: owner check, optimistic length
+  check, O(1) append, TTLs renewed. Before it, the session is marked in
+  `sessions:unpersisted`; the sweep (workers/jobs.py) persists whatever a dead
+  app left behind, so an acknowledged message is never only in Redis for long.
+- Load reads Redis; when the copy is gone (TTL, eviction, a Redis restart
+  without persistence) it restores from PostgreSQL with `restore_session`,
+  which writes only if the key is still absent: racing restores write once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aredis
+from psycopg_pool import AsyncConnectionPool
+
+from app import history_db, keys, scripts
+from app.errors import Conflict, Forbidden, NotFound
+from app.messages import Message, canonical_json, renumber
+
+APPEND_ATTEMPTS = 64
+# Jittered backoff after a lost race, so many writers converge instead of colliding in lockstep.
+BACKOFF_SECONDS = 0.002
+
+
+@dataclass(frozen=True)
+class Loaded:
+    owner: str
+    messages: list[Message]
+    restored: bool = False
+
+
+@dataclass
+class Sessions:
+    redis: aredis.Redis
+    pg: AsyncConnectionPool[Any]
+    ttl: int
+
+    async def create(self, user: str) -> str:
+        sid = keys.new_session_id()
+        async with self.pg.connection() as conn:
+            await history_db.insert_session(conn, sid, user)
+        await scripts.arun(self.redis, scripts.create_session(sid, user, self.ttl))
+        return sid
+
+    async def load(self, sid: str, user: str) -> Loaded:
+        """The whole history for its owner; 404 unknown, 403 someone else's."""
+        owner, history = await scripts.arun(self.redis, scripts.read_session(sid, self.ttl))
+        if owner is not None and history is not None:
+            if owner != user:
+                raise Forbidden("this session belongs to another user")
+            return Loaded(owner, history)
+        return await self._restore(sid, user)
+
+    async def _restore(self, sid: str, user: str) -> Loaded:
+        async with self.pg.connection() as conn:
+            owner = await history_db.owner(conn, sid)
+            if owner is None:
+                raise NotFound("no such session")
+            if owner != user:
+                raise Forbidden("this session belongs to another user")
+            text = await history_db.history_json(conn, sid)
+        wrote = await scripts.arun(self.redis, scripts.restore_session(sid, owner, text, self.ttl))
+        if wrote:
+            return Loaded(owner, json.loads(text), restored=True)
+        # Another request restored it first; read what it wrote.
+        owner_now, history = await scripts.arun(self.redis, scripts.read_session(sid, self.ttl))
+        if owner_now is None or history is None:
+            raise Conflict("the session changed while it was being restored; retry")
+        return Loaded(owner_now, history)
+
+    async def append(
+        self,
+        sid: str,
+        user: str,
+        messages: Sequence[Message],
+        expected_length: int,
+        *,
+        retry: bool = True,
+    ) -> list[Message]:
+        """Append messages whose seq starts at expected_length; return them as stored.
+
+        On a lost race (another writer appended first) the messages are renumbered
+        after the current end and retried when `retry` is set; otherwise, or after
+        APPEND_ATTEMPTS, the caller gets a 409.
+        """
+        batch = list(messages)
+        length = expected_length
+        for attempt in range(APPEND_ATTEMPTS):
+            # Mark first: if this process dies right after the append, the sweep
+            # still finds the session. The score moves on every write, so a sweep
+            # that read an older score will not clear a newer write.
+            await self.redis.zadd(keys.UNPERSISTED, {sid: time.time() * 1000})
+            code, current = await scripts.arun(
+                self.redis,
+                scripts.append_messages(
+                    sid, user, length, [canonical_json(m) for m in batch], self.ttl
+                ),
+            )
+            if code == 1:
+                return batch
+            if code == 0:
+                await self.load(sid, user)  # restores, or raises 404/403
+                continue
+            if code == -1:
+                raise Forbidden("this session belongs to another user")
+            if not retry:
+                raise Conflict(f"the history moved to {current} messages; reload and retry")
+            length = current
+            batch = [renumber(sid, m, current + i) for i, m in enumerate(batch)]
+            await asyncio.sleep(random.uniform(0, BACKOFF_SECONDS * (attempt + 1)))
+        raise Conflict("too many concurrent writers on this session; retry")
+
+    async def persist(self, sid: str, user: str, messages: Sequence[Message]) -> int:
+        """Write a completed turn to PostgreSQL in one transaction (idempotent)."""
+        score = await self.redis.zscore(keys.UNPERSISTED, sid)
+        async with self.pg.connection() as conn:
+            inserted = await history_db.persist(conn, sid, user, list(messages))
+        if score is not None:
+            await scripts.arun(self.redis, scripts.clear_unpersisted(sid, score))
+        return inserted
+
+    async def delete(self, sid: str, user: str) -> None:
+        """Remove the session from both stores, with its memory keys (404/403 as load)."""
+        raw = await self.redis.get(keys.session_user(sid))
+        owner = raw.decode() if isinstance(raw, bytes) else raw
+        if owner is None:
+            async with self.pg.connection() as conn:
+                owner = await history_db.owner(conn, sid)
+            if owner is None:
+                raise NotFound("no such session")
+        if owner != user:
+            raise Forbidden("this session belongs to another user")
+        # Redis first: a live copy left behind would be re-persisted by the sweep.
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(*keys.session_keys(sid))
+        pipe.zrem(keys.UNPERSISTED, sid)
+        await pipe.execute()
+        async with self.pg.connection() as conn:
+            await history_db.delete_session(conn, sid)
+
+    async def listing(self, user: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The caller's sessions, newest first: PostgreSQL rows, live counts from Redis."""
+        async with self.pg.connection() as conn:
+            rows = await history_db.list_sessions(conn, user, limit)
+        pipe = self.redis.pipeline(transaction=False)
+        for row in rows:
+            pipe.execute_command("JSON.ARRLEN", keys.session(row.id), ".")
+        live = await pipe.execute(raise_on_error=False) if rows else []
+        out = []
+        for row, length in zip(rows, live, strict=True):
+            in_redis = isinstance(length, int)
+            out.append({
+                "id": row.id,
+                "title": row.title,
+                "created_at": row.created_at.isoformat(),
+                "updated_at": row.updated_at.isoformat(),
+                "messages": max(row.messages, length) if in_redis else row.messages,
+                "live": in_redis,
+            })
+        return out

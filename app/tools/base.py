@@ -1,0 +1,142 @@
+"""What a tool promises the tool router and the orchestrator.
+
+A tool never raises out of `run()`: bad arguments and failing services come back
+as `ToolResult(error=...)`, whose `content` tells the model what went wrong so it
+can recover. The orchestrator still wraps `run()` in TOOL_TIMEOUT_SECONDS.
+
+The semantic cache embeds `query_text(arguments)` once and passes the vector into
+`run()`, so retrieval does not embed twice. An empty `query_text` means the
+arguments are invalid: skip the cache and let `run()` return the error.
+
+Retrieval tools give the model numbered passages (`format_passages`) that it can
+cite as [1], [2]; `parse_passages` reads them back (the offline provider does).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from app.embeddings import Vector
+from app.llm.base import ToolSpec
+
+MAX_QUERY_CHARS = 2000
+
+QUERY_PARAMETERS: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "query": {
+            "type": "string",
+            "description": "What to look for, as a full question or a few keywords.",
+            "minLength": 1,
+            "maxLength": MAX_QUERY_CHARS,
+        }
+    },
+    "required": ["query"],
+    "additionalProperties": False,
+}
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """How the semantic cache may reuse a tool's results."""
+
+    max_distance: float  # cosine distance under which a cached query counts as the same
+    ttl_seconds: int
+    scope: Literal["global", "tenant", "user"]  # who may share one cached result
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    user_id: str
+    tenant_id: str | None = None
+
+
+@dataclass
+class ToolResult:
+    """`content` goes back to the model; `items` identify what was found.
+
+    Each item has "id" (a kb chunk key or a URL) plus "title", "text", "url" and
+    "score" (higher is better); the cache audit compares results by their ids.
+    """
+
+    content: str
+    items: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, error: str) -> ToolResult:
+        return cls(content=f"Tool error: {error}", items=[], error=error)
+
+
+class Tool(Protocol):
+    spec: ToolSpec
+    policy: CachePolicy | None  # None: never cached
+
+    def query_text(self, arguments: dict[str, Any]) -> str:
+        """The text to embed for the cache and retrieval; '' when the arguments are invalid."""
+        ...
+
+    async def run(
+        self, arguments: dict[str, Any], ctx: ToolContext, query_vector: Vector | None = None
+    ) -> ToolResult: ...
+
+
+class ArgumentError(ValueError):
+    """A tool's arguments are unusable; the text is shown to the model."""
+
+
+def check_query(arguments: Any) -> str:
+    """The stripped `query` argument, or ArgumentError saying what is wrong with it."""
+    if not isinstance(arguments, dict):
+        raise ArgumentError("arguments must be a JSON object with a 'query' string")
+    query = arguments.get("query")
+    if query is None:
+        raise ArgumentError("missing required argument 'query'")
+    if not isinstance(query, str):
+        raise ArgumentError(f"'query' must be a string, got {type(query).__name__}")
+    query = query.strip()
+    if not query:
+        raise ArgumentError("'query' is empty")
+    if len(query) > MAX_QUERY_CHARS:
+        raise ArgumentError(f"'query' is {len(query)} characters; the limit is {MAX_QUERY_CHARS}")
+    return query
+
+
+def query_text_of(arguments: Any) -> str:
+    try:
+        return check_query(arguments)
+    except ArgumentError:
+        return ""
+
+
+def format_passages(heading: str, items: list[dict[str, Any]]) -> str:
+    """Numbered passages for the model: a heading line, then `[n] title` and the text."""
+    blocks = [heading]
+    for n, item in enumerate(items, start=1):
+        head = f"[{n}] {item.get('title') or item['id']}"
+        if item.get("url"):
+            head += f" <{item['url']}>"
+        blocks.append(f"{head}\n{str(item.get('text', '')).strip()}")
+    return "\n\n".join(blocks)
+
+
+@dataclass(frozen=True)
+class Passage:
+    number: int
+    title: str
+    text: str
+
+
+_HEAD = re.compile(r"^\[(\d+)\] (.+?)(?: <[^>]*>)?$", re.MULTILINE)
+
+
+def parse_passages(content: str) -> list[Passage]:
+    """The passages `format_passages` wrote, in order; [] for anything else."""
+    heads = list(_HEAD.finditer(content))
+    out = []
+    for i, m in enumerate(heads):
+        end = heads[i + 1].start() if i + 1 < len(heads) else len(content)
+        out.append(Passage(int(m.group(1)), m.group(2), content[m.end() : end].strip()))
+    return out
