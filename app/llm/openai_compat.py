@@ -167,8 +167,7 @@ class OpenAICompatProvider:
     def _fail(self, e: httpx.HTTPError) -> ProviderError:
         if isinstance(e, httpx.TimeoutException):
             return ProviderError(
-                f"LLM server at {self.url} sent nothing for {self.timeout:g} s "
-                f"({type(e).__name__})"
+                f"LLM server at {self.url} sent nothing for {self.timeout:g} s ({type(e).__name__})"
             )
         if isinstance(e, httpx.ConnectError):
             return ProviderError(f"cannot connect to the LLM server at {self.url}: {e}")
