@@ -20,13 +20,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app import health, session_routes
+from app import chat_routes, health, session_routes
 from app.embeddings import shared_embedder
 from app.errors import BackboneError, RateLimited, translate
+from app.llm import make_provider
+from app.orchestrator import TurnDeps
 from app.sessions import Sessions
 from app.settings import Settings
 from app.state import AppState
 from app.stores import async_redis_client
+from app.tool_router import ToolRouter
+from app.tools import make_tools
 
 log = logging.getLogger("backbone.api")
 
@@ -65,6 +69,7 @@ def routes() -> list[Route]:
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),
         *session_routes.routes,
+        *chat_routes.routes,
     ]
 
 
@@ -81,10 +86,13 @@ def create_app(settings: Settings) -> Starlette:
             kwargs={"autocommit": True},
         )
         await pg.open(wait=False)
-        state = AppState(
-            settings, redis, pg, shared_embedder(settings.embedding_model),
-            Sessions(redis, pg, settings.session_ttl_seconds),
+        embedder = shared_embedder(settings.embedding_model)
+        sessions = Sessions(redis, pg, settings.session_ttl_seconds)
+        router = ToolRouter(
+            make_tools(settings, redis, embedder), embedder, settings.tool_timeout_seconds
         )
+        deps = TurnDeps(sessions, make_provider(settings), router)
+        state = AppState(settings, redis, pg, embedder, sessions, deps)
         try:
             yield {"backbone": state}
         finally:

@@ -16,36 +16,36 @@ from app.auth import authenticated_user
 from app.state import AppState, app_state
 
 
-def _caller(request: Request) -> tuple[AppState, str]:
+def caller(request: Request) -> tuple[AppState, str]:
     state = app_state(request)
     return state, authenticated_user(request, state.settings.auth_secret or "")
 
 
-def _sid(request: Request) -> str:
+def session_id(request: Request) -> str:
     return keys.check_session_id(str(request.path_params["sid"]))
 
 
 async def create_session(request: Request) -> JSONResponse:
-    state, user = _caller(request)
+    state, user = caller(request)
     sid = await state.sessions.create(user)
     return JSONResponse({"id": sid}, status_code=201)
 
 
 async def list_sessions(request: Request) -> JSONResponse:
-    state, user = _caller(request)
+    state, user = caller(request)
     return JSONResponse({"sessions": await state.sessions.listing(user)})
 
 
 async def get_session(request: Request) -> JSONResponse:
-    state, user = _caller(request)
-    sid = _sid(request)
+    state, user = caller(request)
+    sid = session_id(request)
     loaded = await state.sessions.load(sid, user)
     return JSONResponse({"id": sid, "user": loaded.owner, "messages": loaded.messages})
 
 
 async def delete_session(request: Request) -> Response:
-    state, user = _caller(request)
-    await state.sessions.delete(_sid(request), user)
+    state, user = caller(request)
+    await state.sessions.delete(session_id(request), user)
     return Response(status_code=204)
 
 

@@ -13,6 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
 
 from app.embeddings import Embedder
+from app.orchestrator import TurnDeps
 from app.sessions import Sessions
 from app.settings import Settings
 
@@ -24,6 +25,7 @@ class AppState:
     pg: AsyncConnectionPool[Any]
     embedder: Embedder
     sessions: Sessions
+    turn_deps: TurnDeps
 
 
 def app_state(request: Request) -> AppState:

@@ -1,0 +1,78 @@
+"""The chat turn over Server-Sent Events, and its resumption on any node.
+
+`POST /v1/sessions/{sid}/messages` `{"content": "..."}` validates everything
+and appends the user message before the stream starts, so every rejection is a
+plain 4xx JSON error; then it streams `message.delta`, `tool.call`,
+`tool.result`, `message.done` or `error`, each with an `id:`.
+`GET /v1/sessions/{sid}/events` with `Last-Event-ID` (or `?after=<id>`)
+replays the rest of that turn from Redis.
+
+A client disconnect is not an error: sse-starlette cancels the turn, which
+keeps every message already stored and persists them (see app.orchestrator).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.routing import Route
+
+from app import event_log, limits, messages
+from app.errors import BadRequest
+from app.event_log import EventLog
+from app.orchestrator import Turn
+from app.session_routes import caller, session_id
+
+PING_SECONDS = 15
+HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+
+
+async def post_message(request: Request) -> EventSourceResponse:
+    state, user = caller(request)
+    sid = session_id(request)
+    content = limits.message_content(await limits.json_body(request))
+    loaded = await state.sessions.load(sid, user)
+    limits.check_room(len(loaded.messages))
+    length = len(loaded.messages)
+    stored = await state.sessions.append(
+        sid, user, [messages.build(sid, length, "user", content)], length
+    )
+    history = [*loaded.messages, *stored]
+    if len(history) != stored[0]["seq"] + 1:  # another tab wrote meanwhile: re-read
+        history = (await state.sessions.load(sid, user)).messages
+    turn = Turn(state.turn_deps, sid, user, history, EventLog(state.redis, sid, stored[0]["seq"]))
+
+    async def stream() -> AsyncIterator[dict[str, str]]:
+        async for event in turn.events():
+            yield event.sse()
+
+    return EventSourceResponse(stream(), ping=PING_SECONDS, headers=HEADERS)
+
+
+async def get_events(request: Request) -> EventSourceResponse:
+    state, user = caller(request)
+    sid = session_id(request)
+    raw = request.headers.get("last-event-id") or request.query_params.get("after")
+    if not raw:
+        raise BadRequest("send Last-Event-ID or ?after=<event id>", code="invalid_event_id")
+    turn, after = event_log.parse_event_id(raw)
+    await state.sessions.load(sid, user)  # 404 / 403 before anything is streamed
+    events = event_log.replay(state.redis, sid, turn, after)
+    first = await anext(events)  # 404 when the turn's events are gone
+
+    async def stream() -> AsyncIterator[dict[str, str]]:
+        yield first.sse()
+        if first.event in event_log.TERMINAL:
+            return
+        async for event in events:
+            yield event.sse()
+
+    return EventSourceResponse(stream(), ping=PING_SECONDS, headers=HEADERS)
+
+
+routes = [
+    Route("/v1/sessions/{sid}/messages", post_message, methods=["POST"]),
+    Route("/v1/sessions/{sid}/events", get_events, methods=["GET"]),
+]

@@ -1,0 +1,54 @@
+"""Request limits, in one place; each is documented in the README's HTTP section."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+
+from app.errors import PayloadTooLarge, Unprocessable
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_MESSAGE_CHARS = 16_000
+MAX_SESSION_MESSAGES = 5_000
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object; 413 when too large, 422 when not a JSON object."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"request bodies are limited to {MAX_BODY_BYTES} bytes")
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise PayloadTooLarge(f"request bodies are limited to {MAX_BODY_BYTES} bytes")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise Unprocessable("the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise Unprocessable("the body must be a JSON object")
+    return body
+
+
+def message_content(body: dict[str, Any]) -> str:
+    content = body.get("content")
+    if not isinstance(content, str):
+        raise Unprocessable("'content' must be a string")
+    if not content.strip():
+        raise Unprocessable("'content' is empty")
+    if len(content) > MAX_MESSAGE_CHARS:
+        raise PayloadTooLarge(f"'content' is limited to {MAX_MESSAGE_CHARS} characters")
+    if "\x00" in content:
+        raise Unprocessable("'content' may not contain NUL characters")
+    return content
+
+
+def check_room(history_length: int, adding: int = 1) -> None:
+    if history_length + adding > MAX_SESSION_MESSAGES:
+        raise PayloadTooLarge(
+            f"a session holds at most {MAX_SESSION_MESSAGES} messages; start a new one",
+            code="session_full",
+        )

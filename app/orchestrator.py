@@ -1,0 +1,190 @@
+"""One chat turn: stream the model, route its tool calls, store every message.
+
+The user message is appended before the stream starts (so a bad request is a
+plain 4xx). Then, step by step: build the context, stream the model, and when
+it asks for tools, run each through the tool router and append the assistant's
+tool-call message together with its tool results in one atomic append, so the
+history never holds a tool call without its answer. The final assistant message
+ends the turn with `message.done`. Every event also goes to the turn's Redis
+Stream (`app.event_log`) so a client can resume on any node.
+
+Whatever happens (a provider or store failure becomes an `error` event; a
+client disconnect cancels the generator), the messages already appended are
+persisted to PostgreSQL in a shielded `finally`, and the after-turn hooks run
+(memory extraction is enqueued there). If PostgreSQL is down the session stays
+marked unpersisted and the sweep writes it later.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from app import context, keys, messages
+from app.errors import BackboneError, translate
+from app.event_log import Event, EventLog
+from app.llm.base import Provider, StreamEnd, TextDelta, ToolCall, ToolCallRequest
+from app.messages import Message
+from app.sessions import Sessions
+from app.tool_router import Routed, ToolRouter
+from app.tools.base import ToolContext
+
+log = logging.getLogger("backbone.turn")
+
+MAX_STEPS = 6
+Recall = Callable[[str, str], Awaitable[list[str]]]
+AfterTurn = Callable[[str, str, list[Message]], Awaitable[None]]
+
+
+@dataclass
+class TurnDeps:
+    sessions: Sessions
+    provider: Provider
+    router: ToolRouter
+    recall: Recall | None = None
+    after_turn: list[AfterTurn] = field(default_factory=list)
+
+
+@dataclass
+class Timing:
+    started: float = field(default_factory=time.perf_counter)
+    model_ms: float = 0.0
+    tool_ms: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        total = (time.perf_counter() - self.started) * 1000
+        return {
+            "total_ms": round(total, 2),
+            "model_ms": round(self.model_ms, 2),
+            "tool_ms": round(self.tool_ms, 2),
+            "overhead_ms": round(total - self.model_ms - self.tool_ms, 2),
+        }
+
+
+class Turn:
+    def __init__(
+        self, deps: TurnDeps, sid: str, user: str, history: list[Message], log_: EventLog
+    ) -> None:
+        self.deps = deps
+        self.sid = sid
+        self.user = user
+        self.history = history  # ends with this turn's user message
+        self.log = log_
+        self.stored: list[Message] = [history[-1]]
+        self.timing = Timing()
+
+    async def events(self) -> AsyncIterator[Event]:
+        try:
+            async for event in self._steps():
+                yield event
+        except Exception as exc:
+            err = translate(exc)
+            if err is None:
+                log.exception("turn failed in session %s", self.sid)
+                err = BackboneError("the turn failed unexpectedly")
+            yield await self._error(err)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._finish()
+
+    async def _steps(self) -> AsyncIterator[Event]:
+        summary_raw = await self.deps.sessions.redis.get(keys.memory_summary(self.sid))
+        summary = summary_raw.decode() if isinstance(summary_raw, bytes) else None
+        question = str(self.history[-1].get("content") or "")
+        memories = await self.deps.recall(self.user, question) if self.deps.recall else []
+        for step in range(MAX_STEPS):
+            prompt = context.build(self.history, summary, memories)
+            # The last step offers no tools, so a model looping on tools must answer.
+            tools = self.deps.router.specs() if step < MAX_STEPS - 1 else []
+            text: list[str] = []
+            calls: list[ToolCall] = []
+            usage: dict[str, int] = {}
+            stream = self.deps.provider.stream(prompt, tools).__aiter__()
+            while True:
+                waited = time.perf_counter()
+                try:
+                    item = await stream.__anext__()
+                except StopAsyncIteration:
+                    break
+                finally:
+                    self.timing.model_ms += (time.perf_counter() - waited) * 1000
+                if isinstance(item, TextDelta):
+                    text.append(item.text)
+                    yield await self.log.emit("message.delta", {"text": item.text})
+                elif isinstance(item, ToolCallRequest):
+                    calls.append(item.call)
+                elif isinstance(item, StreamEnd):
+                    usage = item.usage
+            if not calls:
+                stored = await self._append([self._message("assistant", "".join(text))])
+                yield await self.log.emit("message.done", {
+                    "message": stored[0], "usage": usage, "timing": self.timing.as_dict(),
+                })
+                return
+            results: list[tuple[ToolCall, Routed]] = []
+            for call in calls:
+                yield await self.log.emit("tool.call", {
+                    "id": call.id, "name": call.name, "arguments": call.arguments,
+                })
+                routed = await self.deps.router.run(call, ToolContext(self.user))
+                self.timing.tool_ms += routed.tool_ms
+                results.append((call, routed))
+                yield await self.log.emit("tool.result", _result_event(call, routed))
+            await self._append([
+                self._message("assistant", "".join(text),
+                              tool_calls=[c.to_openai() for c in calls]),
+                *(self._message("tool", routed.result.content, tool_call_id=call.id,
+                                name=call.name) for call, routed in results),
+            ])
+        raise BackboneError(f"the model asked for tools {MAX_STEPS} times without answering")
+
+    def _message(self, role: str, content: str, **fields: Any) -> Message:
+        # seq is provisional: Sessions.append renumbers on a lost race.
+        return messages.build(self.sid, 0, role, content, **fields)
+
+    async def _append(self, batch: Sequence[Message]) -> list[Message]:
+        length = len(self.history)
+        numbered = [messages.renumber(self.sid, m, length + i) for i, m in enumerate(batch)]
+        stored = await self.deps.sessions.append(self.sid, self.user, numbered, length)
+        self.history.extend(stored)
+        self.stored.extend(stored)
+        return stored
+
+    async def _error(self, err: BackboneError) -> Event:
+        data = {"code": err.code, "message": err.message}
+        try:
+            return await self.log.emit("error", data)
+        except Exception:
+            # Redis itself is down: the error still reaches this client, not the log.
+            return Event(f"{self.log.turn}.0-0", "error", data)
+
+    async def _finish(self) -> None:
+        try:
+            await self.deps.sessions.persist(self.sid, self.user, self.stored)
+        except Exception as exc:
+            log.warning("turn of %s not persisted now (the sweep will): %s", self.sid, exc)
+        for hook in self.deps.after_turn:
+            try:
+                await hook(self.sid, self.user, self.stored)
+            except Exception as exc:
+                log.warning("after-turn hook %s failed for %s: %s", hook, self.sid, exc)
+
+
+def _result_event(call: ToolCall, routed: Routed) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": call.id,
+        "name": call.name,
+        "cached": routed.cached,
+        "elapsed_ms": routed.elapsed_ms,
+        "items": len(routed.result.items),
+        "error": routed.result.error,
+    }
+    if routed.cached:
+        data["distance"] = routed.distance
+        data["saved_ms"] = routed.saved_ms
+    return data

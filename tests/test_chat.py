@@ -1,0 +1,176 @@
+"""The chat turn over SSE, end to end against real Redis Stack and PostgreSQL."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+from fakes import FakeOpenAI, text_reply, tool_call_reply
+from sse import Frame, frames
+from starlette.testclient import TestClient
+
+from app.api import create_app
+from app.embeddings import shared_embedder
+from app.ingest import ingest_paths
+from app.settings import Settings
+
+Headers = Callable[[str], dict[str, str]]
+
+DOC = """# Append-only file
+
+Redis persistence with the append-only file (AOF) logs every write operation the
+server receives. With appendfsync everysec, Redis calls fsync once a second, so a
+crash loses at most about one second of acknowledged writes.
+"""
+
+
+@pytest.fixture(scope="module")
+def kb(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> None:
+    folder = tmp_path_factory.mktemp("kb")
+    (folder / "aof.md").write_text(DOC)
+    client = redis.Redis.from_url(settings.redis_url or "")
+    ingest_paths(client, shared_embedder(), [folder], progress=False)
+    client.close()
+
+
+@pytest.fixture
+def client(settings: Settings, kb: None) -> Iterator[TestClient]:
+    fast = dataclasses.replace(settings, offline_token_delay_ms=0)
+    with TestClient(create_app(fast)) as c:
+        yield c
+
+
+def _session(client: TestClient, h: dict[str, str]) -> str:
+    sid: str = client.post("/v1/sessions", headers=h).json()["id"]
+    return sid
+
+
+def _turn(client: TestClient, sid: str, h: dict[str, str], body: Any) -> list[Frame]:
+    with client.stream("POST", f"/v1/sessions/{sid}/messages", headers=h, json=body) as res:
+        assert res.status_code == 200, res.read()
+        assert res.headers["content-type"].startswith("text/event-stream")
+        return frames(res.iter_lines())
+
+
+def test_a_question_streams_a_kb_search_and_a_cited_answer_then_persists_the_turn(
+    client: TestClient, token_for: Headers, user: str, settings: Settings
+) -> None:
+    h = token_for(user)
+    sid = _session(client, h)
+    got = _turn(client, sid, h, {"content": "How much data can AOF everysec lose in a crash?"})
+
+    kinds = [f.event for f in got]
+    assert kinds[0] == "tool.call" and got[0].data["name"] == "kb_search"
+    assert kinds[1] == "tool.result" and got[1].data["cached"] is False
+    assert got[1].data["items"] >= 1 and got[1].data["error"] is None
+    assert "message.delta" in kinds and kinds[-1] == "message.done"
+    assert all(f.id for f in got) and len({f.id for f in got}) == len(got)
+    answer = "".join(f.data["text"] for f in got if f.event == "message.delta")
+    done = got[-1].data
+    assert done["message"]["content"] == answer and "[1]" in answer
+    assert "second" in answer.lower()
+    assert set(done["timing"]) == {"total_ms", "model_ms", "tool_ms", "overhead_ms"}
+
+    history = client.get(f"/v1/sessions/{sid}", headers=h).json()["messages"]
+    assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant"]
+    assert history[1]["tool_calls"][0]["id"] == history[2]["tool_call_id"]
+    assert history[-1] == done["message"]
+    with psycopg.connect(settings.database_url or "") as conn:
+        persisted = conn.execute("SELECT seq FROM messages WHERE session_id = %s ORDER BY seq",
+                                 (sid,)).fetchall()
+    assert persisted == [(0,), (1,), (2,), (3,)]
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [({}, 422), ({"content": 7}, 422), ({"content": "   "}, 422), ([1, 2], 422),
+     ({"content": "x" * 16_001}, 413), ({"content": "nul \x00 byte"}, 422)],
+)
+def test_a_bad_message_body_is_a_4xx_and_changes_nothing(
+    client: TestClient, token_for: Headers, user: str, body: Any, status: int
+) -> None:
+    h = token_for(user)
+    sid = _session(client, h)
+    res = client.post(f"/v1/sessions/{sid}/messages", headers=h, json=body)
+    assert res.status_code == status
+    assert set(res.json()["error"]) == {"code", "message"}
+    assert client.get(f"/v1/sessions/{sid}", headers=h).json()["messages"] == []
+
+
+def test_a_body_that_is_not_json_is_422_and_an_oversized_one_413(
+    client: TestClient, token_for: Headers, user: str
+) -> None:
+    h = token_for(user)
+    sid = _session(client, h)
+    res = client.post(f"/v1/sessions/{sid}/messages", headers=h, content=b"{not json")
+    assert res.status_code == 422
+    res = client.post(f"/v1/sessions/{sid}/messages", headers=h, content=b"x" * 70_000)
+    assert res.status_code == 413
+
+
+def test_posting_to_another_users_session_is_403_and_appends_nothing(
+    client: TestClient, token_for: Headers, user: str
+) -> None:
+    sid = _session(client, token_for(user))
+    res = client.post(f"/v1/sessions/{sid}/messages", headers=token_for("mallory"),
+                      json={"content": "hello"})
+    assert res.status_code == 403
+    res = client.get(f"/v1/sessions/{sid}/events?after=0.0-0", headers=token_for("mallory"))
+    assert res.status_code == 403
+    assert client.get(f"/v1/sessions/{sid}", headers=token_for(user)).json()["messages"] == []
+
+
+def test_events_after_an_id_replay_the_rest_of_the_turn(
+    client: TestClient, token_for: Headers, user: str
+) -> None:
+    h = token_for(user)
+    sid = _session(client, h)
+    got = _turn(client, sid, h, {"content": "What does appendfsync everysec do?"})
+    cut = 2
+    with client.stream("GET", f"/v1/sessions/{sid}/events",
+                       headers={**h, "Last-Event-ID": got[cut - 1].id or ""}) as res:
+        assert res.status_code == 200
+        rest = frames(res.iter_lines())
+    assert [(f.id, f.event, f.data) for f in rest] == [(f.id, f.event, f.data) for f in got[cut:]]
+    res = client.get(f"/v1/sessions/{sid}/events?after=not-an-id", headers=h)
+    assert res.status_code == 400
+    res = client.get(f"/v1/sessions/{sid}/events?after=99.0-0", headers=h)
+    assert res.status_code == 404
+
+
+def test_a_failing_or_unknown_tool_yields_an_error_result_and_the_turn_still_answers(
+    settings: Settings, token_for: Headers, user: str
+) -> None:
+    fake = FakeOpenAI()
+    fake.script(tool_call_reply("no_such_tool", {"query": "x"}), text_reply("Recovered fine."))
+    with fake.serve() as base:
+        s = dataclasses.replace(settings, llm_base_url=base + "/v1")
+        with TestClient(create_app(s)) as c:
+            h = token_for(user)
+            sid = _session(c, h)
+            got = _turn(c, sid, h, {"content": "use a tool that is not there"})
+    result = next(f for f in got if f.event == "tool.result")
+    assert result.data["error"] and "unknown tool" in result.data["error"]
+    assert got[-1].event == "message.done"
+    assert got[-1].data["message"]["content"] == "Recovered fine."
+    # The model saw the error as the tool's answer.
+    assert fake.requests[-1]["messages"][-1]["role"] == "tool"
+
+
+def test_a_provider_failure_ends_the_stream_with_an_error_event_and_keeps_the_question(
+    settings: Settings, token_for: Headers, user: str
+) -> None:
+    fake = FakeOpenAI()  # no script: answers HTTP 500
+    with fake.serve() as base:
+        s = dataclasses.replace(settings, llm_base_url=base + "/v1")
+        with TestClient(create_app(s)) as c:
+            h = token_for(user)
+            sid = _session(c, h)
+            got = _turn(c, sid, h, {"content": "anyone there?"})
+            history = c.get(f"/v1/sessions/{sid}", headers=h).json()["messages"]
+    assert got[-1].event == "error" and got[-1].data["code"] == "llm_unavailable"
+    assert [m["content"] for m in history] == ["anyone there?"]
