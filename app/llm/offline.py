@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from app.llm.base import ProviderEvent, StreamEnd, TextDelta, ToolCall, ToolCallRequest, ToolSpec
-from app.tools.base import Passage, parse_passages
+from app.tools.passages import Passage, parse_passages
 
 TOP_PASSAGES = 3
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")

@@ -8,13 +8,12 @@ The semantic cache embeds `query_text(arguments)` once and passes the vector int
 `run()`, so retrieval does not embed twice. An empty `query_text` means the
 arguments are invalid: skip the cache and let `run()` return the error.
 
-Retrieval tools give the model numbered passages (`format_passages`) that it can
-cite as [1], [2]; `parse_passages` reads them back (the offline provider does).
+Retrieval tools give the model numbered passages (`app.tools.passages`) that it
+can cite as [1], [2].
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -109,34 +108,3 @@ def query_text_of(arguments: Any) -> str:
         return check_query(arguments)
     except ArgumentError:
         return ""
-
-
-def format_passages(heading: str, items: list[dict[str, Any]]) -> str:
-    """Numbered passages for the model: a heading line, then `[n] title` and the text."""
-    blocks = [heading]
-    for n, item in enumerate(items, start=1):
-        head = f"[{n}] {item.get('title') or item['id']}"
-        if item.get("url"):
-            head += f" <{item['url']}>"
-        blocks.append(f"{head}\n{str(item.get('text', '')).strip()}")
-    return "\n\n".join(blocks)
-
-
-@dataclass(frozen=True)
-class Passage:
-    number: int
-    title: str
-    text: str
-
-
-_HEAD = re.compile(r"^\[(\d+)\] (.+?)(?: <[^>]*>)?$", re.MULTILINE)
-
-
-def parse_passages(content: str) -> list[Passage]:
-    """The passages `format_passages` wrote, in order; [] for anything else."""
-    heads = list(_HEAD.finditer(content))
-    out = []
-    for i, m in enumerate(heads):
-        end = heads[i + 1].start() if i + 1 < len(heads) else len(content)
-        out.append(Passage(int(m.group(1)), m.group(2), content[m.end() : end].strip()))
-    return out

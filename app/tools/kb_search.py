@@ -1,0 +1,168 @@
+"""kb_search: KNN over the knowledge base (`idx:kb`), limited to what the caller may see.
+
+A chunk's `scope` tag is `global`, `user:<uid>` or `tenant:<tid>`; a search sees
+`global`, the caller's own user scope and, when the context names one, its
+tenant's. Scope values are escaped before they enter the query, and the query
+vector travels as a PARAMS blob, so no user text is ever query syntax.
+
+The raw FT.SEARCH reply is read in both shapes Redis sends (a flat RESP2 array
+or the RESP3 map), whichever protocol the client negotiated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aredis
+import redis.exceptions as rexc
+
+from app import keys
+from app.embeddings import Embedder, Vector
+from app.llm.base import ToolSpec
+from app.tools.base import (
+    QUERY_PARAMETERS,
+    ArgumentError,
+    CachePolicy,
+    ToolContext,
+    ToolResult,
+    check_query,
+    query_text_of,
+)
+from app.tools.passages import format_passages
+
+RETURN_FIELDS = ("doc", "scope", "source", "title", "text", "chunk", "distance")
+# Everything but letters, digits and _ is tag syntax somewhere; escape it all.
+_TAG_SPECIAL = re.compile(r"([^A-Za-z0-9_])")
+
+
+def escape_tag(value: str) -> str:
+    return _TAG_SPECIAL.sub(r"\\\1", value)
+
+
+def scopes_for(ctx: ToolContext) -> list[str]:
+    """The scope tags a caller may read; raises ArgumentError for an invalid id."""
+    if not keys.USER_ID.fullmatch(ctx.user_id):
+        raise ArgumentError("the caller's user id is not valid")
+    scopes = ["global", f"user:{ctx.user_id}"]
+    if ctx.tenant_id is not None:
+        if not keys.USER_ID.fullmatch(ctx.tenant_id):
+            raise ArgumentError("the caller's tenant id is not valid")
+        scopes.append(f"tenant:{ctx.tenant_id}")
+    return scopes
+
+
+def _s(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def parse_search_reply(reply: Any) -> tuple[int, list[tuple[str, dict[str, str]]]]:
+    """(total, [(key, fields)]) from a raw FT.SEARCH reply, RESP2 or RESP3."""
+    if isinstance(reply, dict):
+        m = {_s(k): v for k, v in reply.items()}
+        rows = []
+        for row in m.get("results") or []:
+            r = {_s(k): v for k, v in row.items()}
+            attrs = r.get("extra_attributes") or {}
+            rows.append((_s(r["id"]), {_s(k): _s(v) for k, v in attrs.items()}))
+        return int(m.get("total_results", len(rows))), rows
+    total, rest = int(reply[0]), list(reply[1:])
+    rows = []
+    i = 0
+    while i < len(rest):
+        key = _s(rest[i])
+        fields: dict[str, str] = {}
+        if i + 1 < len(rest) and isinstance(rest[i + 1], list):
+            flat = rest[i + 1]
+            fields = {_s(flat[j]): _s(flat[j + 1]) for j in range(0, len(flat) - 1, 2)}
+            i += 1
+        rows.append((key, fields))
+        i += 1
+    return total, rows
+
+
+class KbSearch:
+    """The `kb_search` tool: top-k knowledge-base chunks for a query."""
+
+    spec = ToolSpec(
+        name="kb_search",
+        description=(
+            "Search the knowledge base (project documents and the user's own files) "
+            "for passages relevant to a question. Returns numbered passages to cite as [n]."
+        ),
+        parameters=QUERY_PARAMETERS,
+    )
+    policy: CachePolicy | None = CachePolicy(max_distance=0.12, ttl_seconds=3600, scope="user")
+
+    def __init__(
+        self,
+        client: aredis.Redis,
+        embedder: Embedder,
+        *,
+        k: int = 4,
+        max_distance: float = 0.8,
+        index: str = keys.INDEX_KB,
+    ) -> None:
+        self.client = client
+        self.embedder = embedder
+        self.k = k
+        # Cosine distance past which a nearest neighbour is unrelated noise, not an answer.
+        self.max_distance = max_distance
+        self.index = index
+
+    def query_text(self, arguments: dict[str, Any]) -> str:
+        return query_text_of(arguments)
+
+    async def run(
+        self, arguments: dict[str, Any], ctx: ToolContext, query_vector: Vector | None = None
+    ) -> ToolResult:
+        try:
+            query = check_query(arguments)
+            scopes = scopes_for(ctx)
+        except ArgumentError as e:
+            return ToolResult.failed(str(e))
+        try:
+            if query_vector is None:
+                # The model is CPU-bound; keep it off the event loop.
+                query_vector = await asyncio.to_thread(self.embedder.embed, query)
+            items = await self.search(np.asarray(query_vector, dtype=np.float32), scopes)
+        except rexc.RedisError as e:
+            return ToolResult.failed(f"the knowledge base is unavailable: {e}")
+        if not items:
+            return ToolResult(f'The knowledge base has no passage relevant to "{query}".', [])
+        return ToolResult(format_passages(f'Knowledge-base passages for "{query}":', items), items)
+
+    async def search(self, vector: Vector, scopes: list[str]) -> list[dict[str, Any]]:
+        """The k nearest chunks in `scopes`, nearest first, within max_distance."""
+        tags = "|".join(escape_tag(s) for s in scopes)
+        reply = await self.client.execute_command(
+            "FT.SEARCH", self.index,
+            f"(@scope:{{{tags}}})=>[KNN {self.k} @embedding $vec AS distance]",
+            "PARAMS", 2, "vec", vector.tobytes(),
+            "SORTBY", "distance", "ASC",
+            "RETURN", len(RETURN_FIELDS), *RETURN_FIELDS,
+            "LIMIT", 0, self.k,
+            "DIALECT", 2,
+        )  # type: ignore[no-untyped-call]  # fmt: skip
+        _, rows = parse_search_reply(reply)
+        items = []
+        for key, f in rows:
+            distance = float(f.get("distance", "1"))
+            if distance > self.max_distance:
+                continue
+            items.append(
+                {
+                    "id": key,
+                    "title": f.get("title", ""),
+                    "text": f.get("text", ""),
+                    "url": None,
+                    "source": f.get("source", ""),
+                    "scope": f.get("scope", ""),
+                    "chunk": int(float(f.get("chunk", "0"))),
+                    "distance": round(distance, 6),
+                    "score": round(1.0 - distance, 6),
+                }
+            )
+        return items
