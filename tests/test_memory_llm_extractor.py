@@ -18,7 +18,7 @@ import pytest
 
 from app.errors import DependencyError
 from app.memory import LLMExtractor, LLMUnavailable, RuleExtractor, make_extractor
-from app.memory.facts import Fact
+from app.memory.facts import Fact, validate_facts
 from app.settings import Settings
 
 DELTA: list[dict[str, Any]] = [
@@ -208,3 +208,25 @@ def test_make_extractor_picks_the_llm_only_when_a_base_url_is_set() -> None:
     llm = make_extractor(Settings(llm_base_url="http://127.0.0.1:1/v1/", llm_model="m"))
     assert isinstance(llm, LLMExtractor)
     assert llm.url == "http://127.0.0.1:1/v1/chat/completions"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        [],
+        "facts",
+        {},
+        {"facts": {"kind": "name", "content": "is named Ana"}},
+        {"facts": ["is named Ana"]},
+        {"facts": [{"kind": "hobby", "content": "plays chess"}]},
+        {"facts": [{"kind": "name", "content": 7}]},
+        {"facts": [{"content": "is named Ana"}]},
+    ],
+)
+def test_validate_facts_refuses_a_wrong_shape(raw: object) -> None:
+    with pytest.raises(ValueError):
+        validate_facts(raw)
+
+
+def test_validate_facts_accepts_an_empty_list() -> None:
+    assert validate_facts({"facts": []}) == []

@@ -5,10 +5,12 @@ One non-streaming `POST {LLM_BASE_URL}/chat/completions` with
 `{"facts": [{"kind", "content"}, ...]}` and pass `validate_facts`; a reply that
 does not is shown back to the model with what was wrong, once. Errors:
 
-    DependencyError
-    └── LLMUnavailable   code llm_unavailable: the server could not be reached or
-                         timed out, answered an HTTP error, answered something that
-                         is not a chat completion, or gave invalid facts twice
+    DependencyError (app.errors)
+    └── ProviderError (app.llm.base)   llm_unavailable, 503
+        └── LLMUnavailable             the server could not be reached or timed
+                                       out, answered an HTTP error, answered
+                                       something that is not a chat completion,
+                                       or gave invalid facts twice
 
 On LLMUnavailable the job should leave the cursor where it was, so that a
 later run mines the same messages again.
@@ -22,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from app.errors import DependencyError
+from app.llm.base import ProviderError
 from app.memory.facts import Fact, message_text, validate_facts
 from app.settings import Settings
 
@@ -53,8 +55,8 @@ Rules:
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
 
 
-class LLMUnavailable(DependencyError):
-    code = "llm_unavailable"
+class LLMUnavailable(ProviderError):
+    """Extraction could not get valid facts from the model; the message says why."""
 
 
 def parse_facts(reply: str) -> list[Fact]:
