@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app import chat_routes, health, session_routes
+from app import chat_routes, health, session_routes, web
 from app.embeddings import shared_embedder
 from app.errors import BackboneError, RateLimited, translate
 from app.llm import make_provider
@@ -66,6 +66,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 def routes() -> list[Route]:
     return [
+        Route("/", web.index, methods=["GET"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),
         *session_routes.routes,

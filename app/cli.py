@@ -5,6 +5,7 @@
     backbone worker             one rq worker
     backbone doctor             versions, modules, ports, index and table status
     backbone index create|info|drop
+    backbone ingest PATH...     chunk + embed files into the knowledge base (idempotent per file)
     backbone token --user NAME  a bearer token signed with AUTH_SECRET (or .data/auth-secret)
 """
 
@@ -81,6 +82,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     children: list[subprocess.Popen[bytes]] = []
     try:
         prepared = prepare(resolved, _dims(resolved))
+        _ingest_sample_if_empty(resolved)
         env = {**os.environ, "REDIS_URL": resolved.redis_url or "",
                "DATABASE_URL": resolved.database_url or "",
                "AUTH_SECRET": resolved.auth_secret or ""}
@@ -105,6 +107,22 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
                 c.kill()
         stack.stop()
         print("stopped everything `backbone up` started.", flush=True)
+
+
+def _ingest_sample_if_empty(settings: Settings) -> None:
+    from app.embeddings import shared_embedder
+    from app.ingest import ingest_paths, kb_is_empty, sample_corpus_dir
+
+    client = redis_client(settings.redis_url or "")
+    try:
+        if kb_is_empty(client):
+            print("the knowledge base is empty: ingesting the sample corpus ...", flush=True)
+            report = ingest_paths(client, shared_embedder(settings.embedding_model),
+                                  [sample_corpus_dir()])
+            print(f"ingested {report.files_ingested} files, {report.chunks_written} chunks",
+                  flush=True)
+    finally:
+        client.close()
 
 
 def _print_banner(s: Settings, created: list[str], applied: list[str]) -> None:
@@ -228,6 +246,26 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from app.embeddings import shared_embedder
+    from app.ingest import ingest_paths
+
+    with _stores(settings) as resolved:
+        prepare(resolved, _dims(resolved))
+        client = redis_client(resolved.redis_url or "")
+        try:
+            report = ingest_paths(client, shared_embedder(resolved.embedding_model),
+                                  [Path(p) for p in args.paths], scope=args.scope,
+                                  progress=not args.quiet)
+        finally:
+            client.close()
+    print(f"{report.files_seen} files: {report.files_ingested} ingested "
+          f"({report.chunks_written} chunks), {report.files_unchanged} unchanged")
+    return 0
+
+
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     secret = with_secret(settings).auth_secret or ""
     print(issue_token(secret, args.user, ttl_seconds=args.days * 86400))
@@ -245,6 +283,11 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("doctor", help="check versions, modules, indexes, tables").set_defaults(
         fn=cmd_doctor
     )
+    g = sub.add_parser("ingest", help="chunk, embed and index text/markdown files for kb_search")
+    g.add_argument("paths", nargs="+", help="files or folders (.md .markdown .txt .rst)")
+    g.add_argument("--scope", default="global", help="global (default) or user:<id>")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(fn=cmd_ingest)
     t = sub.add_parser("token", help="print a bearer token for a user")
     t.add_argument("--user", required=True)
     t.add_argument("--days", type=int, default=30, help="validity (default 30)")

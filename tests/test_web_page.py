@@ -1,0 +1,120 @@
+"""The chat page in a real headless Chromium, driven over the DevTools protocol."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from live import app_process
+from websockets.sync.client import ClientConnection, connect
+
+from app.auth import issue_token
+from app.embedded import free_port
+from app.embeddings import shared_embedder
+from app.ingest import ingest_paths
+from app.settings import Settings
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing in CI: tests/system-deps.sh should install it")
+        pytest.skip("no Chromium here (tests/system-deps.sh installs Debian's chromium as root)")
+    return exe
+
+
+class Page:
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.ids = count(1)
+
+    def eval(self, expression: str) -> Any:
+        msg_id = next(self.ids)
+        self.ws.send(json.dumps({"id": msg_id, "method": "Runtime.evaluate",
+                                 "params": {"expression": expression, "returnByValue": True,
+                                            "awaitPromise": True}}))
+        while True:
+            reply = json.loads(self.ws.recv(timeout=30))
+            if reply.get("id") == msg_id:
+                return reply["result"]["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.eval(expression)
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {expression}")
+
+
+@pytest.fixture
+def browser_page(settings: Settings) -> Iterator[tuple[Page, str]]:
+    exe = _chromium()
+    client = redis.Redis.from_url(settings.redis_url or "")
+    ingest_paths(client, shared_embedder(),
+                 [Path(__file__).resolve().parent.parent / "app" / "corpus"], progress=False)
+    client.close()
+    with app_process(settings, OFFLINE_TOKEN_DELAY_MS="5") as (base, _), \
+            tempfile.TemporaryDirectory() as profile:
+        port = free_port()
+        proc = subprocess.Popen(
+            [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+             f"--remote-debugging-port={port}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            targets: list[dict[str, Any]] = []
+            while not targets:
+                if time.monotonic() > deadline:
+                    raise AssertionError("Chromium's DevTools endpoint did not come up")
+                try:
+                    targets = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list").json()
+                               if t["type"] == "page"]
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+            with connect(targets[0]["webSocketDebuggerUrl"], max_size=None) as ws:
+                yield Page(ws), base
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def test_a_reply_streams_into_the_page_with_a_tool_badge(
+    browser_page: tuple[Page, str], settings: Settings
+) -> None:
+    page, base = browser_page
+    token = issue_token(settings.auth_secret or "", "web-user")
+    page.eval(f"location.href = {json.dumps(base + '/#token=' + token)}")
+    page.wait_for("document.readyState === 'complete' && !!document.getElementById('composer')")
+    page.eval("document.getElementById('input').value = 'How does AOF persistence work?';"
+              "document.getElementById('send').click(); true")
+
+    # Tokens arrive one by one: catch the reply while it is still growing.
+    first = page.wait_for("document.querySelector('.msg.assistant .body')?.textContent || ''")
+    done = page.wait_for(
+        "document.getElementById('status').textContent.startsWith('done') && "
+        "document.querySelector('.msg.assistant .body').textContent")
+    assert len(done) > len(first) > 0, "the reply should stream in, not arrive at once"
+    assert "[1]" in done
+    assert page.eval("document.querySelector('.tool .name').textContent") == "🔧 kb_search"
+    assert page.eval("document.querySelector('.tool .badge').textContent").startswith("fresh")
+    assert page.eval("document.querySelectorAll('#sessions li').length") >= 1
