@@ -35,7 +35,7 @@ CHUNKER_VERSION = "1"
 _SCOPE = re.compile(r"^(global|(user|tenant):[A-Za-z0-9_.@-]{1,64})$")
 _HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
-_BOUNDARY = re.compile(r"[.!?]\s+|\n+")
+_BOUNDARY = re.compile(r"[.!?]\s+|\n\s*\n")  # sentence end or paragraph break
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def _pieces(paragraph: str, size: int) -> list[str]:
 
 
 def _tail(text: str, overlap: int) -> str:
-    """The last ~`overlap` characters, starting at a sentence or line if one starts there."""
+    """The last ~`overlap` characters, from a sentence or paragraph start if one is there."""
     if len(text) <= overlap:
         return text
     window = text[len(text) - overlap :]

@@ -35,8 +35,11 @@ def _text(content: Any) -> str:
 def _excerpt(passage: Passage, limit: int = 320) -> str:
     """The passage's first sentences up to `limit` characters, headings dropped."""
     lines = [ln for ln in passage.text.splitlines() if ln.strip() and not ln.startswith("#")]
+    sentences = _SENTENCE.split(" ".join(ln.strip() for ln in lines))
+    if len(sentences) > 1 and sentences[0][:1].islower():
+        sentences = sentences[1:]  # a fragment carried over from the previous chunk
     out = ""
-    for sentence in _SENTENCE.split(" ".join(ln.strip() for ln in lines)):
+    for sentence in sentences:
         if out and len(out) + len(sentence) > limit:
             break
         out = f"{out} {sentence}".strip()
@@ -107,8 +110,9 @@ class OfflineProvider:
                 f'"{question}", so I have no passage to quote.'
             )
         parts = [f"{STAND_IN}. The closest knowledge-base passages say:"]
-        sources = []
+        sources: dict[str, list[str]] = {}  # title -> its citation marks, in first-seen order
         for n, passage in enumerate(passages, start=1):
             parts.append(f"{_excerpt(passage)} [{n}]")
-            sources.append(f"[{n}] {passage.title}")
-        return "\n\n".join(parts) + "\n\nSources: " + "; ".join(sources)
+            sources.setdefault(passage.title, []).append(f"[{n}]")
+        cited = "; ".join(f"{''.join(marks)} {title}" for title, marks in sources.items())
+        return "\n\n".join(parts) + "\n\nSources: " + cited
