@@ -1,0 +1,319 @@
+"""The semantic cache in front of tools and retrieval (the router's `Cache`).
+
+One entry is one hash `cache:<tool>:<sha256(scope + canonical arguments)>`
+indexed by `idx:cache`. A lookup tries, in one round trip:
+
+1. the exact entry (same scope, same canonical arguments): served without
+   any vector, distance 0;
+2. else the single nearest entry of the same tool *and* the same scope
+   (`KNN 1` behind a TAG pre-filter), served when its distance is within the
+   tool's current threshold and `cache_decision.decide` agrees on the texts.
+
+The scope is part of both the key hash and the KNN filter, so an entry is
+never served outside it: a `user`-scoped result reaches only that user, even
+for an identical question. The threshold starts at the tool's
+`CachePolicy.max_distance` and then moves with the audit outcomes
+(`AdaptiveThreshold`, stored in `cache-threshold:<tool>`).
+
+A sampled share of hits (RETRIEVAL_CACHE_AUDIT_RATE) is handed to
+`enqueue_audit` (see `workers.audit.audit_enqueuer`); the job re-runs the tool
+and invalidates entries whose results drifted. Cache trouble never fails a
+call: a Redis error on lookup is a miss, on store is a skipped store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aredis
+import redis.exceptions as rexc
+
+from app import keys
+from app.cache_decision import AdaptiveThreshold, HitPolicy, canonical_text, decide
+from app.embeddings import Embedder, Vector, shared_embedder
+from app.settings import Settings
+from app.tool_router import CacheHit
+from app.tools.base import CachePolicy, Tool, ToolContext, ToolResult
+from app.tools.kb_search import escape_tag, parse_search_reply
+
+log = logging.getLogger("backbone.cache")
+
+AuditEnqueuer = Callable[[dict[str, Any]], None]
+ENTRY_FIELDS = ("result", "tool_ms")
+KNN_FIELDS = ("query", "scope", "result", "tool_ms", "distance")
+# Entries this process stored or served exactly: `needs_vector` is sync and must not
+# wait on Redis, so it trusts this memo and `lookup` still checks the key itself.
+MEMO_SIZE = 4096
+# Scope values enter keys and tag queries; the same syntax as a user id.
+_SCOPE_ID = keys.USER_ID
+_TOOL = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def threshold_key(tool: str) -> str:
+    """`cache-threshold:<tool>`: the tool's AdaptiveThreshold state (hash, no TTL)."""
+    return f"cache-threshold:{keys.check_tool(tool)}"
+
+
+def scope_value(policy: CachePolicy, ctx: ToolContext) -> str | None:
+    """The scope tag an entry is stored and searched under; None for an unusable id."""
+    if policy.scope == "global":
+        return "global"
+    owner = ctx.user_id if policy.scope == "user" else (ctx.tenant_id or ctx.user_id)
+    if not _SCOPE_ID.fullmatch(owner):
+        return None
+    return f"{policy.scope}:{owner}"
+
+
+def canonical_arguments(arguments: Mapping[str, Any], query: str) -> str:
+    """Canonical JSON of the arguments, the query replaced by its canonical text."""
+    args = dict(arguments)
+    args["query"] = canonical_text(query)
+    return json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def entry_key(tool: str, scope: str, arguments: Mapping[str, Any], query: str) -> str:
+    digest = hashlib.sha256(
+        f"{scope}\n{canonical_arguments(arguments, query)}".encode()
+    ).hexdigest()
+    return keys.cache_entry(tool, digest)
+
+
+def initial_threshold(policy: CachePolicy) -> AdaptiveThreshold:
+    """A fresh tool starts at its own policy's bound, with room to relax a little."""
+    return AdaptiveThreshold(max_distance=policy.max_distance, ceiling=policy.max_distance + 0.04)
+
+
+def threshold_state(fields: Mapping[Any, Any], policy: CachePolicy) -> AdaptiveThreshold:
+    """The stored state, or the policy's starting point when the hash is empty."""
+    return AdaptiveThreshold.from_dict(fields) if fields else initial_threshold(policy)
+
+
+def encode_result(result: ToolResult) -> str:
+    return json.dumps({"content": result.content, "items": result.items}, default=str)
+
+
+def decode_result(raw: str | bytes) -> ToolResult:
+    data = json.loads(raw)
+    return ToolResult(content=str(data["content"]), items=list(data.get("items") or []))
+
+
+def _s(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class SemanticCache:
+    """Implements `app.tool_router.Cache` over one async Redis client."""
+
+    def __init__(
+        self,
+        redis: aredis.Redis,
+        settings: Settings,
+        enqueue_audit: AuditEnqueuer | None = None,
+        *,
+        base_policy: HitPolicy | None = None,
+        index: str = keys.INDEX_CACHE,
+        rng: random.Random | None = None,
+        embedder: Embedder | None = None,
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.enqueue_audit = enqueue_audit
+        self.base_policy = base_policy or HitPolicy()
+        self.index = index
+        self.rng = rng or random.Random()
+        self.embedder = embedder or shared_embedder(settings.embedding_model)
+        self._memo: OrderedDict[str, float] = OrderedDict()  # call -> monotonic expiry
+        # Vectors `lookup` had to make itself, handed on to the `store` after the miss.
+        self._pending: OrderedDict[str, Vector] = OrderedDict()
+
+    def needs_vector(self, tool: Tool, arguments: dict[str, Any], query: str) -> bool:
+        """False when this process recently stored or served this exact call (any scope)."""
+        memo = self._memo_key(tool, arguments, query)
+        if memo is None:
+            return True
+        expires = self._memo.get(memo)
+        if expires is None:
+            return True
+        if expires < time.monotonic():
+            self._memo.pop(memo, None)
+            return True
+        return False
+
+    async def lookup(
+        self, tool: Tool, arguments: dict[str, Any], query: str, vector: Vector | None,
+        ctx: ToolContext,
+    ) -> CacheHit | None:
+        policy = tool.policy
+        scope = scope_value(policy, ctx) if policy is not None else None
+        memo = self._memo_key(tool, arguments, query)
+        if policy is None or scope is None or memo is None:
+            return None
+        name = tool.spec.name
+        key = entry_key(name, scope, arguments, query)
+        try:
+            replies = await self._fetch(name, scope, key, vector)
+            hit, kind = self._exact(key, replies[0]), "exact_hits"
+            if hit is None:
+                if vector is None:  # the memo was wrong for this caller: embed after all
+                    vector = await asyncio.to_thread(self.embedder.embed, query)
+                    self._pending[key] = vector
+                    while len(self._pending) > 64:  # stores that never came (tool failed)
+                        self._pending.popitem(last=False)
+                    replies = await self._fetch(name, scope, key, vector)
+                threshold = threshold_state(replies[1], policy)
+                hit, kind = self._nearest(query, replies[2], threshold), "hits"
+        except rexc.RedisError as e:
+            log.warning("cache lookup for %s failed, treated as a miss: %s", name, e)
+            return None
+        if hit is None:
+            self._memo.pop(memo, None)
+        elif kind == "exact_hits":
+            self._remember(memo, policy)
+        await self._count(name, hit, kind)
+        if hit is not None:
+            await self._maybe_audit(name, hit, arguments, ctx)
+        return hit
+
+    async def store(
+        self, tool: Tool, arguments: dict[str, Any], query: str, vector: Vector | None,
+        ctx: ToolContext, result: ToolResult, tool_ms: float,
+    ) -> None:
+        policy = tool.policy
+        scope = scope_value(policy, ctx) if policy is not None else None
+        memo = self._memo_key(tool, arguments, query)
+        if policy is None or scope is None or memo is None or result.error is not None:
+            return
+        key = entry_key(tool.spec.name, scope, arguments, query)
+        vector = self._pending.pop(key, vector)
+        fields: dict[str, str | bytes | float] = {
+            "tool": tool.spec.name,
+            "scope": scope,
+            "query": canonical_text(query),
+            "created_at": time.time(),
+            "result": encode_result(result),
+            "tool_ms": tool_ms,
+            "args": json.dumps(arguments, sort_keys=True, default=str),
+        }
+        if vector is not None:
+            # Without a vector the entry still serves exact repeats, just not neighbours.
+            fields["embedding"] = np.asarray(vector, dtype=np.float32).tobytes()
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+            pipe.expire(key, policy.ttl_seconds)
+            await pipe.execute()
+        except rexc.RedisError as e:
+            log.warning("cache store for %s failed, not cached: %s", tool.spec.name, e)
+            return
+        self._remember(memo, policy)
+
+    async def _fetch(self, tool: str, scope: str, key: str, vector: Vector | None) -> list[Any]:
+        """[exact entry fields, threshold state, KNN reply or None], in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(key, list(ENTRY_FIELDS))
+        pipe.hgetall(threshold_key(tool))
+        if vector is not None:
+            pipe.execute_command(*self._knn(tool, scope, vector))
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        for reply in replies[:2]:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies if vector is not None else [*replies, None]
+
+    def _memo_key(self, tool: Tool, arguments: dict[str, Any], query: str) -> str | None:
+        # needs_vector gets no caller, so the memo cannot hold the scope: a repeat by
+        # another user of the same question is a memo false positive, which `lookup`
+        # repairs by embedding itself (one embedding, as without the memo).
+        if tool.policy is None or not _TOOL.fullmatch(tool.spec.name):
+            return None
+        return f"{tool.spec.name}\n{canonical_arguments(arguments, query)}"
+
+    def _knn(self, tool: str, scope: str, vector: Vector) -> tuple[Any, ...]:
+        blob = np.asarray(vector, dtype=np.float32).tobytes()
+        return (
+            "FT.SEARCH", self.index,
+            f"(@tool:{{{escape_tag(tool)}}} @scope:{{{escape_tag(scope)}}})"
+            "=>[KNN 1 @embedding $vec AS distance]",
+            "PARAMS", 2, "vec", blob,
+            "SORTBY", "distance", "ASC",
+            "RETURN", len(KNN_FIELDS), *KNN_FIELDS,
+            "LIMIT", 0, 1,
+            "DIALECT", 2,
+        )  # fmt: skip
+
+    def _exact(self, key: str, reply: Any) -> CacheHit | None:
+        raw, tool_ms = reply
+        if raw is None:
+            return None
+        return CacheHit(decode_result(raw), 0.0, key, float(_s(tool_ms or b"0")))
+
+    def _nearest(self, query: str, reply: Any, state: AdaptiveThreshold) -> CacheHit | None:
+        if reply is None:
+            return None
+        if isinstance(reply, Exception):
+            log.warning("cache KNN failed, treated as a miss: %s", reply)
+            return None
+        _, rows = parse_search_reply(reply)
+        if not rows:
+            return None
+        key, f = rows[0]
+        distance = float(f.get("distance", "2"))
+        if distance > state.max_distance or "result" not in f:
+            return None
+        decision = decide(query, f.get("query", ""), distance, state.policy(self.base_policy))
+        if not decision.hit:
+            log.debug("cache near miss on %s at %.4f: %s", key, distance, decision.reason)
+            return None
+        return CacheHit(decode_result(f["result"]), distance, key, float(f.get("tool_ms", "0")))
+
+    def _remember(self, memo: str, policy: CachePolicy) -> None:
+        self._memo[memo] = time.monotonic() + policy.ttl_seconds
+        self._memo.move_to_end(memo)
+        while len(self._memo) > MEMO_SIZE:
+            self._memo.popitem(last=False)
+
+    async def _count(self, tool: str, hit: CacheHit | None, kind: str) -> None:
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            stats = keys.cache_stats(tool)
+            pipe.hincrby(stats, "lookups", 1)
+            if hit is None:
+                pipe.hincrby(stats, "misses", 1)
+            else:
+                pipe.hincrby(stats, "hits", 1)
+                if kind == "exact_hits":
+                    pipe.hincrby(stats, "exact_hits", 1)
+            await pipe.execute()
+        except rexc.RedisError as e:
+            log.warning("cache counters for %s not updated: %s", tool, e)
+
+    async def _maybe_audit(
+        self, tool: str, hit: CacheHit, arguments: dict[str, Any], ctx: ToolContext
+    ) -> None:
+        rate = self.settings.retrieval_cache_audit_rate
+        if self.enqueue_audit is None or rate <= 0.0 or self.rng.random() >= rate:
+            return
+        payload = {
+            "entry_key": hit.entry,
+            "tool": tool,
+            "arguments": dict(arguments),
+            "user_id": ctx.user_id,
+            "tenant_id": ctx.tenant_id,
+            "distance": hit.distance,
+        }
+        try:
+            # One fast enqueue (a sync rq client), off the event loop.
+            await asyncio.to_thread(self.enqueue_audit, payload)
+        except Exception as e:  # an audit is best effort; the hit is still served
+            log.warning("could not enqueue a cache audit for %s: %s", hit.entry, e)
+
