@@ -8,6 +8,7 @@ rendered once, here, as `{"error": {"code", "message"}}` with their status.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,6 +34,7 @@ from app.tool_router import ToolRouter
 from app.tools import make_tools
 
 log = logging.getLogger("backbone.api")
+SHUTDOWN_GRACE = 10.0
 
 
 def error_response(err: BackboneError) -> JSONResponse:
@@ -97,6 +99,13 @@ def create_app(settings: Settings) -> Starlette:
         try:
             yield {"backbone": state}
         finally:
+            # Turns outlive their responses; on shutdown give them a moment, then
+            # cancel (their finish is shielded, so what they stored gets persisted).
+            if state.turns:
+                _, pending = await asyncio.wait(set(state.turns), timeout=SHUTDOWN_GRACE)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
             await pg.close()
             await redis.aclose()
 

@@ -7,12 +7,15 @@ plain 4xx JSON error; then it streams `message.delta`, `tool.call`,
 `GET /v1/sessions/{sid}/events` with `Last-Event-ID` (or `?after=<id>`)
 replays the rest of that turn from Redis.
 
-A client disconnect is not an error: sse-starlette cancels the turn, which
-keeps every message already stored and persists them (see app.orchestrator).
+The turn runs as its own task, not inside the response: a client that
+disconnects only stops reading, and the turn completes, stores and persists
+its messages and keeps logging events, so the client can reconnect to any node
+and get the rest. A client disconnect is not an error.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from sse_starlette import EventSourceResponse
@@ -21,7 +24,7 @@ from starlette.routing import Route
 
 from app import event_log, limits, messages
 from app.errors import BadRequest
-from app.event_log import EventLog
+from app.event_log import Event, EventLog
 from app.orchestrator import Turn
 from app.session_routes import caller, session_id
 
@@ -43,9 +46,21 @@ async def post_message(request: Request) -> EventSourceResponse:
     if len(history) != stored[0]["seq"] + 1:  # another tab wrote meanwhile: re-read
         history = (await state.sessions.load(sid, user)).messages
     turn = Turn(state.turn_deps, sid, user, history, EventLog(state.redis, sid, stored[0]["seq"]))
+    queue: asyncio.Queue[Event | None] = asyncio.Queue()
+
+    async def drive() -> None:
+        try:
+            async for event in turn.events():
+                queue.put_nowait(event)
+        finally:
+            queue.put_nowait(None)
+
+    task = asyncio.create_task(drive(), name=f"turn-{sid}-{stored[0]['seq']}")
+    state.turns.add(task)  # a strong reference until done; the lifespan awaits leftovers
+    task.add_done_callback(state.turns.discard)
 
     async def stream() -> AsyncIterator[dict[str, str]]:
-        async for event in turn.events():
+        while (event := await queue.get()) is not None:
             yield event.sse()
 
     return EventSourceResponse(stream(), ping=PING_SECONDS, headers=HEADERS)

@@ -5,7 +5,8 @@ No module globals: everything a request needs comes from `app_state(request)`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aredis
@@ -26,6 +27,7 @@ class AppState:
     embedder: Embedder
     sessions: Sessions
     turn_deps: TurnDeps
+    turns: set[asyncio.Task[None]] = field(default_factory=set)  # turns still running
 
 
 def app_state(request: Request) -> AppState:
