@@ -1,0 +1,118 @@
+"""Semantic-cache counters, the per-tool stats report and clearing entries.
+
+`cache-stats:<tool>` (hash, no TTL) holds integer counters: lookups, hits,
+exact_hits, misses (written by `SemanticCache.lookup`), audits, invalidations,
+and overlap_sum as a float (written by the audit job). Percentiles of the audit
+overlap come from PostgreSQL's `cache_audits`, the durable record of every
+audit; when PostgreSQL is unreachable the report says None for them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+import redis.asyncio as aredis
+from psycopg_pool import AsyncConnectionPool
+
+from app import keys
+from app.cache_decision import AdaptiveThreshold
+from app.semantic_cache import threshold_key
+
+log = logging.getLogger("backbone.cache")
+
+COUNTERS = ("lookups", "hits", "exact_hits", "misses", "audits", "invalidations")
+STATS_PREFIX = "cache-stats:"
+THRESHOLD_PREFIX = "cache-threshold:"
+CLEAR_BATCH = 1000
+
+_OVERLAP_SQL = """
+SELECT tool, avg(overlap), percentile_cont(0.1) WITHIN GROUP (ORDER BY overlap)
+FROM cache_audits GROUP BY tool
+"""
+
+
+def _s(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def record_audit(
+    pipe: redis.client.Pipeline, tool: str, overlap: float, invalidated: bool
+) -> None:
+    """Queue the counter updates of one audit on `pipe` (the caller executes it)."""
+    stats = keys.cache_stats(tool)
+    pipe.hincrby(stats, "audits", 1)
+    pipe.hincrbyfloat(stats, "overlap_sum", overlap)
+    if invalidated:
+        pipe.hincrby(stats, "invalidations", 1)
+
+
+async def _tools(client: aredis.Redis) -> list[str]:
+    found: set[str] = set()
+    for prefix in (STATS_PREFIX, THRESHOLD_PREFIX):
+        async for raw in client.scan_iter(match=f"{prefix}*", count=1000):
+            found.add(_s(raw)[len(prefix):])
+    return sorted(t for t in found if keys.TOOL_NAME.fullmatch(t))
+
+
+async def _overlaps(pg_pool: AsyncConnectionPool[Any] | None) -> dict[str, tuple[float, float]]:
+    if pg_pool is None:
+        return {}
+    try:
+        async with pg_pool.connection() as conn:
+            cur = await conn.execute(_OVERLAP_SQL)
+            rows = await cur.fetchall()
+    except Exception as e:  # psycopg and pool errors alike: the report goes on without
+        log.warning("cache audit percentiles unavailable: %s", e)
+        return {}
+    return {str(r[0]): (float(r[1]), float(r[2])) for r in rows}
+
+
+async def cache_stats(
+    client: aredis.Redis, pg_pool: AsyncConnectionPool[Any] | None
+) -> dict[str, dict[str, Any]]:
+    """tool -> lookups, hits, exact_hits, misses, hit_rate, audits, mean_overlap,
+    p10_overlap, invalidations, threshold (None until the first audit moves it)."""
+    tools = await _tools(client)
+    pipe = client.pipeline(transaction=False)
+    for tool in tools:
+        pipe.hgetall(keys.cache_stats(tool))
+        pipe.hgetall(threshold_key(tool))
+    replies = await pipe.execute()
+    from_pg = await _overlaps(pg_pool)
+    out: dict[str, dict[str, Any]] = {}
+    for i, tool in enumerate(tools):
+        raw = {_s(k): _s(v) for k, v in replies[2 * i].items()}
+        row: dict[str, Any] = {name: int(raw.get(name, "0")) for name in COUNTERS}
+        row["hit_rate"] = round(row["hits"] / row["lookups"], 4) if row["lookups"] else 0.0
+        mean_pg, p10 = from_pg.get(tool, (None, None))
+        overlap_sum = float(raw.get("overlap_sum", "0"))
+        mean = overlap_sum / row["audits"] if row["audits"] else mean_pg
+        row["mean_overlap"] = None if mean is None else round(mean, 4)
+        row["p10_overlap"] = None if p10 is None else round(p10, 4)
+        state = replies[2 * i + 1]
+        row["threshold"] = (
+            round(AdaptiveThreshold.from_dict(state).max_distance, 4) if state else None
+        )
+        out[tool] = row
+    return out
+
+
+def clear_cache(client: redis.Redis, tool: str | None = None) -> int:
+    """UNLINK every `cache:<tool>:*` entry (all tools when None); return how many.
+
+    SCAN in batches, so a large cache never blocks the server. Counters and
+    thresholds stay: they describe the tool, not the entries.
+    """
+    match = f"{keys.cache_prefix(tool)}*"
+    removed = 0
+    batch: list[bytes | str] = []
+    for raw in client.scan_iter(match=match, count=CLEAR_BATCH):
+        batch.append(raw)
+        if len(batch) >= CLEAR_BATCH:
+            removed += int(client.unlink(*batch))
+            batch = []
+    if batch:
+        removed += int(client.unlink(*batch))
+    return removed

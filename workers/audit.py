@@ -1,0 +1,186 @@
+"""The semantic-cache audit: re-run a served entry's tool and judge the cached result.
+
+`SemanticCache` samples RETRIEVAL_CACHE_AUDIT_RATE of its hits and hands them
+to `audit_enqueuer`, which puts `audit_cache_entry` on the `audit` queue. The
+job runs the real tool for the same caller and arguments, and compares the
+identities of the results (item ids or URLs; content words for plain text).
+It then, for that tool:
+
+- writes one `cache_audits` row in PostgreSQL and one `cache audit` log line;
+- bumps `cache-stats:<tool>` (audits, overlap_sum, invalidations);
+- feeds the tool's AdaptiveThreshold (correct = overlap >= CACHE_AUDIT_MIN_OVERLAP);
+- deletes the entry when the overlap is below that bound and the entry is
+  still the one it audited (a re-store in between is left alone).
+
+The job takes plain values only and is safe to run twice: a second run either
+finds the entry gone (status "gone") or audits it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import redis
+from rq import Queue
+
+from app.cache_decision import AdaptiveThreshold, content_words
+from app.cache_stats import record_audit
+from app.embeddings import shared_embedder
+from app.semantic_cache import decode_result, threshold_key, threshold_state
+from app.settings import Settings
+from app.stores import async_redis_client, redis_client
+from app.tools import make_tools
+from app.tools.base import CachePolicy, ToolContext, ToolResult
+
+log = logging.getLogger("backbone.audit")
+
+AUDIT_QUEUE = "audit"
+JOB = "workers.audit.audit_cache_entry"
+
+_INSERT = """
+INSERT INTO cache_audits (entry_key, tool, distance, overlap, invalidated)
+VALUES (%s, %s, %s, %s, %s)
+"""
+
+
+def audit_enqueuer(connection: redis.Redis) -> Callable[[dict[str, Any]], None]:
+    """The `enqueue_audit` callable for SemanticCache: one rq enqueue on a sync client."""
+    q = Queue(AUDIT_QUEUE, connection=connection)
+
+    def enqueue(payload: dict[str, Any]) -> None:
+        q.enqueue_call(
+            JOB, kwargs=payload, timeout=120, result_ttl=600, failure_ttl=86400
+        )
+
+    return enqueue
+
+
+def _identities(result: ToolResult) -> set[str]:
+    ids = {str(i.get("id") or i.get("url") or "") for i in result.items}
+    return {i for i in ids if i}
+
+
+def overlap(cached: ToolResult, fresh: ToolResult) -> float:
+    """Jaccard similarity of the two results' item ids (URLs when no id); for results
+    without items, of their content words. Two empty results agree (1.0)."""
+    a, b = _identities(cached), _identities(fresh)
+    if not a and not b:
+        a, b = content_words(cached.content), content_words(fresh.content)
+    if not a and not b:
+        return 1.0
+    return len(a & b) / len(a | b)
+
+
+async def _run_tool(
+    settings: Settings, tool: str, arguments: dict[str, Any], ctx: ToolContext
+) -> tuple[ToolResult, CachePolicy | None] | None:
+    client = async_redis_client(settings.redis_url or "")
+    try:
+        tools = make_tools(settings, client, shared_embedder(settings.embedding_model))
+        found = tools.get(tool)
+        if found is None:
+            return None
+        return await found.run(arguments, ctx), found.policy
+    finally:
+        await client.aclose()
+
+
+def _delete_if_unchanged(client: redis.Redis, key: str, created_at: Any) -> bool:
+    """DEL the entry only if it is still the version audited (same created_at)."""
+    with client.pipeline(transaction=True) as pipe:
+        try:
+            pipe.watch(key)  # type: ignore[no-untyped-call]
+            if pipe.hget(key, "created_at") != created_at:
+                return False
+            pipe.multi()
+            pipe.delete(key)
+            return bool(pipe.execute()[0])
+        except redis.WatchError:
+            return False
+
+
+def _feed_threshold(
+    client: redis.Redis, tool: str, policy: CachePolicy, distance: float, correct: bool
+) -> AdaptiveThreshold:
+    key = threshold_key(tool)
+
+    def step(pipe: redis.client.Pipeline) -> None:
+        state = threshold_state(pipe.hgetall(key), policy)
+        pipe.multi()
+        pipe.hset(key, mapping=state.update(distance, correct).to_dict())  # type: ignore[arg-type]
+
+    client.transaction(step, key)
+    return AdaptiveThreshold.from_dict(client.hgetall(key))
+
+
+def _insert_row(
+    settings: Settings, key: str, tool: str, distance: float, score: float, invalidated: bool
+) -> bool:
+    try:
+        with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
+            conn.execute(_INSERT, (key, tool, distance, score, invalidated))
+        return True
+    except psycopg.Error as e:
+        log.warning("cache audit of %s not recorded in PostgreSQL: %s", key, e)
+        return False
+
+
+def audit_cache_entry(
+    entry_key: str,
+    tool: str,
+    arguments: dict[str, Any],
+    user_id: str,
+    distance: float,
+    tenant_id: str | None = None,
+) -> dict[str, Any]:
+    """Audit one served entry; return what was found (status, overlap, invalidated)."""
+    settings = Settings.from_env()
+    client = redis_client(settings.redis_url or "")
+    try:
+        return _audit(client, settings, entry_key, tool, arguments,
+                      ToolContext(user_id, tenant_id), distance)  # fmt: skip
+    finally:
+        client.close()
+
+
+def _audit(
+    client: redis.Redis, settings: Settings, key: str, tool: str, arguments: dict[str, Any],
+    ctx: ToolContext, distance: float,
+) -> dict[str, Any]:
+    raw, created_at = client.hmget(key, ["result", "created_at"])
+    if raw is None:
+        return {"status": "gone", "entry_key": key}
+    ran = asyncio.run(_run_tool(settings, tool, arguments, ctx))
+    if ran is None or ran[1] is None:
+        log.warning("cache audit of %s: tool %r is not offered here", key, tool)
+        return {"status": "unknown_tool", "entry_key": key}
+    fresh, policy = ran[0], ran[1]
+    if fresh.error is not None:
+        # A failing service says nothing about the entry; judge it another time.
+        return {"status": "tool_error", "entry_key": key, "error": fresh.error}
+    score = overlap(decode_result(raw), fresh)
+    invalidated = score < settings.cache_audit_min_overlap
+    deleted = _delete_if_unchanged(client, key, created_at) if invalidated else False
+    recorded = _insert_row(settings, key, tool, distance, score, invalidated)
+    with client.pipeline(transaction=False) as pipe:
+        record_audit(pipe, tool, score, invalidated)
+        pipe.execute()
+    state = _feed_threshold(client, tool, policy, distance, correct=not invalidated)
+    outcome = {
+        "status": "audited",
+        "entry_key": key,
+        "tool": tool,
+        "distance": round(distance, 6),
+        "overlap": round(score, 4),
+        "invalidated": invalidated,
+        "deleted": deleted,
+        "recorded": recorded,
+        "threshold": round(state.max_distance, 6),
+    }
+    log.info("cache audit %s", json.dumps(outcome, sort_keys=True))
+    return outcome
