@@ -1,0 +1,67 @@
+"""Recall: the caller's long-term memories nearest to a question, for the turn's context.
+
+KNN over `idx:memory`, filtered by the user tag (escaped: user text never
+becomes query syntax), bounded by cosine distance so an unrelated memory does
+not reach the prompt. The embedding model is CPU-bound, so it runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+import redis.asyncio as aredis
+
+from app import keys
+from app.embeddings import Embedder
+from app.tools.kb_search import escape_tag, parse_search_reply
+
+# With all-MiniLM-L6-v2 a question about a stored fact sits at 0.65-0.8 from it
+# ("Where do I live?" / "lives in Lisbon" 0.68); an unrelated fact past 0.9.
+MAX_DISTANCE = 0.8
+Recall = Callable[[str, str], Awaitable[list[str]]]
+
+
+async def recall(
+    redis_async: aredis.Redis,
+    embedder: Embedder,
+    user: str,
+    question: str,
+    k: int = 5,
+    *,
+    max_distance: float = MAX_DISTANCE,
+) -> list[str]:
+    """Up to k "kind: content" lines of `user`'s memories nearest to `question`."""
+    keys.check_user_id(user)
+    if not question.strip() or k <= 0:
+        return []
+    vector = await asyncio.to_thread(embedder.embed, question)
+    reply = await redis_async.execute_command(
+        "FT.SEARCH", keys.INDEX_MEMORY,
+        f"(@user:{{{escape_tag(user)}}})=>[KNN {int(k)} @embedding $vec AS distance]",
+        "PARAMS", 2, "vec", np.asarray(vector, dtype=np.float32).tobytes(),
+        "SORTBY", "distance", "ASC",
+        "RETURN", 4, "user", "kind", "content", "distance",
+        "LIMIT", 0, int(k),
+        "DIALECT", 2,
+    )  # type: ignore[no-untyped-call]  # fmt: skip
+    _, rows = parse_search_reply(reply)
+    out = []
+    for _key, f in rows:
+        # The filter already scopes by user; the check guards against a tag-escaping slip.
+        if f.get("user") != user or float(f.get("distance", "2")) > max_distance:
+            continue
+        out.append(f"{f.get('kind', 'note')}: {f.get('content', '')}")
+    return out
+
+
+def make_recall(
+    redis_async: aredis.Redis, embedder: Embedder, k: int = 5, max_distance: float = MAX_DISTANCE
+) -> Recall:
+    """A `TurnDeps.recall` bound to the app's clients."""
+
+    async def bound(user: str, question: str) -> list[str]:
+        return await recall(redis_async, embedder, user, question, k, max_distance=max_distance)
+
+    return bound

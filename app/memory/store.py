@@ -1,0 +1,177 @@
+"""Long-term memories: PostgreSQL `memories` is the truth, `memory:<uid>:<id>` the recall copy.
+
+A memory's id is `memory_id(user, kind, content)`: SHA-256 over the user, the
+kind and the case-folded, whitespace-collapsed content, first 32 hex digits. So
+the same fact written twice (a job re-run after it lost its lock, two sessions
+of one user saying the same thing) lands on one row (`ON CONFLICT DO UPDATE`)
+and one hash.
+
+A fact *close* to an existing memory of the same user and kind (cosine distance
+below `merge_distance`, by KNN over `idx:memory`) updates that memory instead
+of adding a near-duplicate: "is allergic to peanuts and tree nuts" replaces
+"is allergic to peanuts". Newer wording wins; the id stays the first one.
+
+Writes for one user are serialised by a PostgreSQL transaction-scoped advisory
+lock, so two workers mining two sessions of the same user cannot both miss each
+other's near-duplicate. The Redis copy is written inside that transaction,
+before the commit, so the next writer's KNN already sees it. If the commit then
+fails, the copy names a row that does not exist until the job's retry writes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psycopg
+import redis
+from redis.typing import EncodableT, FieldT
+
+from app import keys
+from app.embeddings import Embedder, Vector
+from app.memory.facts import Fact
+from app.tools.kb_search import escape_tag, parse_search_reply
+
+# Measured with all-MiniLM-L6-v2: a refinement of the same fact sits near 0.1 ("is allergic
+# to peanuts" / "... and tree nuts" 0.098, "works at Acme" / "... Acme Corp" 0.087), a
+# different fact of the same kind past 0.3 ("lives in Lisbon" / "lives in Porto" 0.301).
+MERGE_DISTANCE = 0.15
+MEMORY_ID = re.compile(r"^[0-9a-f]{32}$")
+_SPACE = re.compile(r"\s+")
+
+
+def canonical_content(content: str) -> str:
+    return _SPACE.sub(" ", content).strip().casefold()
+
+
+def memory_id(user: str, kind: str, content: str) -> str:
+    digest = hashlib.sha256(f"{user}\n{kind}\n{canonical_content(content)}".encode())
+    return digest.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What `MemoryStore.write` did with a batch of facts."""
+
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+
+    def __add__(self, other: Stored) -> Stored:
+        return Stored(
+            self.inserted + other.inserted,
+            self.updated + other.updated,
+            self.unchanged + other.unchanged,
+        )
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    id: str
+    content: str
+    distance: float
+
+
+def nearest(
+    client: redis.Redis, vector: Vector, user: str, kind: str | None = None, k: int = 1
+) -> list[Neighbour]:
+    """The k memories of `user` (of `kind`, when given) nearest to `vector`, nearest first."""
+    keys.check_user_id(user)
+    filt = f"@user:{{{escape_tag(user)}}}"
+    if kind is not None:
+        filt += f" @kind:{{{escape_tag(kind)}}}"
+    reply = client.execute_command(
+        "FT.SEARCH", keys.INDEX_MEMORY,
+        f"({filt})=>[KNN {k} @embedding $vec AS distance]",
+        "PARAMS", 2, "vec", np.asarray(vector, dtype=np.float32).tobytes(),
+        "SORTBY", "distance", "ASC",
+        "RETURN", 2, "content", "distance",
+        "LIMIT", 0, k,
+        "DIALECT", 2,
+    )  # type: ignore[no-untyped-call]  # fmt: skip
+    _, rows = parse_search_reply(reply)
+    return [
+        Neighbour(key.rsplit(":", 1)[-1], f.get("content", ""), float(f.get("distance", "2")))
+        for key, f in rows
+    ]
+
+
+def _hash_fields(
+    user: str, kind: str, content: str, vector: Vector
+) -> dict[FieldT, EncodableT]:
+    return {
+        "user": user,
+        "kind": kind,
+        "content": content,
+        "updated_at": time.time(),
+        "embedding": np.asarray(vector, dtype=np.float32).tobytes(),
+    }
+
+
+@dataclass
+class MemoryStore:
+    """Writes facts for one user at a time; sync, for the workers."""
+
+    redis: redis.Redis
+    pg: psycopg.Connection[Any]
+    embedder: Embedder
+    merge_distance: float = MERGE_DISTANCE
+
+    def write(
+        self, user: str, sid: str | None, facts: Sequence[Fact], source_hash: str | None = None
+    ) -> Stored:
+        """Insert new facts, update near-duplicates, skip exact repeats; idempotent."""
+        keys.check_user_id(user)
+        if not facts:
+            return Stored()
+        vectors = self.embedder.embed_many([f.content for f in facts])
+        total = Stored()
+        with self.pg.transaction():
+            self.pg.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("memory:" + user,))
+            for fact, vector in zip(facts, vectors, strict=True):
+                total += self._write_one(user, sid, fact, vector, source_hash)
+        return total
+
+    def _write_one(
+        self, user: str, sid: str | None, fact: Fact, vector: Vector, source_hash: str | None
+    ) -> Stored:
+        mid = memory_id(user, fact.kind, fact.content)
+        row = self.pg.execute("SELECT 1 FROM memories WHERE id = %s", (mid,)).fetchone()
+        if row is not None:
+            return Stored(unchanged=1)
+        near = nearest(self.redis, vector, user, fact.kind)
+        if near and near[0].distance < self.merge_distance:
+            if canonical_content(near[0].content) == canonical_content(fact.content):
+                return Stored(unchanged=1)
+            updated = self.pg.execute(
+                "UPDATE memories SET content = %s, session_id = %s, source_hash = %s,"
+                " updated_at = now() WHERE id = %s AND user_id = %s",
+                (fact.content, sid, source_hash, near[0].id, user),
+            ).rowcount
+            if updated:
+                self.redis.hset(
+                    keys.memory(user, near[0].id),
+                    mapping=_hash_fields(user, fact.kind, fact.content, vector),
+                )
+                return Stored(updated=1)
+            # The copy outlived its row (deleted meanwhile): insert afresh below.
+        self.pg.execute(
+            "INSERT INTO memories (id, user_id, session_id, kind, content, source_hash)"
+            " VALUES (%s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (id) DO UPDATE SET updated_at = memories.updated_at",
+            (mid, user, sid, fact.kind, fact.content, source_hash),
+        )
+        self.redis.hset(
+            keys.memory(user, mid), mapping=_hash_fields(user, fact.kind, fact.content, vector)
+        )
+        return Stored(inserted=1)
+
+
+def count(pg: psycopg.Connection[Any], user: str) -> int:
+    row = pg.execute("SELECT count(*) FROM memories WHERE user_id = %s", (user,)).fetchone()
+    return int(row[0]) if row else 0

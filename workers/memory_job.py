@@ -1,0 +1,294 @@
+"""The memory-extraction job, how the app enqueues it, and collapsing mined history.
+
+`extract_memories(sid)` mines the messages after the content-hash cursor:
+
+1. take `memory-task-lock:{sid}` with a fresh random token (held: skip);
+2. read cursor, summary and history; the delta is what follows the message whose
+   `hash` is the cursor (found in the Redis history, else its seq is looked up in
+   PostgreSQL, which keeps every message after older ones were collapsed);
+3. extract facts from the delta with the summary;
+4. `extend_lock` right before writing: 0 means the lock expired and another worker
+   may own the session now, so stop without writing anything;
+5. store the facts (idempotent: `app.memory.store`), roll the summary forward and
+   `advance_cursor` (compare-and-set, lock holder only), then mirror cursor and
+   summary into PostgreSQL `sessions` while still holding the lock;
+6. release the lock (only our own token) whatever happened.
+
+A worker that lost its lock between 4 and 5 may have written facts another worker
+writes again; the store makes the second write a no-op, so nothing is counted twice.
+
+Enqueueing: one waiting job per session. The job id is `memory-extract-<sid>`; while
+that one runs, a follow-up goes under `memory-extract-<sid>-next`, so a turn that
+ends during extraction is mined right after it rather than at the next turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+import redis
+from rq import Queue
+from rq.exceptions import DuplicateJobError
+from rq.job import JobStatus
+
+from app import keys, scripts
+from app.embeddings import Embedder, shared_embedder
+from app.memory import Extractor, make_extractor, update_summary
+from app.memory.store import MemoryStore
+from app.messages import Message
+from app.settings import Settings
+from app.stores import pg_connect, redis_client
+
+log = logging.getLogger("backbone.memory")
+
+QUEUE = "memory"
+JOB = "workers.memory_job.extract_memories"
+SUMMARY_CHARS = 1200
+_WAITING = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED}
+
+
+def _text(raw: Any) -> str | None:
+    return raw.decode() if isinstance(raw, bytes) else (None if raw is None else str(raw))
+
+
+# -- the job ---------------------------------------------------------------------
+
+
+def extract_memories(sid: str) -> dict[str, Any]:
+    """rq job: mine the messages of `sid` after its cursor; return counts."""
+    settings = Settings.from_env()
+    client = redis_client(settings.redis_url or "")
+    try:
+        with pg_connect(settings.database_url or "", autocommit=True) as pg:
+            embedder = shared_embedder(settings.embedding_model)
+            return run_extraction(client, pg, sid, settings, make_extractor(settings), embedder)
+    finally:
+        client.close()
+
+
+def read_history(
+    client: redis.Redis, pg: psycopg.Connection[Any], sid: str
+) -> tuple[str | None, list[Message]]:
+    """(owner, history): the live copy in Redis, else what PostgreSQL persisted."""
+    pipe = client.pipeline(transaction=False)
+    pipe.get(keys.session_user(sid))
+    pipe.execute_command("JSON.GET", keys.session(sid), ".")  # type: ignore[no-untyped-call]
+    owner, raw = pipe.execute()
+    if owner is not None and raw is not None:
+        return _text(owner), json.loads(raw)
+    row = pg.execute("SELECT user_id FROM sessions WHERE id = %s", (sid,)).fetchone()
+    if row is None:
+        return None, []
+    rows = pg.execute(
+        "SELECT body::text FROM messages WHERE session_id = %s ORDER BY seq", (sid,)
+    ).fetchall()
+    return str(row[0]), [json.loads(r[0]) for r in rows]
+
+
+def select_delta(
+    history: Sequence[Message], cursor: str | None, cursor_seq: int | None = None
+) -> list[Message] | None:
+    """Messages after the cursor message; None when the cursor is not in `history`.
+
+    `cursor_seq` (the cursor message's seq, from PostgreSQL) locates it when the
+    message itself was collapsed out of the history.
+    """
+    if cursor is None:
+        return list(history)
+    for i, message in enumerate(history):
+        if message.get("hash") == cursor:
+            return list(history[i + 1 :])
+    if cursor_seq is None:
+        return None
+    return [m for m in history if int(m["seq"]) > cursor_seq]
+
+
+def _cursor_seq(pg: psycopg.Connection[Any], sid: str, cursor: str) -> int | None:
+    row = pg.execute(
+        "SELECT seq FROM messages WHERE session_id = %s AND hash = %s", (sid, cursor)
+    ).fetchone()
+    return int(row[0]) if row else None
+
+
+def _state(
+    client: redis.Redis, pg: psycopg.Connection[Any], sid: str
+) -> tuple[str | None, str | None, str]:
+    """(cursor in Redis, cursor to mine from, summary); PostgreSQL's mirror fills a lost Redis."""
+    pipe = client.pipeline(transaction=False)
+    pipe.get(keys.memory_cursor(sid))
+    pipe.get(keys.memory_summary(sid))
+    raw_cursor, raw_summary = pipe.execute()
+    cursor, summary = _text(raw_cursor), _text(raw_summary) or ""
+    if cursor is not None:
+        return cursor, cursor, summary
+    row = pg.execute("SELECT cursor_hash, summary FROM sessions WHERE id = %s", (sid,)).fetchone()
+    if row is None or row[0] is None:
+        return None, None, summary
+    return None, str(row[0]), str(row[1] or "")
+
+
+def run_extraction(
+    client: redis.Redis,
+    pg: psycopg.Connection[Any],
+    sid: str,
+    settings: Settings,
+    extractor: Extractor,
+    embedder: Embedder,
+    *,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """The job's body with its dependencies passed in (tests and the benchmark)."""
+    keys.check_session_id(sid)
+    token = token or secrets.token_hex(16)
+    ttl_ms = settings.memory_lock_ttl_seconds * 1000
+    if not scripts.run(client, scripts.acquire_lock(sid, token, ttl_ms)):
+        return {"skipped": "locked"}
+    try:
+        expected, cursor, summary = _state(client, pg, sid)
+        owner, history = read_history(client, pg, sid)
+        if owner is None:
+            return {"skipped": "no_session"}
+        delta = select_delta(history, cursor)
+        if delta is None and cursor is not None:
+            delta = select_delta(history, cursor, _cursor_seq(pg, sid, cursor))
+        if delta is None:
+            # The cursor names a message neither store has: mine everything again,
+            # which the idempotent store turns into no new rows for what was mined.
+            log.warning("session %s: cursor %s not found; re-mining the history", sid, cursor)
+            delta = list(history)
+        if not delta:
+            return {"delta": 0}
+        facts = extractor.extract(delta, summary)
+        if not scripts.run(client, scripts.extend_lock(sid, token, ttl_ms)):
+            return {"skipped": "lock_lost", "delta": len(delta)}
+        stored = MemoryStore(client, pg, embedder).write(owner, sid, facts, delta[-1]["hash"])
+        new_summary = update_summary(summary, delta, SUMMARY_CHARS)
+        code = scripts.run(
+            client,
+            scripts.advance_cursor(
+                sid, token, expected, delta[-1]["hash"], new_summary, settings.memory_ttl_seconds
+            ),
+        )
+        if code == 1:
+            pg.execute(
+                "UPDATE sessions SET cursor_hash = %s, summary = %s WHERE id = %s",
+                (delta[-1]["hash"], new_summary, sid),
+            )
+        return {
+            "delta": len(delta),
+            "facts": len(facts),
+            "inserted": stored.inserted,
+            "updated": stored.updated,
+            "unchanged": stored.unchanged,
+            "advanced": code == 1,
+        }
+    finally:
+        scripts.run(client, scripts.release_lock(sid, token))
+
+
+# -- enqueueing ------------------------------------------------------------------
+
+
+def job_ids(sid: str) -> tuple[str, str]:
+    keys.check_session_id(sid)
+    return f"memory-extract-{sid}", f"memory-extract-{sid}-next"
+
+
+def enqueue_extraction(client: redis.Redis, sid: str, *, queue: str = QUEUE) -> bool:
+    """Enqueue one extraction for `sid` unless one is already waiting; True if enqueued."""
+    q = Queue(queue, connection=client)
+    slots = []
+    for jid in job_ids(sid):
+        job = q.fetch_job(jid)
+        status = job.get_status(refresh=False) if job is not None else None
+        if status in _WAITING:
+            return False
+        slots.append((jid, job, status))
+    for jid, job, status in slots:
+        if status == JobStatus.STARTED:
+            continue
+        if job is not None:
+            job.delete()  # finished, failed or stopped: free its id
+        try:
+            q.enqueue_call(JOB, args=(sid,), job_id=jid, unique=True, timeout=600,
+                           result_ttl=300, failure_ttl=86400)
+        except DuplicateJobError:
+            return False  # another node enqueued it between our read and our write
+        return True
+    return False  # both slots running: the next turn enqueues again
+
+
+class AfterTurnEnqueue:
+    """The orchestrator's after-turn hook: enqueue extraction off the event loop."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.client = redis_client(redis_url)
+
+    async def __call__(self, sid: str, user: str, stored: list[Message]) -> None:
+        if not stored:
+            return
+        try:
+            await asyncio.to_thread(enqueue_extraction, self.client, sid)
+        except redis.RedisError as e:
+            # Losing one enqueue loses nothing: the next turn's job mines this delta too.
+            log.warning("could not enqueue memory extraction for %s: %s", sid, e)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def make_after_turn(redis_url: str) -> AfterTurnEnqueue:
+    return AfterTurnEnqueue(redis_url)
+
+
+# -- collapse (not wired: see collapse_mined) -----------------------------------------
+
+
+def collapsible(history: Sequence[Message], cursor: str | None, keep_last: int) -> int:
+    """How many leading messages may leave Redis: mined, and not among the last keep_last.
+
+    The cursor message itself stays, so the next job finds its place without PostgreSQL.
+    """
+    if cursor is None:
+        return 0
+    for i, message in enumerate(history):
+        if message.get("hash") == cursor:
+            return max(0, min(i, len(history) - max(keep_last, 0)))
+    return 0
+
+
+def collapse_mined(client: redis.Redis, sid: str, token: str, keep_last: int) -> int:
+    """Trim mined messages off the Redis history, for the lock holder; return how many.
+
+    The summary already covers them and PostgreSQL keeps them. WATCH makes it all or
+    nothing against a concurrent append or a lost lock (then 0 and nothing changes).
+    NOT WIRED: the orchestrator numbers new messages `len(history)`, which after a
+    collapse would reuse seqs; it must number from `history[-1]["seq"] + 1` first.
+    """
+    lock, session, cursor_key = keys.memory_lock(sid), keys.session(sid), keys.memory_cursor(sid)
+    with client.pipeline() as pipe:
+        try:
+            pipe.watch(lock, session, cursor_key)  # type: ignore[no-untyped-call]
+            if _text(pipe.get(lock)) != token:
+                return 0
+            raw = pipe.execute_command("JSON.GET", session, ".")  # type: ignore[no-untyped-call]
+            if raw is None:
+                return 0
+            history = json.loads(raw)
+            n = collapsible(history, _text(pipe.get(cursor_key)), keep_last)
+            if n == 0:
+                return 0
+            pipe.multi()
+            pipe.execute_command(  # type: ignore[no-untyped-call]
+                "JSON.ARRTRIM", session, ".", n, len(history) - 1
+            )
+            pipe.execute()
+        except redis.WatchError:
+            return 0
+    return n
