@@ -1,0 +1,229 @@
+"""The semantic cache behind the tool router, against the real Redis Stack and the real model.
+
+Each test uses its own tool name (the cache's TAG filter and key prefix), so
+tests never see each other's entries. The tool is a small test double of a
+*tool*, the project's plug-in point; Redis and the model are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from app import keys
+from app.cache_stats import cache_stats, clear_cache
+from app.embeddings import Embedder, Vector, shared_embedder
+from app.llm.base import ToolCall, ToolSpec
+from app.semantic_cache import SemanticCache, threshold_key
+from app.settings import Settings
+from app.stores import async_redis_client
+from app.tool_router import Routed, ToolRouter
+from app.tools.base import (
+    QUERY_PARAMETERS,
+    CachePolicy,
+    ToolContext,
+    ToolResult,
+    check_query,
+    query_text_of,
+)
+
+Scope = Any  # Literal["global", "tenant", "user"], kept loose for the test double
+
+
+class CountingTool:
+    """Answers with ids that name the caller and the run number; counts its runs."""
+
+    def __init__(self, scope: Scope = "user", ttl: int = 600, max_distance: float = 0.12) -> None:
+        self.spec = ToolSpec(f"t_{uuid.uuid4().hex[:12]}", "test tool", QUERY_PARAMETERS)
+        self.policy: CachePolicy | None = CachePolicy(max_distance, ttl, scope)
+        self.runs = 0
+        self.version = 1
+
+    def query_text(self, arguments: dict[str, Any]) -> str:
+        return query_text_of(arguments)
+
+    async def run(
+        self, arguments: dict[str, Any], ctx: ToolContext, query_vector: Vector | None = None
+    ) -> ToolResult:
+        self.runs += 1
+        query = check_query(arguments)
+        ids = [f"doc-{ctx.user_id}-v{self.version}-{i}" for i in range(3)]
+        items = [{"id": i, "title": i, "text": query, "url": None, "score": 1.0} for i in ids]
+        return ToolResult(f"{self.spec.name} answer for {ctx.user_id}: {query}", items)
+
+
+class CountingEmbedder(Embedder):
+    def __init__(self) -> None:
+        self.inner = shared_embedder()
+        self.calls = 0
+
+    def embed(self, text: str) -> Vector:
+        self.calls += 1
+        return self.inner.embed(text)
+
+
+Calls = list[tuple[str, str]]  # (user, question)
+
+
+def ask(
+    settings: Settings, tool: CountingTool, calls: Calls,
+    enqueue: Callable[[dict[str, Any]], None] | None = None,
+    embedder: CountingEmbedder | None = None,
+) -> list[Routed]:
+    """Route each (user, question) through one ToolRouter + SemanticCache, in order."""
+    emb = embedder or CountingEmbedder()
+
+    async def main() -> list[Routed]:
+        client = async_redis_client(settings.redis_url or "")
+        try:
+            cache = SemanticCache(client, settings, enqueue, embedder=emb)
+            router = ToolRouter({tool.spec.name: tool}, emb, 30.0, cache=cache)
+            out = []
+            for i, (user, question) in enumerate(calls):
+                call = ToolCall(id=f"c{i}", name=tool.spec.name, arguments={"query": question})
+                out.append(await router.run(call, ToolContext(user)))
+            return out
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def test_a_reworded_question_is_served_from_the_cache_without_running_the_tool(
+    settings: Settings, user: str
+) -> None:
+    tool = CountingTool()
+    first, second = ask(settings, tool, [
+        (user, "How do I reset my password?"),
+        (user, "How can I reset my password?"),
+    ])  # fmt: skip
+    assert not first.cached and second.cached
+    assert tool.runs == 1
+    assert second.result.content == first.result.content
+    assert second.result.items == first.result.items
+    assert second.distance is not None and 0 < second.distance <= 0.12
+    assert second.saved_ms == first.tool_ms
+
+
+def test_an_exact_repeat_is_served_without_embedding_the_query(
+    settings: Settings, user: str
+) -> None:
+    tool, emb = CountingTool(), CountingEmbedder()
+    routed = ask(settings, tool, [
+        (user, "What is the default Redis port?"),
+        (user, "  what is the DEFAULT redis port "),  # same canonical text
+    ], embedder=emb)  # fmt: skip
+    assert [r.cached for r in routed] == [False, True]
+    assert routed[1].distance == 0.0
+    assert emb.calls == 1 and tool.runs == 1
+
+
+def test_a_question_that_differs_only_in_a_number_is_not_a_hit(
+    settings: Settings, user: str
+) -> None:
+    tool = CountingTool()
+    routed = ask(settings, tool, [
+        (user, "How many replicas does Redis need for 3 shards?"),
+        (user, "How many replicas does Redis need for 5 shards?"),
+    ])  # fmt: skip
+    assert [r.cached for r in routed] == [False, False]
+    assert tool.runs == 2
+
+
+def test_an_entry_carries_the_tools_ttl_and_its_query_vector_and_result(
+    settings: Settings, r: redis.Redis, user: str
+) -> None:
+    tool = CountingTool(ttl=321)
+    ask(settings, tool, [(user, "How long does Redis keep a key with a TTL?")])
+    [key] = list(r.scan_iter(match=f"{keys.cache_prefix(tool.spec.name)}*"))
+    assert 0 < r.ttl(key) <= 321
+    fields = r.hgetall(key)
+    assert fields[b"scope"] == f"user:{user}".encode()
+    assert fields[b"query"] == b"how long does redis keep a key with a ttl"
+    assert len(fields[b"embedding"]) == 384 * 4
+    assert b"result" in fields and float(fields[b"tool_ms"]) >= 0
+
+
+def test_a_user_scoped_result_never_reaches_another_user_even_for_the_same_question(
+    settings: Settings, user: str
+) -> None:
+    tool = CountingTool(scope="user")
+    other = f"x.{user}@example-org.com"  # tag syntax in the id must stay data
+    routed = ask(settings, tool, [
+        (user, "Which of my files mention the budget?"),
+        (other, "Which of my files mention the budget?"),
+        (other, "Which files of mine mention the budget?"),
+        (user, "Which files of mine mention the budget?"),
+    ])  # fmt: skip
+    assert [r.cached for r in routed] == [False, False, True, True]
+    assert tool.runs == 2
+    assert all(user in i["id"] for i in routed[0].result.items + routed[3].result.items)
+    assert all(other in i["id"] for i in routed[1].result.items + routed[2].result.items)
+
+
+def test_a_global_result_is_shared_by_every_user(settings: Settings, user: str) -> None:
+    tool = CountingTool(scope="global")
+    routed = ask(settings, tool, [
+        (user, "What does the append-only file do?"),
+        (f"{user}-b", "What does the append only file do?"),
+    ])  # fmt: skip
+    assert [r.cached for r in routed] == [False, True]
+    assert routed[1].result.items == routed[0].result.items
+
+
+def test_audit_rate_zero_never_enqueues_and_one_always_does(
+    settings: Settings, user: str
+) -> None:
+    questions = [(user, "How do I rotate the API key?")] + [
+        (user, "How can I rotate the API key?")
+    ] * 4
+    never: list[dict[str, Any]] = []
+    ask(dataclasses.replace(settings, retrieval_cache_audit_rate=0.0), CountingTool(),
+        questions, never.append)  # fmt: skip
+    assert never == []
+    always: list[dict[str, Any]] = []
+    tool = CountingTool()
+    ask(dataclasses.replace(settings, retrieval_cache_audit_rate=1.0), tool, questions,
+        always.append)  # fmt: skip
+    assert len(always) == 4
+    job = always[0]
+    assert job["tool"] == tool.spec.name and job["user_id"] == user
+    assert job["entry_key"].startswith(keys.cache_prefix(tool.spec.name))
+    assert job["arguments"] == {"query": "How can I rotate the API key?"}
+    assert 0 < job["distance"] <= 0.12
+
+
+def test_stats_count_lookups_and_hits_and_clear_removes_only_that_tools_entries(
+    settings: Settings, r: redis.Redis, user: str
+) -> None:
+    tool, kept = CountingTool(), CountingTool()
+    ask(settings, tool, [
+        (user, "How do I reset my password?"),
+        (user, "How can I reset my password?"),
+        (user, "How do I reset my password?"),
+        (user, "What is the capital of France?"),
+    ])  # fmt: skip
+    ask(settings, kept, [(user, "What is the capital of France?")])
+
+    async def report() -> dict[str, dict[str, Any]]:
+        client = async_redis_client(settings.redis_url or "")
+        try:
+            return await cache_stats(client, None)
+        finally:
+            await client.aclose()
+
+    row = asyncio.run(report())[tool.spec.name]
+    assert row["lookups"] == 4 and row["hits"] == 2 and row["exact_hits"] == 1
+    assert row["misses"] == 2 and row["hit_rate"] == 0.5
+    assert row["audits"] == 0 and row["mean_overlap"] is None and row["threshold"] is None
+    assert clear_cache(r, tool.spec.name) == 2
+    assert list(r.scan_iter(match=f"{keys.cache_prefix(tool.spec.name)}*")) == []
+    assert len(list(r.scan_iter(match=f"{keys.cache_prefix(kept.spec.name)}*"))) == 1
+    assert clear_cache(r, kept.spec.name) == 1
+    r.delete(keys.cache_stats(tool.spec.name), keys.cache_stats(kept.spec.name))
+    assert r.exists(threshold_key(tool.spec.name)) == 0
