@@ -1,0 +1,113 @@
+"""The cache audit job, run in-process by an rq SimpleWorker against real Redis and PostgreSQL.
+
+The job builds its tools with `make_tools`; the tests hand it their own test
+tool through that one seam, so a second run can return other ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+from rq import Queue, SimpleWorker
+from test_semantic_cache import CountingTool, ask
+
+from app import keys
+from app.cache_decision import AdaptiveThreshold
+from app.semantic_cache import threshold_key
+from app.settings import Settings
+from app.tools.base import ToolResult
+from workers import audit
+from workers.audit import audit_enqueuer, overlap
+
+QUESTIONS = ["How do I reset my password?", "How can I reset my password?"]
+
+
+def _audit_one(
+    settings: Settings, r: redis.Redis, tool: CountingTool, user: str, new_version: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> dict[str, Any]:
+    always = dataclasses.replace(settings, retrieval_cache_audit_rate=1.0)
+    routed = ask(always, tool, [(user, q) for q in QUESTIONS], audit_enqueuer(r))
+    assert [x.cached for x in routed] == [False, True]
+    tool.version = new_version
+    monkeypatch.setattr(audit, "make_tools", lambda *_: {tool.spec.name: tool})
+    q = Queue("audit", connection=r)
+    jobs = [j for j in q.jobs if j.kwargs.get("tool") == tool.spec.name]
+    assert len(jobs) == 1
+    SimpleWorker([q], connection=r).work(burst=True)
+    jobs[0].refresh()
+    assert jobs[0].is_finished, jobs[0].latest_result()
+    outcome: dict[str, Any] = jobs[0].return_value()
+    return outcome
+
+
+def _rows(settings: Settings, key: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(settings.database_url or "") as conn:
+        return conn.execute(
+            "SELECT tool, distance, overlap, invalidated FROM cache_audits WHERE entry_key = %s",
+            (key,),
+        ).fetchall()
+
+
+def _cleanup(r: redis.Redis, tool: str) -> None:
+    r.delete(keys.cache_stats(tool), threshold_key(tool))
+
+
+def test_an_audit_whose_fresh_run_returns_other_ids_invalidates_the_entry(
+    stores_env: Settings, r: redis.Redis, user: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tool = CountingTool()
+    got = _audit_one(stores_env, r, tool, user, 2, monkeypatch)
+    assert got["status"] == "audited" and got["overlap"] == 0.0
+    assert got["invalidated"] and got["deleted"] and got["recorded"]
+    assert tool.runs == 2  # the first miss and the audit, never the served hit
+    assert r.exists(got["entry_key"]) == 0
+    [(name, distance, score, invalidated)] = _rows(stores_env, got["entry_key"])
+    assert (name, score, invalidated) == (tool.spec.name, 0.0, True)
+    assert 0 < distance <= 0.12
+    stats = r.hgetall(keys.cache_stats(tool.spec.name))
+    assert stats[b"audits"] == b"1" and stats[b"invalidations"] == b"1"
+    state = AdaptiveThreshold.from_dict(r.hgetall(threshold_key(tool.spec.name)))
+    assert state.audits == 1 and state.wrong == 1 and state.max_distance < 0.12
+    _cleanup(r, tool.spec.name)
+
+
+def test_an_audit_whose_fresh_run_agrees_keeps_the_entry_and_relaxes_the_threshold(
+    stores_env: Settings, r: redis.Redis, user: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tool = CountingTool()
+    got = _audit_one(stores_env, r, tool, user, 1, monkeypatch)
+    assert got["overlap"] == 1.0 and not got["invalidated"] and not got["deleted"]
+    assert r.exists(got["entry_key"]) == 1
+    [(_, _, score, invalidated)] = _rows(stores_env, got["entry_key"])
+    assert score == 1.0 and invalidated is False
+    state = AdaptiveThreshold.from_dict(r.hgetall(threshold_key(tool.spec.name)))
+    assert state.wrong == 0 and state.max_distance > 0.12
+    r.delete(got["entry_key"])
+    _cleanup(r, tool.spec.name)
+
+
+def test_an_audit_of_an_entry_that_is_gone_does_nothing(
+    stores_env: Settings, r: redis.Redis, user: str
+) -> None:
+    key = keys.cache_entry("kb_search", "ab" * 32)
+    got = audit.audit_cache_entry(key, "kb_search", {"query": "x"}, user, 0.01)
+    assert got == {"status": "gone", "entry_key": key}
+    assert _rows(stores_env, key) == []
+
+
+def test_overlap_compares_item_ids_and_falls_back_to_words_for_plain_text() -> None:
+    def items(*ids: str) -> ToolResult:
+        return ToolResult("x", [{"id": i} for i in ids])
+
+    assert overlap(items("a", "b", "c"), items("a", "b", "c")) == 1.0
+    assert overlap(items("a", "b"), items("b", "c")) == pytest.approx(1 / 3)
+    assert overlap(items("a"), ToolResult("nothing found", [])) == 0.0
+    url = ToolResult("x", [{"id": None, "url": "https://a.example/"}])
+    assert overlap(url, url) == 1.0
+    assert overlap(ToolResult("Paris is the capital"), ToolResult("the capital is Paris")) == 1.0
+    assert overlap(ToolResult("Paris"), ToolResult("Berlin")) == 0.0
