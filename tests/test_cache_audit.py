@@ -39,9 +39,10 @@ def _audit_one(
     jobs = [j for j in q.jobs if j.kwargs.get("tool") == tool.spec.name]
     assert len(jobs) == 1
     SimpleWorker([q], connection=r).work(burst=True)
-    jobs[0].refresh()
+    jobs[0].refresh()  # type: ignore[no-untyped-call]
     assert jobs[0].is_finished, jobs[0].latest_result()
-    outcome: dict[str, Any] = jobs[0].return_value()
+    outcome = jobs[0].return_value()
+    assert isinstance(outcome, dict)
     return outcome
 
 
