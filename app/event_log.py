@@ -2,15 +2,23 @@
 
 API nodes hold no state: the node running a turn XADDs every event to
 `events:{<sid>}:<turn>` (10-minute TTL) and uses the entry id as the SSE `id:`,
-written `<turn>.<entry-id>`. A client that lost its connection sends that id as
-`Last-Event-ID` (or `?after=`) to `GET /v1/sessions/{sid}/events` on any node
-and gets the rest, live, until the turn's `message.done` or `error`.
+written `<turn>.<entry-id>`. The turn is the stream's only writer, so it picks
+the entry ids itself (`<turn start ms>-<n>`) and need not wait for Redis before
+sending an event: a background flush pipelines whatever is pending in one round
+trip, and a terminal event is sent only after everything before it is stored.
+
+A client that lost its connection sends that id as `Last-Event-ID` (or
+`?after=`) to `GET /v1/sessions/{sid}/events` on any node and gets the rest,
+live, until the turn's `message.done` or `error`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +28,7 @@ import redis.asyncio as aredis
 from app import keys
 from app.errors import BadRequest, NotFound
 
+log = logging.getLogger("backbone.events")
 TTL_SECONDS = 600
 MAXLEN = 20_000
 TERMINAL = frozenset({"message.done", "error"})
@@ -34,9 +43,16 @@ class Event:
     id: str
     event: str
     data: dict[str, Any]
+    data_json: str = ""  # encoded once, for the log and the wire
 
     def sse(self) -> dict[str, str]:
-        return {"id": self.id, "event": self.event, "data": json.dumps(self.data)}
+        return {"id": self.id, "event": self.event,
+                "data": self.data_json or json.dumps(self.data)}
+
+
+def _report_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("events not logged (resumption will miss them): %s", task.exception())
 
 
 def parse_event_id(raw: str) -> tuple[int, str]:
@@ -53,15 +69,39 @@ class EventLog:
         self.redis = redis
         self.key = keys.events(sid, turn)
         self.turn = turn
+        self._base_ms = int(time.time() * 1000)
+        self._n = 0
+        self._pending: list[tuple[str, str, str]] = []
+        self._writer: asyncio.Task[None] | None = None
 
-    async def emit(self, event: str, data: dict[str, Any]) -> Event:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(self.key, {"event": event, "data": json.dumps(data)},
-                  maxlen=MAXLEN, approximate=True)
-        pipe.expire(self.key, TTL_SECONDS)
-        entry, _ = await pipe.execute()
-        entry_id = entry.decode() if isinstance(entry, bytes) else str(entry)
-        return Event(f"{self.turn}.{entry_id}", event, data)
+    def emit(self, event: str, data: dict[str, Any]) -> Event:
+        """The event with its id, now; it reaches Redis with the next flush."""
+        entry = f"{self._base_ms}-{self._n}"
+        self._n += 1
+        encoded = json.dumps(data)
+        self._pending.append((entry, event, encoded))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+            self._writer.add_done_callback(_report_failure)
+        return Event(f"{self.turn}.{entry}", event, data, encoded)
+
+    async def flush(self) -> None:
+        """Wait until every event emitted so far is in Redis (raises if Redis failed)."""
+        while self._writer is not None:
+            writer = self._writer
+            await asyncio.shield(writer)
+            if writer is self._writer and not self._pending:
+                return
+
+    async def _write(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            pipe = self.redis.pipeline(transaction=False)
+            for entry, event, data in batch:
+                pipe.xadd(self.key, {"event": event, "data": data}, id=entry,
+                          maxlen=MAXLEN, approximate=True)
+            pipe.expire(self.key, TTL_SECONDS)
+            await pipe.execute()
 
 
 async def replay(
@@ -84,6 +124,7 @@ async def replay(
         for entry_id, fields in batch[0][1]:
             last = entry_id.decode()
             event = fields[b"event"].decode()
-            yield Event(f"{turn}.{last}", event, json.loads(fields[b"data"]))
+            raw = fields[b"data"].decode()
+            yield Event(f"{turn}.{last}", event, json.loads(raw), raw)
             if event in TERMINAL:
                 return

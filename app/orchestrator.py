@@ -115,26 +115,29 @@ class Turn:
                     self.timing.model_ms += (time.perf_counter() - waited) * 1000
                 if isinstance(item, TextDelta):
                     text.append(item.text)
-                    yield await self.log.emit("message.delta", {"text": item.text})
+                    yield self.log.emit("message.delta", {"text": item.text})
                 elif isinstance(item, ToolCallRequest):
                     calls.append(item.call)
                 elif isinstance(item, StreamEnd):
                     usage = item.usage
             if not calls:
                 stored = await self._append([self._message("assistant", "".join(text))])
-                yield await self.log.emit("message.done", {
+                done = self.log.emit("message.done", {
                     "message": stored[0], "usage": usage, "timing": self.timing.as_dict(),
                 })
+                await self.log.flush()  # a resuming client must find the whole turn
+                yield done
                 return
             results: list[tuple[ToolCall, Routed]] = []
             for call in calls:
-                yield await self.log.emit("tool.call", {
+                yield self.log.emit("tool.call", {
                     "id": call.id, "name": call.name, "arguments": call.arguments,
                 })
                 routed = await self.deps.router.run(call, ToolContext(self.user))
-                self.timing.tool_ms += routed.tool_ms
+                # Tool time is the whole call: query embedding, cache lookup, the tool.
+                self.timing.tool_ms += routed.elapsed_ms
                 results.append((call, routed))
-                yield await self.log.emit("tool.result", _result_event(call, routed))
+                yield self.log.emit("tool.result", _result_event(call, routed))
             await self._append([
                 self._message("assistant", "".join(text),
                               tool_calls=[c.to_openai() for c in calls]),
@@ -156,12 +159,13 @@ class Turn:
         return stored
 
     async def _error(self, err: BackboneError) -> Event:
-        data = {"code": err.code, "message": err.message}
+        event = self.log.emit("error", {"code": err.code, "message": err.message})
         try:
-            return await self.log.emit("error", data)
-        except Exception:
+            await self.log.flush()
+        except Exception as exc:
             # Redis itself is down: the error still reaches this client, not the log.
-            return Event(f"{self.log.turn}.0-0", "error", data)
+            log.warning("could not log the error event of %s: %s", self.sid, exc)
+        return event
 
     async def _finish(self) -> None:
         try:

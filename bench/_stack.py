@@ -1,0 +1,80 @@
+"""The whole stack for load benchmarks: stores (REDIS_URL / DATABASE_URL or embedded)
+and N real `backbone serve` processes on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import redis
+
+from app.auth import issue_token
+from app.bootstrap import prepare
+from app.embedded import EmbeddedStack, free_port
+from app.embeddings import shared_embedder
+from app.ingest import ingest_paths, sample_corpus_dir
+from app.settings import Settings
+
+SECRET = "bench-secret-bench-secret-bench-secret!!"
+
+
+@contextlib.contextmanager
+def stores() -> Iterator[Settings]:
+    with tempfile.TemporaryDirectory(prefix="bench-stack-") as tmp:
+        base = dataclasses.replace(Settings.from_env(), data_dir=Path(tmp), auth_secret=SECRET)
+        stack = EmbeddedStack(base, redis_port=free_port())
+        settings = stack.start()
+        try:
+            prepare(settings)
+            client = redis.Redis.from_url(settings.redis_url or "")
+            ingest_paths(client, shared_embedder(), [sample_corpus_dir()], progress=False)
+            client.close()
+            yield settings
+        finally:
+            stack.stop()
+
+
+@contextlib.contextmanager
+def servers(settings: Settings, count: int = 1, **env: str) -> Iterator[list[str]]:
+    procs, urls = [], []
+    try:
+        for _ in range(count):
+            port = free_port()
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "serve"],
+                env={**os.environ, "REDIS_URL": settings.redis_url or "",
+                     "DATABASE_URL": settings.database_url or "", "AUTH_SECRET": SECRET,
+                     "PORT": str(port), "LOG_LEVEL": "WARNING", **env},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            urls.append(f"http://127.0.0.1:{port}")
+        for url in urls:
+            deadline = time.monotonic() + 60
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{url} did not become ready")
+                time.sleep(0.2)
+        yield urls
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def token(user: str) -> str:
+    return issue_token(SECRET, user)
