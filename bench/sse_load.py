@@ -23,8 +23,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._redis import percentile  # noqa: E402
-from bench._stack import servers, stores, token  # noqa: E402
+from bench._redis import percentile
+from bench._stack import servers, stores, token
 
 QUESTIONS = [
     "How does AOF persistence work?", "What is an HNSW index?", "How do rq workers retry jobs?",
