@@ -289,10 +289,14 @@ class AdaptiveThreshold:
         }
 
     @classmethod
-    def from_dict(cls, fields: Mapping[str | bytes, str | bytes | float]) -> AdaptiveThreshold:
+    def from_dict(
+        cls, fields: Mapping[str, str | float] | Mapping[bytes, bytes]
+    ) -> AdaptiveThreshold:
         """From HGETALL (bytes or str, with or without decode_responses); absent fields
         take the defaults, so an empty hash is a fresh tool."""
-        raw = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
+        raw: dict[str, str | bytes | float] = {
+            (k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()
+        }
 
         def num(name: str, default: float) -> float:
             v = raw.get(name)
