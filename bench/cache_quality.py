@@ -152,7 +152,7 @@ def nearest_in_redis(
                     if len(pipe) >= 500:
                         pipe.execute()
                 pipe.execute()
-                while int(client.ft(index.name).info()["indexing"]):
+                while int(client.ft(index.name).info()["indexing"]):  # type: ignore[no-untyped-call]
                     time.sleep(0.1)
                 out[tool] = _knn(client, index.name, tool, pairs, vectors)
         finally:
@@ -179,7 +179,7 @@ def _knn(
         chunk = pairs[start : start + 500]
         pipe = client.pipeline(transaction=False)
         for p in chunk:
-            pipe.execute_command(
+            pipe.execute_command(  # type: ignore[no-untyped-call]
                 "FT.SEARCH", index, query, "PARAMS", "2", "vec", vectors[p.b].tobytes(),
                 "RETURN", "2", "query", "distance", "LIMIT", "0", "1", "DIALECT", "2",
             )
@@ -263,17 +263,24 @@ def features(lookups: Sequence[Lookup], labels: Labels | None) -> Features:
     )
 
 
+def effective(f: Features, weight: float) -> npt.NDArray[np.float64]:
+    """1 - combined_score for every row: the decision's score cut on the distance scale."""
+    from app.cache_decision import combined_score
+
+    out = 1.0 - combined_score(f.distance, f.lexical, weight)  # type: ignore[arg-type]
+    return np.asarray(out, dtype=np.float64)
+
+
 def hits(f: Features, policy: object) -> npt.NDArray[np.bool_]:
     """`decide` for every row at once (the test suite checks they agree)."""
-    from app.cache_decision import HitPolicy, combined_score
+    from app.cache_decision import HitPolicy
 
     assert isinstance(policy, HitPolicy)
     ok = f.distance <= policy.max_distance
     for k in CHECKS:
         if getattr(policy, k):
             ok &= ~f.veto[k]
-    score = combined_score(f.distance, f.lexical, policy.lexical_weight)  # type: ignore[arg-type]
-    ok &= score >= policy.min_score
+    ok &= 1.0 - effective(f, policy.lexical_weight) >= policy.min_score
     result: npt.NDArray[np.bool_] = ok | f.exact
     return result
 
@@ -335,13 +342,12 @@ def fit(f: Features, target: float) -> tuple[object, Figures]:
 
 
 def _cut(f: Features, weight: float, max_distance: float, target: float) -> object:
-    from app.cache_decision import HitPolicy, combined_score
+    from app.cache_decision import HitPolicy
 
     eligible = f.distance <= max_distance
     for k in CHECKS:
         eligible &= ~f.veto[k]
-    effective = 1.0 - combined_score(f.distance, f.lexical, weight)  # type: ignore[arg-type]
-    cut = best_recall(f, eligible, effective, target)[1]
+    cut = best_recall(f, eligible, effective(f, weight), target)[1]
     # Rounded so the constant can be written down; the 5e-5 stays on the safe side.
     return HitPolicy(max_distance, round(1.0 - cut + 5e-5, 4), weight)
 
@@ -396,26 +402,24 @@ def at_bound(f: Features, bound: float) -> float:
 def iso_table(f: Features, policy: object) -> list[str]:
     """For each false-hit bound: plain distance's best recall, and the decision's (default
     checks and lexical weight, its score cut moved to the bound on this split)."""
-    from app.cache_decision import combined_score
 
     eligible = np.ones_like(f.exact)
     for k in CHECKS:
         if getattr(policy, k):
             eligible &= ~f.veto[k]
     weight = float(getattr(policy, "lexical_weight"))  # noqa: B009
-    effective = 1.0 - combined_score(f.distance, f.lexical, weight)  # type: ignore[arg-type]
+    key = effective(f, weight)
     lines = ["| false-hit bound | plain distance: recall | decision: recall |",
              "| --- | --- | --- |"]
     for bound in (0.005, 0.01, 0.02, 0.05, 0.10):
         lines.append(f"| {100 * bound:g} % | {at_bound(f, bound):.3f} | "
-                     f"{best_recall(f, eligible, effective, bound)[0]:.3f} |")
+                     f"{best_recall(f, eligible, key, bound)[0]:.3f} |")
     return lines
 
 
 def contributions(f: Features, policy: object) -> list[str]:
     """Recall under 1 % and 5 % false hits for plain distance, each piece alone, and the
     full decision without one piece at a time."""
-    from app.cache_decision import combined_score
 
     weight = float(getattr(policy, "lexical_weight"))  # noqa: B009
     cases: list[tuple[str, tuple[str, ...], float]] = [
@@ -433,8 +437,8 @@ def contributions(f: Features, policy: object) -> list[str]:
         eligible = np.ones_like(f.exact)
         for k in checks:
             eligible &= ~f.veto[k]
-        effective = 1.0 - combined_score(f.distance, f.lexical, w)  # type: ignore[arg-type]
-        r1, r5 = (best_recall(f, eligible, effective, b)[0] for b in (0.01, 0.05))
+        key = effective(f, w)
+        r1, r5 = (best_recall(f, eligible, key, b)[0] for b in (0.01, 0.05))
         lines.append(f"| {name} | {r1:.3f} | {r5:.3f} |")
     return lines
 
