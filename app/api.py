@@ -21,10 +21,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app import chat_routes, health, session_routes, web
+from app import chat_routes, health, memory_routes, session_routes, web
 from app.embeddings import shared_embedder
 from app.errors import BackboneError, RateLimited, translate
 from app.llm import make_provider
+from app.memory.recall import make_recall
 from app.orchestrator import TurnDeps
 from app.sessions import Sessions
 from app.settings import Settings
@@ -32,6 +33,7 @@ from app.state import AppState
 from app.stores import async_redis_client
 from app.tool_router import ToolRouter
 from app.tools import make_tools
+from workers.memory_job import make_after_turn
 
 log = logging.getLogger("backbone.api")
 SHUTDOWN_GRACE = 10.0
@@ -73,6 +75,7 @@ def routes() -> list[Route]:
         Route("/readyz", health.readyz, methods=["GET"]),
         *session_routes.routes,
         *chat_routes.routes,
+        *memory_routes.routes,
     ]
 
 
@@ -94,7 +97,9 @@ def create_app(settings: Settings) -> Starlette:
         router = ToolRouter(
             make_tools(settings, redis, embedder), embedder, settings.tool_timeout_seconds
         )
-        deps = TurnDeps(sessions, make_provider(settings), router)
+        extraction = make_after_turn(settings.redis_url or "")
+        deps = TurnDeps(sessions, make_provider(settings), router,
+                        recall=make_recall(redis, embedder), after_turn=[extraction])
         state = AppState(settings, redis, pg, embedder, sessions, deps)
         try:
             yield {"backbone": state}
@@ -106,6 +111,7 @@ def create_app(settings: Settings) -> Starlette:
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
+            extraction.close()
             await pg.close()
             await redis.aclose()
 

@@ -28,6 +28,8 @@ def contents(facts: list[Fact]) -> list[str]:
 # -- the table: utterance -> facts about the user ----------------------------
 
 TABLE: list[tuple[str, list[tuple[str, str]]]] = [
+    ("I'm allergic to peanuts, please keep that in mind.",
+     [("allergy", "is allergic to peanuts")]),
     ("My name is Ana.", [("name", "is named Ana")]),
     ("my name is ana silva", [("name", "is named Ana Silva")]),
     ("Hi, I'm Ana Silva!", [("name", "is named Ana Silva")]),

@@ -11,7 +11,7 @@ import pytest
 import redis
 from starlette.testclient import TestClient
 
-from app import keys, memory_routes
+from app import keys
 from app.api import create_app
 from app.embeddings import Embedder, shared_embedder
 from app.memory import Fact
@@ -124,7 +124,6 @@ async def test_recall_returns_the_relevant_memory_and_never_another_users(
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
     app = create_app(settings)
-    app.router.routes.extend(memory_routes.routes)  # until app.api lists them
     with TestClient(app) as c:
         yield c
 

@@ -58,7 +58,9 @@ _ABBREVIATION = re.compile(
 # What ends the object of a statement: "I hate flying because ..." -> "flying".
 _CUT = re.compile(
     r",?\s+(?:because|cause|since|but|if|unless|although|though|so that|as long as|which|so"
-    r"|whereas|while)\b.*$|\s*[(:].*$|\s+-\s+.*$",
+    r"|whereas|while)\b.*$|\s*[(:].*$|\s+-\s+.*$"
+    # a request tacked on after a comma: "... peanuts, please keep that in mind"
+    r"|,\s+(?:please|thanks|thank you|keep|remember|can you|could you|so please)\b.*$",
     re.IGNORECASE,
 )
 _TRAILING = re.compile(

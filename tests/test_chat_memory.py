@@ -1,0 +1,48 @@
+"""Memory end to end: a turn enqueues extraction, a worker mines it, a later turn recalls it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import redis
+from fakes import FakeOpenAI, text_reply
+from rq import Queue, SimpleWorker
+from sse import frames
+from starlette.testclient import TestClient
+
+from app.api import create_app
+from app.settings import Settings
+
+Headers = Callable[[str], dict[str, str]]
+
+
+def _say(c: TestClient, sid: str, h: dict[str, str], text: str) -> None:
+    with c.stream("POST", f"/v1/sessions/{sid}/messages", headers=h,
+                  json={"content": text}) as res:
+        assert res.status_code == 200
+        assert frames(res.iter_lines())[-1].event == "message.done"
+
+
+def test_a_fact_told_in_one_session_is_recalled_into_the_context_of_another(
+    stores_env: Settings, r: redis.Redis, token_for: Headers, user: str
+) -> None:
+    fake = FakeOpenAI(responder=lambda body: text_reply("Noted."))
+    with fake.serve() as base:
+        s = dataclasses.replace(stores_env, llm_base_url=base + "/v1")
+        with TestClient(create_app(s)) as c:
+            h = token_for(user)
+            first = c.post("/v1/sessions", headers=h).json()["id"]
+            _say(c, first, h, "I'm allergic to peanuts, please keep that in mind.")
+
+            queue = Queue("memory", connection=r)
+            assert queue.count >= 1, "the turn should enqueue one extraction job"
+            # The worker's environment names no LLM: the offline rule extractor mines the turn.
+            SimpleWorker([queue], connection=r).work(burst=True)
+            memories = c.get("/v1/memories", headers=h).json()["memories"]
+            assert [m["content"] for m in memories] == ["is allergic to peanuts"]
+
+            second = c.post("/v1/sessions", headers=h).json()["id"]
+            _say(c, second, h, "Can you suggest a snack with peanuts?")
+    system = fake.requests[-1]["messages"][0]["content"]
+    assert "allergic to peanuts" in system
