@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app import keys, messages, scripts  # noqa: E402
-from bench._redis import bench_redis, percentile  # noqa: E402
+from app import keys, messages, scripts
+from bench._redis import bench_redis, percentile
 
 SIZES = (10, 100, 1_000, 5_000)
 USER = "bench-user"
