@@ -16,20 +16,38 @@ and get the rest. A client disconnect is not an error.
 from __future__ import annotations
 
 import asyncio
+import math
+import secrets
+import time
 from collections.abc import AsyncIterator
 
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.routing import Route
 
-from app import event_log, limits, messages
-from app.errors import BadRequest
+from app import event_log, limits, messages, scripts
+from app.errors import BadRequest, RateLimited
 from app.event_log import Event, EventLog
 from app.orchestrator import Turn
 from app.session_routes import caller, session_id
+from app.state import AppState
 
 PING_SECONDS = 15
 HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+
+
+async def check_rate(state: AppState, user: str) -> None:
+    """429 with Retry-After once the user's sliding window is full (Lua, one round trip)."""
+    s = state.settings
+    ok, value = await scripts.arun(state.redis, scripts.rate_limit(
+        user, int(time.time() * 1000), s.rate_limit_window_seconds * 1000,
+        s.rate_limit_messages, secrets.token_hex(8),
+    ))
+    if not ok:
+        raise RateLimited(
+            f"at most {s.rate_limit_messages} messages per {s.rate_limit_window_seconds} s",
+            retry_after=math.ceil(value / 1000),
+        )
 
 
 async def post_message(request: Request) -> EventSourceResponse:
@@ -38,6 +56,7 @@ async def post_message(request: Request) -> EventSourceResponse:
     content = limits.message_content(await limits.json_body(request))
     loaded = await state.sessions.load(sid, user)
     limits.check_room(len(loaded.messages))
+    await check_rate(state, user)  # last check: a refused request spends no allowance
     length = len(loaded.messages)
     stored = await state.sessions.append(
         sid, user, [messages.build(sid, length, "user", content)], length

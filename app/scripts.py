@@ -162,6 +162,15 @@ def clear_unpersisted(sid: str, score: float) -> Call[int]:
     return _call("clear_unpersisted", [keys.UNPERSISTED], [sid, repr(score)], _int)
 
 
+def rate_limit(
+    user: str, now_ms: int, window_ms: int, limit: int, member: str
+) -> Call[tuple[int, int]]:
+    """(1, remaining) accepted | (0, retry_after_ms) refused."""
+    return _call(
+        "rate_limit", [keys.rate_limit(user)], [now_ms, window_ms, limit, member], _pair
+    )
+
+
 # -- memory extraction --------------------------------------------------------
 
 

@@ -74,6 +74,8 @@ class Settings:
     retrieval_cache_audit_rate: float = 0.05
     cache_audit_min_overlap: float = 0.5
     sweep_interval_seconds: int = 30
+    rate_limit_messages: int = 30
+    rate_limit_window_seconds: int = 60
     log_level: str = "INFO"
 
     @classmethod
@@ -104,6 +106,8 @@ class Settings:
             ),
             cache_audit_min_overlap=_float(e, "CACHE_AUDIT_MIN_OVERLAP", 0.5, lo=0.0, hi=1.0),
             sweep_interval_seconds=_int(e, "SWEEP_INTERVAL_SECONDS", 30, minimum=1),
+            rate_limit_messages=_int(e, "RATE_LIMIT_MESSAGES", 30, minimum=1),
+            rate_limit_window_seconds=_int(e, "RATE_LIMIT_WINDOW_SECONDS", 60, minimum=1),
             log_level=(_str(e, "LOG_LEVEL", "INFO") or "INFO").upper(),
         )
 

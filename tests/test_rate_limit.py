@@ -1,0 +1,54 @@
+"""Per-user rate limit on message posts: a Lua sliding window, 429 with Retry-After."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import redis
+from starlette.testclient import TestClient
+
+from app import scripts
+from app.api import create_app
+from app.settings import Settings
+
+Headers = Callable[[str], dict[str, str]]
+
+
+def test_the_window_admits_the_limit_then_refuses_until_the_oldest_post_ages_out(
+    r: redis.Redis, user: str
+) -> None:
+    def post(now: int, n: int) -> tuple[int, int]:
+        return scripts.run(r, scripts.rate_limit(user, now, 60_000, 3, f"m{n}"))
+
+    assert [post(1_000, 1), post(2_000, 2), post(3_000, 3)] == [(1, 2), (1, 1), (1, 0)]
+    assert post(10_000, 4) == (0, 51_000)  # the post at 1 s frees its slot at 61 s
+    assert post(60_999, 5)[0] == 0
+    assert post(61_000, 6) == (1, 0)
+
+
+def test_a_user_over_the_limit_gets_429_with_retry_after_and_nothing_is_appended(
+    settings: Settings, token_for: Headers, user: str
+) -> None:
+    tight = dataclasses.replace(settings, rate_limit_messages=2, offline_token_delay_ms=0)
+    with TestClient(create_app(tight)) as c:
+        h = token_for(user)
+        sid = c.post("/v1/sessions", headers=h).json()["id"]
+        for _ in range(2):
+            with c.stream("POST", f"/v1/sessions/{sid}/messages", headers=h,
+                          json={"content": "hello"}) as res:
+                assert res.status_code == 200
+                res.read()
+        before = c.get(f"/v1/sessions/{sid}", headers=h).json()["messages"]
+        refused = c.post(f"/v1/sessions/{sid}/messages", headers=h, json={"content": "again"})
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+        assert c.get(f"/v1/sessions/{sid}", headers=h).json()["messages"] == before
+
+        other = token_for(f"{user}-other")
+        sid2 = c.post("/v1/sessions", headers=other).json()["id"]
+        with c.stream("POST", f"/v1/sessions/{sid2}/messages", headers=other,
+                      json={"content": "hello"}) as res:
+            assert res.status_code == 200, "one user's limit never throttles another"
+            res.read()
