@@ -21,18 +21,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app import chat_routes, health, memory_routes, session_routes, web
+from app import cache_routes, chat_routes, health, memory_routes, session_routes, web
 from app.embeddings import shared_embedder
 from app.errors import BackboneError, RateLimited, translate
 from app.llm import make_provider
 from app.memory.recall import make_recall
 from app.orchestrator import TurnDeps
+from app.semantic_cache import SemanticCache
 from app.sessions import Sessions
 from app.settings import Settings
 from app.state import AppState
-from app.stores import async_redis_client
+from app.stores import async_redis_client, redis_client
 from app.tool_router import ToolRouter
 from app.tools import make_tools
+from workers.audit import audit_enqueuer
 from workers.memory_job import make_after_turn
 
 log = logging.getLogger("backbone.api")
@@ -76,6 +78,7 @@ def routes() -> list[Route]:
         *session_routes.routes,
         *chat_routes.routes,
         *memory_routes.routes,
+        *cache_routes.routes,
     ]
 
 
@@ -94,8 +97,11 @@ def create_app(settings: Settings) -> Starlette:
         await pg.open(wait=False)
         embedder = shared_embedder(settings.embedding_model)
         sessions = Sessions(redis, pg, settings.session_ttl_seconds)
+        audit_conn = redis_client(settings.redis_url or "")
+        cache = SemanticCache(redis, settings, audit_enqueuer(audit_conn), embedder=embedder)
         router = ToolRouter(
-            make_tools(settings, redis, embedder), embedder, settings.tool_timeout_seconds
+            make_tools(settings, redis, embedder), embedder, settings.tool_timeout_seconds,
+            cache=cache,
         )
         extraction = make_after_turn(settings.redis_url or "")
         deps = TurnDeps(sessions, make_provider(settings), router,
@@ -112,6 +118,7 @@ def create_app(settings: Settings) -> Starlette:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
             extraction.close()
+            audit_conn.close()
             await pg.close()
             await redis.aclose()
 

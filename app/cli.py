@@ -6,6 +6,7 @@
     backbone doctor             versions, modules, ports, index and table status
     backbone index create|info|drop
     backbone ingest PATH...     chunk + embed files into the knowledge base (idempotent per file)
+    backbone cache stats|clear [--tool T]
     backbone token --user NAME  a bearer token signed with AUTH_SECRET (or .data/auth-secret)
 """
 
@@ -22,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from importlib import metadata
+from typing import Any
 
 from app import indexes, migrations
 from app.auth import issue_token, with_secret
@@ -266,6 +268,41 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from psycopg_pool import AsyncConnectionPool
+
+    from app.cache_stats import cache_stats, clear_cache
+    from app.stores import async_redis_client
+
+    resolved = _running(settings)
+    if args.action == "clear":
+        client = redis_client(resolved.redis_url or "")
+        try:
+            print(f"removed {clear_cache(client, args.tool)} cache entries")
+        finally:
+            client.close()
+        return 0
+
+    async def report() -> dict[str, dict[str, object]]:
+        redis = async_redis_client(resolved.redis_url or "")
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            resolved.database_url or "", min_size=1, max_size=1, open=False)
+        await pool.open()
+        try:
+            return await cache_stats(redis, pool)
+        finally:
+            await pool.close()
+            await redis.aclose()
+
+    rows = asyncio.run(report())
+    if args.tool:
+        rows = {k: v for k, v in rows.items() if k == args.tool}
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     secret = with_secret(settings).auth_secret or ""
     print(issue_token(secret, args.user, ttl_seconds=args.days * 86400))
@@ -288,6 +325,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--scope", default="global", help="global (default) or user:<id>")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(fn=cmd_ingest)
+    c = sub.add_parser("cache", help="semantic cache statistics, or clear it")
+    c.add_argument("action", choices=["stats", "clear"])
+    c.add_argument("--tool", help="only this tool (e.g. kb_search)")
+    c.set_defaults(fn=cmd_cache)
     t = sub.add_parser("token", help="print a bearer token for a user")
     t.add_argument("--user", required=True)
     t.add_argument("--days", type=int, default=30, help="validity (default 30)")

@@ -174,3 +174,22 @@ def test_a_provider_failure_ends_the_stream_with_an_error_event_and_keeps_the_qu
             history = c.get(f"/v1/sessions/{sid}", headers=h).json()["messages"]
     assert got[-1].event == "error" and got[-1].data["code"] == "llm_unavailable"
     assert [m["content"] for m in history] == ["anyone there?"]
+
+
+def test_a_repeated_question_is_served_from_the_semantic_cache_and_counted(
+    client: TestClient, token_for: Headers, user: str
+) -> None:
+    h = token_for(user)
+    question = {"content": "How much data can AOF everysec lose after a crash?"}
+    first = _turn(client, _session(client, h), h, question)
+    again = _turn(client, _session(client, h), h, question)
+    miss = next(f for f in first if f.event == "tool.result").data
+    hit = next(f for f in again if f.event == "tool.result").data
+    assert miss["cached"] is False
+    assert hit["cached"] is True and hit["distance"] is not None and hit["saved_ms"] is not None
+    answer = [f for f in again if f.event == "message.done"][0].data["message"]["content"]
+    assert "[1]" in answer
+
+    stats = client.get("/v1/cache/stats", headers=h).json()["tools"]["kb_search"]
+    assert stats["hits"] >= 1 and stats["lookups"] >= 2 and 0 < stats["hit_rate"] <= 1
+    assert client.get("/v1/cache/stats").status_code == 401
