@@ -142,6 +142,7 @@ def _print_banner(s: Settings, created: list[str], applied: list[str]) -> None:
         lines.append(f"  inspect      redis-cli -p {port}    (FT._LIST, FT.INFO idx:cache)")
     lines.append(f"  rq dashboard rq-dashboard --redis-url {s.redis_url}")
     token = issue_token(s.auth_secret or "", LOCAL_USER)
+    lines.append(f"  chat page    {base}/#token={token}")
     lines.append(f"  token        {token}")
     lines.append(f"               (user '{LOCAL_USER}'; another: backbone token --user NAME)")
     if created:
