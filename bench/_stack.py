@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -78,3 +79,61 @@ def servers(settings: Settings, count: int = 1, **env: str) -> Iterator[list[str
 
 def token(user: str) -> str:
     return issue_token(SECRET, user)
+
+
+@contextlib.contextmanager
+def workers(settings: Settings, count: int = 1, **env: str) -> Iterator[None]:
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker"],
+        env={**os.environ, "REDIS_URL": settings.redis_url or "",
+             "DATABASE_URL": settings.database_url or "", "AUTH_SECRET": SECRET,
+             "LOG_LEVEL": "WARNING", **env},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@dataclasses.dataclass
+class TurnOutcome:
+    ttfe_ms: float | None = None
+    total_ms: float = 0.0
+    done: dict[str, object] | None = None
+    error: str | None = None
+
+
+async def post_turn(
+    client: httpx.AsyncClient, base: str, sid: str, headers: dict[str, str], content: str
+) -> TurnOutcome:
+    """One chat turn over SSE, read to its end."""
+    out = TurnOutcome()
+    started = time.perf_counter()
+    event = ""
+    try:
+        async with client.stream("POST", f"{base}/v1/sessions/{sid}/messages",
+                                 headers=headers, json={"content": content}) as res:
+            if res.status_code != 200:
+                out.error = f"HTTP {res.status_code}"
+                return out
+            async for line in res.aiter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                    if out.ttfe_ms is None:
+                        out.ttfe_ms = (time.perf_counter() - started) * 1000
+                elif line.startswith("data:") and event == "message.done":
+                    out.done = json.loads(line[5:])
+                elif line.startswith("data:") and event == "error":
+                    out.error = str(json.loads(line[5:])["code"])
+    except httpx.HTTPError as e:
+        out.error = type(e).__name__
+    out.total_ms = (time.perf_counter() - started) * 1000
+    if out.done is None and out.error is None:
+        out.error = "stream ended without message.done"
+    return out

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._redis import percentile
-from bench._stack import servers, stores, token
+from bench._stack import post_turn, servers, stores, token
 
 QUESTIONS = [
     "How does AOF persistence work?", "What is an HNSW index?", "How do rq workers retry jobs?",
@@ -45,29 +44,17 @@ async def chat(client: httpx.AsyncClient, base: str, i: int, out: Result) -> Non
     h = {"Authorization": f"Bearer {token(f'load-{i}')}"}
     try:
         sid = (await client.post(f"{base}/v1/sessions", headers=h)).json()["id"]
-        started = time.perf_counter()
-        first = None
-        event = ""
-        async with client.stream("POST", f"{base}/v1/sessions/{sid}/messages", headers=h,
-                                 json={"content": QUESTIONS[i % len(QUESTIONS)]}) as res:
-            if res.status_code != 200:
-                out.errors.append(f"HTTP {res.status_code}")
-                return
-            async for line in res.aiter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                    first = first or time.perf_counter()
-                elif line.startswith("data:") and event == "message.done":
-                    out.overhead.append(json.loads(line[5:])["timing"]["overhead_ms"])
-                    out.turns += 1
-                elif line.startswith("data:") and event == "error":
-                    out.errors.append(json.loads(line[5:])["code"])
-        if first is None:
-            out.errors.append("no event")
-        else:
-            out.ttfe.append((first - started) * 1000)
     except httpx.HTTPError as e:
         out.errors.append(type(e).__name__)
+        return
+    turn = await post_turn(client, base, sid, h, QUESTIONS[i % len(QUESTIONS)])
+    if turn.error is not None:
+        out.errors.append(turn.error)
+        return
+    assert turn.done is not None and turn.ttfe_ms is not None
+    out.ttfe.append(turn.ttfe_ms)
+    out.overhead.append(turn.done["timing"]["overhead_ms"])  # type: ignore[index]
+    out.turns += 1
 
 
 async def run_level(base: str, n: int) -> tuple[Result, float]:
