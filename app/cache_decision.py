@@ -266,11 +266,14 @@ class AdaptiveThreshold:
         return replace(counted, max_distance=min(self.ceiling, max(self.floor, moved)))
 
     def policy(self, base: HitPolicy) -> HitPolicy:
-        """The base policy with its whole boundary moved by this tool's shift: the
-        distance ceiling, and the score cut by the same amount (the score is on the
-        similarity scale), so tightening binds whichever of the two did."""
+        """The base policy under this tool's bound. Tightening moves the whole boundary
+        (distance ceiling, and the score cut by the same amount, since the score is on
+        the similarity scale); relaxing raises the distance ceiling only. The base's
+        score cut is the fitted 1 % point, and no run of clean audits loosens it."""
         shift = self.max_distance - base.max_distance
-        return replace(base, max_distance=self.max_distance, min_score=base.min_score - shift)
+        return replace(
+            base, max_distance=self.max_distance, min_score=base.min_score - min(shift, 0.0)
+        )
 
     @property
     def error_rate(self) -> float:

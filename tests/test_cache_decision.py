@@ -175,6 +175,13 @@ def test_adaptive_threshold_moves_the_whole_boundary_of_the_policy() -> None:
     assert tighter.min_score == pytest.approx(base.min_score + 0.01)
 
 
+def test_a_relaxed_tool_never_loosens_the_fitted_score_cut() -> None:
+    base = HitPolicy()
+    looser = AdaptiveThreshold(max_distance=0.10, ceiling=0.14).policy(base)
+    assert looser.max_distance == 0.10
+    assert looser.min_score == base.min_score
+
+
 def _bench() -> ModuleType:
     path = Path(__file__).resolve().parent.parent / "bench" / "cache_quality.py"
     spec = importlib.util.spec_from_file_location("cache_quality", path)
