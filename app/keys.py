@@ -13,6 +13,7 @@
 | `ratelimit:{<uid>}`                  | sorted set  | window                     | message-post times (sliding window)     |
 | `cache:<tool>:<hash>`                | hash + HNSW | per tool                   | one cached tool or retrieval result     |
 | `cache-stats:<tool>`                 | hash        | none                       | lookup/hit/audit counters               |
+| `cache-threshold:<tool>`             | hash        | none                       | the tool's adaptive hit threshold       |
 | `kb:<doc>:<chunk>`                   | hash + HNSW | none                       | one knowledge-base chunk                |
 | `kb-file:<doc>`                      | string      | none                       | content hash of an ingested file        |
 | `memory:<uid>:<id>`                  | hash + HNSW | none                       | one long-term memory (recall copy)      |
@@ -110,6 +111,10 @@ def cache_prefix(tool: str | None = None) -> str:
 
 def cache_stats(tool: str) -> str:
     return f"cache-stats:{check_tool(tool)}"
+
+
+def cache_threshold(tool: str) -> str:
+    return f"cache-threshold:{check_tool(tool)}"
 
 
 def kb_chunk(doc: str, chunk: int) -> str:

@@ -54,6 +54,9 @@ KNN_FIELDS = ("query", "scope", "result", "tool_ms", "distance")
 # Entries this process stored or served exactly: `needs_vector` is sync and must not
 # wait on Redis, so it trusts this memo and `lookup` still checks the key itself.
 MEMO_SIZE = 4096
+# HNSW candidates examined per KNN query; the default (10) misses the true
+# nearest entry too often at 100k entries (bench/cache_lookup.py).
+EF_RUNTIME = 64
 # Scope values enter keys and tag queries; the same syntax as a user id.
 _SCOPE_ID = keys.USER_ID
 _TOOL = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -61,7 +64,7 @@ _TOOL = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 def threshold_key(tool: str) -> str:
     """`cache-threshold:<tool>`: the tool's AdaptiveThreshold state (hash, no TTL)."""
-    return f"cache-threshold:{keys.check_tool(tool)}"
+    return keys.cache_threshold(tool)
 
 
 def scope_value(policy: CachePolicy, ctx: ToolContext) -> str | None:
@@ -243,8 +246,8 @@ class SemanticCache:
         return (
             "FT.SEARCH", self.index,
             f"(@tool:{{{escape_tag(tool)}}} @scope:{{{escape_tag(scope)}}})"
-            "=>[KNN 1 @embedding $vec AS distance]",
-            "PARAMS", 2, "vec", blob,
+            "=>[KNN 1 @embedding $vec EF_RUNTIME $ef AS distance]",
+            "PARAMS", 4, "vec", blob, "ef", EF_RUNTIME,
             "SORTBY", "distance", "ASC",
             "RETURN", len(KNN_FIELDS), *KNN_FIELDS,
             "LIMIT", 0, 1,

@@ -31,6 +31,10 @@ from app.messages import Message, canonical_json, renumber
 APPEND_ATTEMPTS = 64
 # Jittered backoff after a lost race, so many writers converge instead of colliding in lockstep.
 BACKOFF_SECONDS = 0.002
+# How long a turn's persist waits for a pool connection. The SSE stream closes
+# only after it, and with PostgreSQL down the pool's own wait is 30 s; the sweep
+# persists whatever this gives up on.
+PERSIST_WAIT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ class Sessions:
     async def persist(self, sid: str, user: str, messages: Sequence[Message]) -> int:
         """Write a completed turn to PostgreSQL in one transaction (idempotent)."""
         score = await self.redis.zscore(keys.UNPERSISTED, sid)
-        async with self.pg.connection() as conn:
+        async with self.pg.connection(timeout=PERSIST_WAIT_SECONDS) as conn:
             inserted = await history_db.persist(conn, sid, user, list(messages))
         if score is not None:
             await scripts.arun(self.redis, scripts.clear_unpersisted(sid, score))

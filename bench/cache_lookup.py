@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.embeddings import Vector, shared_embedder
 from app.indexes import schema
 from app.llm.base import ToolSpec
-from app.semantic_cache import SemanticCache
+from app.semantic_cache import EF_RUNTIME, SemanticCache
 from app.settings import Settings
 from app.stores import async_redis_client
 from app.tools.base import QUERY_PARAMETERS, CachePolicy, ToolContext, ToolResult
@@ -103,11 +103,14 @@ def wait_indexed(client: redis.Redis, *names: str) -> None:
 
 
 def knn_top1(client: redis.Redis, index: str, v: np.ndarray[Any, Any]) -> tuple[str, float]:
+    # The production query (EF_RUNTIME as in app.semantic_cache); FLAT takes no EF_RUNTIME.
+    ef = "" if index == FLAT else " EF_RUNTIME $ef"
+    params = ["vec", v.tobytes()] + ([] if index == FLAT else ["ef", EF_RUNTIME])
     t0 = time.perf_counter()
     reply = client.execute_command(
         "FT.SEARCH", index,
-        f"(@tool:{{{TOOL}}} @scope:{{global}})=>[KNN 1 @embedding $vec AS distance]",
-        "PARAMS", 2, "vec", v.tobytes(), "SORTBY", "distance", "ASC",
+        f"(@tool:{{{TOOL}}} @scope:{{global}})=>[KNN 1 @embedding $vec{ef} AS distance]",
+        "PARAMS", len(params), *params, "SORTBY", "distance", "ASC",
         "RETURN", 1, "distance", "LIMIT", 0, 1, "DIALECT", 2,
     )  # type: ignore[no-untyped-call]  # fmt: skip
     elapsed = (time.perf_counter() - t0) * 1000

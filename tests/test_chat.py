@@ -187,7 +187,7 @@ def test_a_repeated_question_is_served_from_the_semantic_cache_and_counted(
     hit = next(f for f in again if f.event == "tool.result").data
     assert miss["cached"] is False
     assert hit["cached"] is True and hit["distance"] is not None and hit["saved_ms"] is not None
-    answer = [f for f in again if f.event == "message.done"][0].data["message"]["content"]
+    answer = next(f for f in again if f.event == "message.done").data["message"]["content"]
     assert "[1]" in answer
 
     stats = client.get("/v1/cache/stats", headers=h).json()["tools"]["kb_search"]

@@ -157,8 +157,9 @@ def test_a_user_scoped_result_never_reaches_another_user_even_for_the_same_quest
     routed = ask(settings, tool, [
         (user, "Which of my files mention the budget?"),
         (other, "Which of my files mention the budget?"),
-        (other, "Which files of mine mention the budget?"),
-        (user, "Which files of mine mention the budget?"),
+        # A rewording the fitted decision accepts (distance 0.04, reworded enough).
+        (other, "Which of my files talk about the budget?"),
+        (user, "Which of my files talk about the budget?"),
     ])  # fmt: skip
     assert [r.cached for r in routed] == [False, False, True, True]
     assert tool.runs == 2

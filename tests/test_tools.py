@@ -12,6 +12,7 @@ import pytest
 import redis
 from fakes import Failure, FakeSearxng, searx_result
 
+from app.cache_decision import FITTED_MAX_DISTANCE
 from app.embedded import free_port
 from app.embeddings import shared_embedder
 from app.ingest import doc_id, ingest_paths
@@ -215,9 +216,10 @@ def test_make_tools_offers_web_search_only_when_searxng_is_configured(settings: 
     both = make_tools(Settings(searxng_url="http://searx.local"), client, shared_embedder())
     assert sorted(plain) == ["kb_search"] and sorted(both) == ["kb_search", "web_search"]
     kb, web = both["kb_search"].policy, both["web_search"].policy
-    assert kb is not None and (kb.max_distance, kb.ttl_seconds, kb.scope) == (0.12, 3600, "user")
+    # Both start at the fitted bound that holds false hits to 1 % (app.cache_decision).
+    assert kb is not None and (kb.max_distance, kb.ttl_seconds, kb.scope) == (
+        FITTED_MAX_DISTANCE, 3600, "user"
+    )
     assert web is not None and (web.max_distance, web.ttl_seconds, web.scope) == (
-        0.1,
-        900,
-        "global",
+        FITTED_MAX_DISTANCE, 900, "global"
     )

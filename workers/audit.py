@@ -21,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import psycopg
 import redis
@@ -115,7 +115,7 @@ def _feed_threshold(
         pipe.hset(key, mapping=state.update(distance, correct).to_dict())  # type: ignore[arg-type]
 
     client.transaction(step, key)
-    return AdaptiveThreshold.from_dict(client.hgetall(key))
+    return AdaptiveThreshold.from_dict(cast(Mapping[bytes, bytes], client.hgetall(key)))
 
 
 def _insert_row(

@@ -20,6 +20,7 @@ import redis.asyncio as aredis
 import redis.exceptions as rexc
 
 from app import keys
+from app.cache_decision import FITTED_MAX_DISTANCE
 from app.embeddings import Embedder, Vector
 from app.llm.base import ToolSpec
 from app.tools.base import (
@@ -94,7 +95,10 @@ class KbSearch:
         ),
         parameters=QUERY_PARAMETERS,
     )
-    policy: CachePolicy | None = CachePolicy(max_distance=0.12, ttl_seconds=3600, scope="user")
+    # The fitted hit bound (app.cache_decision): at most 1 % false hits on QQP.
+    policy: CachePolicy | None = CachePolicy(
+        max_distance=FITTED_MAX_DISTANCE, ttl_seconds=3600, scope="user"
+    )
 
     def __init__(
         self,

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from app.cache_decision import FITTED_MAX_DISTANCE
 from app.embeddings import Vector
 from app.llm.base import ToolSpec
 from app.tools.base import (
@@ -38,7 +39,9 @@ class WebSearch:
         ),
         parameters=QUERY_PARAMETERS,
     )
-    policy: CachePolicy | None = CachePolicy(max_distance=0.10, ttl_seconds=900, scope="global")
+    policy: CachePolicy | None = CachePolicy(
+        max_distance=FITTED_MAX_DISTANCE, ttl_seconds=900, scope="global"
+    )
 
     def __init__(
         self,
