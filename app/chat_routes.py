@@ -81,6 +81,8 @@ async def post_message(request: Request) -> EventSourceResponse:
     async def stream() -> AsyncIterator[dict[str, str]]:
         while (event := await queue.get()) is not None:
             yield event.sse()
+            if event.event in event_log.TERMINAL:
+                return  # the turn still persists in its task; the client need not wait
 
     return EventSourceResponse(stream(), ping=PING_SECONDS, headers=HEADERS)
 

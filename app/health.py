@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse
 
 from app import indexes, migrations
 from app.state import AppState, app_state
-from app.stores import REQUIRED_MODULES, parse_module_list
+from app.stores import REQUIRED_MODULES, async_module_versions
 
 CHECK_TIMEOUT = 2.0
 
@@ -28,7 +28,7 @@ async def _redis_checks(state: AppState) -> dict[str, bool]:
     r = state.redis
     out = {"redis": False, "redis_modules": False, "indexes": False}
     out["redis"] = bool(await r.ping())
-    names = parse_module_list(await r.module_list())
+    names = await async_module_versions(r)
     out["redis_modules"] = all(m in names for m in REQUIRED_MODULES)
     raw = await r.execute_command("FT._LIST")  # type: ignore[no-untyped-call]
     listed = {x.decode() if isinstance(x, bytes) else x for x in raw}

@@ -34,20 +34,42 @@ def async_redis_client(url: str, **kw: Any) -> aredis.Redis:
     return aredis.Redis.from_url(url, health_check_interval=30, **kw)
 
 
+# MODULE LIST is @dangerous, so a least-privilege ACL user (deploy/redis/users.acl)
+# may not run it: then each module is probed with a harmless command on a key the
+# user may touch, and a module that answers counts as present at its minimum version.
+PROBES: dict[str, tuple[str, ...]] = {
+    "search": ("FT._LIST",),
+    "ReJSON": ("JSON.TYPE", "session:{00000000000000000000000000000000}"),
+}
+
+
 def module_versions(client: redis.Redis) -> dict[str, int]:
     try:
-        rows = client.module_list()
+        return parse_module_list(client.module_list())
     except redis.ResponseError:
-        # MODULE LIST may be denied by an ACL; probe the commands instead.
         found: dict[str, int] = {}
-        for name, probe in (("search", ("FT._LIST",)), ("ReJSON", ("JSON.TYPE", "__probe__"))):
+        for name, probe in PROBES.items():
             try:
                 client.execute_command(*probe)  # type: ignore[no-untyped-call]
                 found[name] = REQUIRED_MODULES[name][0]
             except redis.ResponseError:
                 pass
         return found
-    return parse_module_list(rows)
+
+
+async def async_module_versions(client: aredis.Redis) -> dict[str, int]:
+    """`module_versions` on an async client (for /readyz)."""
+    try:
+        return parse_module_list(await client.module_list())
+    except redis.ResponseError:
+        found: dict[str, int] = {}
+        for name, probe in PROBES.items():
+            try:
+                await client.execute_command(*probe)  # type: ignore[no-untyped-call]
+                found[name] = REQUIRED_MODULES[name][0]
+            except redis.ResponseError:
+                pass
+        return found
 
 
 def _text(value: Any) -> str:
