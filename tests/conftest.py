@@ -7,7 +7,10 @@ isolate by fresh ids and key prefixes, never by DB number or FLUSHALL.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,19 +24,45 @@ from app.settings import Settings
 from app.stores import redis_client
 
 
+@contextlib.contextmanager
+def scratch(prefix: str) -> Iterator[Path]:
+    """A temp folder outside pytest's basetemp. Run as root, pgserver runs PostgreSQL
+    as the user `pgserver`, which must traverse the path; pytest keeps its own
+    `pytest-of-<user>` at mode 0700 and resets it whenever another session starts."""
+    path = Path(tempfile.mkdtemp(prefix=f"backbone-{prefix}-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def scratch_dir() -> Iterator[Path]:
+    with scratch("test") as path:
+        yield path
+
+
 @pytest.fixture(scope="session")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+def settings() -> Iterator[Settings]:
+    with scratch("session") as data_dir:
+        yield from _stack(data_dir)
+
+
+def _stack(data_dir: Path) -> Iterator[Settings]:
     base = dataclasses.replace(
         Settings.from_env(),
-        data_dir=tmp_path_factory.mktemp("data"),
+        data_dir=data_dir,
         auth_secret="test-secret-with-enough-bytes-for-hs256",
         port=free_port(),
     )
     stack = EmbeddedStack(base, redis_port=free_port())
     resolved = stack.start()
-    prepare(resolved)
-    yield resolved
-    stack.stop()
+    try:
+        prepare(resolved)
+        yield resolved
+    finally:
+        stack.stop()
 
 
 @pytest.fixture

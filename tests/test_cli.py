@@ -54,8 +54,9 @@ def _port_is_free(port: int) -> bool:
 
 
 def test_up_starts_everything_stops_it_on_ctrl_c_and_a_second_run_keeps_the_data(
-    tmp_path: Path,
+    scratch_dir: Path,
 ) -> None:
+    tmp_path = scratch_dir
     redis_port, app_port = free_port(), free_port()
     env = _env(DATA_DIR=str(tmp_path / "data"), EMBEDDED_REDIS_PORT=str(redis_port),
                PORT=str(app_port), AUTH_SECRET="cli-test-secret-long-enough-for-hs256")

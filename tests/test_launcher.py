@@ -105,8 +105,8 @@ def test_a_redis_without_the_modules_is_refused_at_start_naming_what_is_missing(
         plain.stop()
 
 
-def test_embedded_postgres_keeps_its_data_across_a_restart(tmp_path: Path) -> None:
-    folder = tmp_path / "postgres"
+def test_embedded_postgres_keeps_its_data_across_a_restart(scratch_dir: Path) -> None:
+    folder = scratch_dir / "postgres"
     first = EmbeddedPostgres(folder)
     with psycopg.connect(first.start(), autocommit=True) as conn:
         conn.execute("CREATE TABLE kept (v text)")
