@@ -33,7 +33,7 @@ from typing import Any
 
 import psycopg
 import redis
-from rq import Queue
+from rq import Queue, Retry
 from rq.exceptions import DuplicateJobError
 from rq.job import JobStatus
 
@@ -50,6 +50,7 @@ log = logging.getLogger("backbone.memory")
 QUEUE = "memory"
 JOB = "workers.memory_job.extract_memories"
 SUMMARY_CHARS = 1200
+RETRIES = 2  # safe: the job is idempotent (lock, compare-and-set cursor, idempotent store)
 _WAITING = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED}
 
 
@@ -216,8 +217,10 @@ def enqueue_extraction(client: redis.Redis, sid: str, *, queue: str = QUEUE) -> 
         if job is not None:
             job.delete()  # finished, failed or stopped: free its id
         try:
+            # Retry: a job whose worker died is re-run once rq finds it abandoned
+            # (StartedJobRegistry.cleanup), instead of landing in the failed registry.
             q.enqueue_call(JOB, args=(sid,), job_id=jid, unique=True, timeout=600,
-                           result_ttl=300, failure_ttl=86400)
+                           result_ttl=300, failure_ttl=86400, retry=Retry(max=RETRIES))
         except DuplicateJobError:
             return False  # another node enqueued it between our read and our write
         return True
