@@ -39,7 +39,7 @@ def test_compose_runs_every_service_with_a_healthcheck_and_pinned_images(
     res = _config(project_root)
     assert res.returncode == 0, res.stderr
     services = yaml.safe_load(res.stdout)["services"]
-    assert {"redis", "postgres", "app", "worker", "dashboard"} <= set(services)
+    assert {"redis", "postgres", "app", "worker", "dashboard", "searxng"} <= set(services)
     for name, svc in services.items():
         assert "healthcheck" in svc, f"{name} has no healthcheck"
         image = svc.get("image")
