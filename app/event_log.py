@@ -32,7 +32,10 @@ log = logging.getLogger("backbone.events")
 TTL_SECONDS = 600
 MAXLEN = 20_000
 TERMINAL = frozenset({"message.done", "error"})
-EVENT_ID = re.compile(r"^(?P<turn>\d{1,9})\.(?P<entry>\d{1,20}-\d{1,20})$")
+# ASCII digits only (`\d` would take any script's digits), and each entry part must
+# fit Redis's unsigned 64-bit stream ids, or XREAD refuses it.
+EVENT_ID = re.compile(r"^(?P<turn>[0-9]{1,9})\.(?P<ms>[0-9]{1,20})-(?P<n>[0-9]{1,20})$")
+MAX_ENTRY_PART = 2**64 - 1
 # A reader waits this long for the next event before declaring the turn stalled
 # (its node died mid-turn).
 STALL_MS = 30_000
@@ -57,9 +60,9 @@ def _report_failure(task: asyncio.Task[None]) -> None:
 
 def parse_event_id(raw: str) -> tuple[int, str]:
     m = EVENT_ID.fullmatch(raw.strip())
-    if m is None:
+    if m is None or max(int(m["ms"]), int(m["n"])) > MAX_ENTRY_PART:
         raise BadRequest("event ids look like <turn>.<ms>-<n>", code="invalid_event_id")
-    return int(m["turn"]), m["entry"]
+    return int(m["turn"]), f"{m['ms']}-{m['n']}"
 
 
 class EventLog:
