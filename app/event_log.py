@@ -39,6 +39,7 @@ MAX_ENTRY_PART = 2**64 - 1
 # A reader waits this long for the next event before declaring the turn stalled
 # (its node died mid-turn).
 STALL_MS = 30_000
+BLOCK_SLICE_MS = 1_000
 
 
 @dataclass(frozen=True)
@@ -107,23 +108,44 @@ class EventLog:
             await pipe.execute()
 
 
+def _entry(entry_id: str) -> tuple[int, int]:
+    ms, _, n = entry_id.partition("-")
+    return int(ms), int(n)
+
+
 async def replay(
     redis: aredis.Redis, sid: str, turn: int, after: str, *, stall_ms: int = STALL_MS
 ) -> AsyncIterator[Event]:
-    """Events of a turn after entry id `after` ('0-0' for all), live until a terminal one."""
+    """Events of a turn after entry id `after` ('0-0' for all), live until a terminal one.
+
+    404 when the turn's events are gone, and when `after` is its terminal event
+    (an EventSource reconnects after every stream end; a 4xx tells it to stop).
+    """
     key = keys.events(sid, turn)
-    if not await redis.exists(key):
+    tail: Any = await redis.xrevrange(key, count=1)
+    if not tail:
         raise NotFound("no events for this turn (they are kept for 10 minutes)")
+    tail_id, tail_fields = tail[0][0].decode(), tail[0][1]
+    if tail_fields.get(b"event", b"").decode() in TERMINAL and _entry(after) >= _entry(tail_id):
+        raise NotFound("the turn has ended; no event follows this one", code="turn_finished")
     last = after
+    waited = 0
     while True:
-        batch: Any = await redis.xread({key: last}, count=100, block=stall_ms)
+        # Block in short slices: one long BLOCK outlasts the client's socket timeout
+        # (redis-py's default is 5 s) and would surface as a Redis failure.
+        block = min(BLOCK_SLICE_MS, stall_ms)
+        batch: Any = await redis.xread({key: last}, count=100, block=block)
         if not batch:
+            waited += block
+            if waited < stall_ms:
+                continue
             yield Event(f"{turn}.{last}", "error", {
                 "code": "stream_stalled",
                 "message": "the turn produced no event for a while; its node may have "
                            "stopped. Reload the session to see what was saved.",
             })
             return
+        waited = 0
         for entry_id, fields in batch[0][1]:
             last = entry_id.decode()
             event = fields[b"event"].decode()
