@@ -28,6 +28,8 @@ async def json_body(request: Request) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise Unprocessable("the body must be a JSON object") from None
+    except RecursionError:  # e.g. 64 KiB of '[': within the size limit, past the parser's depth
+        raise Unprocessable("the body is nested too deeply") from None
     if not isinstance(body, dict):
         raise Unprocessable("the body must be a JSON object")
     return body
@@ -43,6 +45,10 @@ def message_content(body: dict[str, Any]) -> str:
         raise PayloadTooLarge(f"'content' is limited to {MAX_MESSAGE_CHARS} characters")
     if "\x00" in content:
         raise Unprocessable("'content' may not contain NUL characters")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800") is legal JSON, not storable text
+        raise Unprocessable("'content' must be valid Unicode (no lone surrogates)") from None
     return content
 
 
