@@ -66,22 +66,41 @@ class Owned:
 
 
 @pytest.fixture
-def owned(client: TestClient, token_for: Headers, user: str) -> Owned:
+def owned(
+    client: TestClient, r: redis.Redis, pg: psycopg.Connection[Any], token_for: Headers, user: str
+) -> Owned:
     h = token_for(user)
     sid = client.post("/v1/sessions", headers=h).json()["id"]
-    got = _turn(client, sid, h, {"content": "What does appendfsync everysec do?"})
+    got = _turn(client, r, pg, sid, h, {"content": "What does appendfsync everysec do?"})
     return Owned(user, h, sid, [f.id or "" for f in got])
 
 
 # ---------------------------------------------------------------- helpers
 
 
-def _turn(client: TestClient, sid: str, h: dict[str, str], body: Any) -> list[Frame]:
+def _turn(
+    client: TestClient, r: redis.Redis, pg: psycopg.Connection[Any], sid: str,
+    h: dict[str, str], body: Any,
+) -> list[Frame]:
     with client.stream("POST", f"/v1/sessions/{sid}/messages", headers=h, json=body) as res:
         assert res.status_code == 200, res.read()
         got = frames(res.iter_lines())
     assert got and got[-1].event in {"message.done", "error"}
+    settle(r, pg, sid)
     return got
+
+
+def settle(r: redis.Redis, pg: psycopg.Connection[Any], sid: str) -> None:
+    """Wait until the turn's task has persisted it: the stream may end before that."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        live = r.execute_command("JSON.ARRLEN", keys.session(sid), "$") or [0]
+        stored = pg.execute("SELECT count(*) FROM messages WHERE session_id = %s",
+                            (sid,)).fetchone()
+        if r.zscore(keys.UNPERSISTED, sid) is None and stored == (live[0],):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"session {sid} was not persisted within 15 s")
 
 
 def _count(r: redis.Redis, pattern: str) -> int:
@@ -132,7 +151,9 @@ def exchange(
     assert res.status_code < 500, (method, url, res.status_code, res.text[:500])
     if 400 <= res.status_code < 500:
         assert_error_body(res)
-        assert snapshot(r, pg, user) == before, (method, url, res.status_code)
+        after = snapshot(r, pg, user)
+        changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+        assert not changed, (method, url, res.status_code, changed)
     return res
 
 
@@ -265,6 +286,7 @@ def test_a_hostile_message_body_never_crashes_and_a_rejected_one_changes_nothing
     if res.status_code == 200:  # a legal message: the turn ran to its end
         got = frames(res.text.splitlines())
         assert got[-1].event in {"message.done", "error"}
+        settle(r, pg, owned.sid)
         history = client.get(f"/v1/sessions/{owned.sid}", headers=owned.headers).json()
         user_turns = [m for m in history["messages"] if m["role"] == "user"]
         assert user_turns[-1]["content"] == json.loads(body)["content"]
@@ -398,20 +420,14 @@ def test_a_session_at_max_session_messages_is_413_session_full(
     "x" * limits.MAX_MESSAGE_CHARS,
 ])
 def test_odd_but_legal_content_is_accepted_and_round_trips_exactly(
-    client: TestClient, owned: Owned, settings: Settings, content: str
+    client: TestClient, r: redis.Redis, pg: psycopg.Connection[Any], owned: Owned, content: str
 ) -> None:
-    _turn(client, owned.sid, owned.headers, {"content": content})
+    _turn(client, r, pg, owned.sid, owned.headers, {"content": content})
     history = client.get(f"/v1/sessions/{owned.sid}", headers=owned.headers).json()["messages"]
     stored = [m for m in history if m["role"] == "user"][-1]
     assert stored["content"] == content
-    deadline = time.monotonic() + 10
-    with psycopg.connect(settings.database_url or "") as conn:
-        while True:
-            row = conn.execute("SELECT body FROM messages WHERE session_id = %s AND seq = %s",
-                               (owned.sid, stored["seq"])).fetchone()
-            if row is not None or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+    row = pg.execute("SELECT body FROM messages WHERE session_id = %s AND seq = %s",
+                     (owned.sid, stored["seq"])).fetchone()
     assert row is not None
     body = row[0] if isinstance(row[0], dict) else json.loads(row[0])
     assert body["content"] == content
@@ -424,3 +440,65 @@ def test_a_nul_character_in_content_is_422(
                    headers=owned.headers, json={"content": "before\x00after"})
     assert res.status_code == 422
     assert assert_error_body(res)["code"] == "invalid_body"
+
+
+# ---------------------------------------------------------------- regressions, one per bug
+
+
+def test_a_body_nested_past_the_parser_depth_is_422_not_a_crash(
+    client: TestClient, r: redis.Redis, pg: psycopg.Connection[Any], owned: Owned,
+) -> None:
+    res = exchange(client, r, pg, owned.user, "POST", f"/v1/sessions/{owned.sid}/messages",
+                   headers=owned.headers, content=b"[" * 50_000)
+    assert res.status_code == 422
+    assert assert_error_body(res)["code"] == "invalid_body"
+
+
+def test_content_with_a_lone_surrogate_is_422_not_a_crash(
+    client: TestClient, r: redis.Redis, pg: psycopg.Connection[Any], owned: Owned,
+) -> None:
+    res = exchange(client, r, pg, owned.user, "POST", f"/v1/sessions/{owned.sid}/messages",
+                   headers=owned.headers, content=b'{"content": "half a pair \\ud800 here"}')
+    assert res.status_code == 422
+    assert assert_error_body(res)["code"] == "invalid_body"
+
+
+@pytest.mark.parametrize("after", ["0.1-18446744073709551616", "0.18446744073709551616-0",
+                                   "0.\u0661-0", "\u0661.1-0", "0.1-\uff11"])
+def test_an_event_id_redis_cannot_parse_is_400_not_a_crash(
+    client: TestClient, r: redis.Redis, pg: psycopg.Connection[Any], owned: Owned, after: str,
+) -> None:
+    res = exchange(client, r, pg, owned.user, "GET", f"/v1/sessions/{owned.sid}/events",
+                   headers=owned.headers, params={"after": after})
+    assert res.status_code == 400
+    assert assert_error_body(res)["code"] == "invalid_event_id"
+
+
+def test_resuming_after_the_terminal_event_is_404_at_once_instead_of_hanging(
+    client: TestClient, r: redis.Redis, pg: psycopg.Connection[Any], owned: Owned,
+) -> None:
+    started = time.monotonic()
+    res = exchange(client, r, pg, owned.user, "GET", f"/v1/sessions/{owned.sid}/events",
+                   headers={**owned.headers, "Last-Event-ID": owned.event_ids[-1]})
+    assert res.status_code == 404
+    assert assert_error_body(res)["code"] == "turn_finished"
+    assert time.monotonic() - started < 5  # it used to block for the whole stall window
+
+
+@pytest.mark.anyio
+async def test_a_live_replay_waits_longer_than_the_redis_socket_timeout(
+    settings: Settings, r: redis.Redis,
+) -> None:
+    from app import event_log
+    from app.stores import async_redis_client
+
+    sid = keys.new_session_id()
+    r.xadd(keys.events(sid, 0), {"event": "message.delta", "data": "{}"}, id="1-0")
+    r.expire(keys.events(sid, 0), 60)
+    client = async_redis_client(settings.redis_url or "", socket_timeout=1.5)
+    try:
+        got = [e async for e in event_log.replay(client, sid, 0, "1-0", stall_ms=2_000)]
+    finally:
+        await client.aclose()
+        r.delete(keys.events(sid, 0))
+    assert [e.data["code"] for e in got] == ["stream_stalled"]  # not a redis TimeoutError
