@@ -50,6 +50,15 @@ async def history_json(conn: AsyncConnection[Any], sid: str) -> str:
     return "[" + ",".join(row[0] for row in await cur.fetchall()) + "]"
 
 
+async def has_all_through(conn: AsyncConnection[Any], sid: str, seq: int) -> bool:
+    """True when every message with seq 0..`seq` is persisted (seqs are unique per session)."""
+    cur = await conn.execute(
+        "SELECT count(*) FROM messages WHERE session_id = %s AND seq <= %s", (sid, seq)
+    )
+    row = await cur.fetchone()
+    return row is not None and int(row[0]) == seq + 1
+
+
 async def persist(conn: AsyncConnection[Any], sid: str, user: str, messages: list[Message]) -> int:
     """Write messages in one transaction; return how many were new."""
     if not messages:

@@ -128,9 +128,13 @@ class Sessions:
     async def persist(self, sid: str, user: str, messages: Sequence[Message]) -> int:
         """Write a completed turn to PostgreSQL in one transaction (idempotent)."""
         score = await self.redis.zscore(keys.UNPERSISTED, sid)
+        batch = list(messages)
         async with self.pg.connection(timeout=PERSIST_WAIT_SECONDS) as conn:
-            inserted = await history_db.persist(conn, sid, user, list(messages))
-        if score is not None:
+            inserted = await history_db.persist(conn, sid, user, batch)
+            # An earlier turn whose persist failed is only in Redis: keep the mark,
+            # so the sweep (which writes the whole history) persists it.
+            whole = not batch or await history_db.has_all_through(conn, sid, batch[-1]["seq"])
+        if score is not None and whole:
             await scripts.arun(self.redis, scripts.clear_unpersisted(sid, score))
         return inserted
 
