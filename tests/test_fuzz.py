@@ -33,7 +33,7 @@ Headers = Callable[[str], dict[str, str]]
 Snapshot = dict[str, Any]
 
 FUZZ = hsettings(
-    max_examples=40,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -94,7 +94,7 @@ def settle(r: redis.Redis, pg: psycopg.Connection[Any], sid: str) -> None:
     """Wait until the turn's task has persisted it: the stream may end before that."""
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        live = r.execute_command("JSON.ARRLEN", keys.session(sid), "$") or [0]
+        live = r.execute_command("JSON.ARRLEN", keys.session(sid), "$") or [0]  # type: ignore[no-untyped-call]
         stored = pg.execute("SELECT count(*) FROM messages WHERE session_id = %s",
                             (sid,)).fetchone()
         if r.zscore(keys.UNPERSISTED, sid) is None and stored == (live[0],):
@@ -113,7 +113,7 @@ def snapshot(r: redis.Redis, pg: psycopg.Connection[Any], user: str) -> Snapshot
         "SELECT id FROM sessions WHERE user_id = %s ORDER BY id", (user,))]
     live: dict[str, Any] = {}
     for sid in sids:
-        raw = r.execute_command("JSON.GET", keys.session(sid), "$")
+        raw = r.execute_command("JSON.GET", keys.session(sid), "$")  # type: ignore[no-untyped-call]
         live[sid] = (raw, r.get(keys.session_user(sid)),
                      sorted(r.scan_iter(match=f"events:{{{sid}}}:*")))
     counts = pg.execute(
@@ -340,7 +340,7 @@ def test_a_hostile_event_id_is_a_4xx_or_a_replay_and_changes_nothing(
 @given(data=st.data(), route=st.sampled_from(
     ["POST /v1/sessions", "GET /v1/sessions", "GET {s}", "DELETE {s}", "POST {s}/messages",
      "GET {s}/events?after=0.0-0", "GET /v1/memories",
-     "DELETE /v1/memories/" + "0" * 32]))
+     "DELETE /v1/memories/" + "0" * 32, "GET /v1/cache/stats"]))
 def test_a_garbage_authorization_header_is_401_and_changes_nothing(
     client: TestClient, r: redis.Redis, pg: psycopg.Connection[Any], owned: Owned,
     settings: Settings, data: st.DataObject, route: str,
@@ -357,7 +357,8 @@ def test_a_garbage_authorization_header_is_401_and_changes_nothing(
 @FUZZ
 @given(query=st.dictionaries(hostile_text, hostile_text, max_size=3),
        route=st.sampled_from(["POST /v1/sessions", "GET /v1/sessions", "GET {s}",
-                              "GET /v1/memories", "DELETE /v1/memories/" + "1" * 32]))
+                              "GET /v1/memories", "DELETE /v1/memories/" + "1" * 32,
+                              "GET /v1/cache/stats"]))
 def test_hostile_query_strings_and_bodies_on_the_other_routes_never_crash(
     client: TestClient, r: redis.Redis, pg: psycopg.Connection[Any], owned: Owned,
     query: dict[str, str], route: str,
@@ -405,12 +406,12 @@ def test_a_session_at_max_session_messages_is_413_session_full(
     sid = client.post("/v1/sessions", headers=h).json()["id"]
     filled = [messages.build(sid, i, "user", f"m{i}")
               for i in range(limits.MAX_SESSION_MESSAGES)]
-    r.execute_command("JSON.SET", keys.session(sid), "$", json.dumps(filled))
+    r.execute_command("JSON.SET", keys.session(sid), "$", json.dumps(filled))  # type: ignore[no-untyped-call]
     res = exchange(client, r, pg, user, "POST", f"/v1/sessions/{sid}/messages",
                    headers=h, json={"content": "one more"})
     assert res.status_code == 413
     assert assert_error_body(res)["code"] == "session_full"
-    assert r.execute_command("JSON.ARRLEN", keys.session(sid), "$") == [limits.MAX_SESSION_MESSAGES]
+    assert r.execute_command("JSON.ARRLEN", keys.session(sid), "$") == [limits.MAX_SESSION_MESSAGES]  # type: ignore[no-untyped-call]
 
 
 @pytest.mark.parametrize("content", [
