@@ -12,6 +12,7 @@ import redis
 from fakes import FakeOpenAI, text_reply, tool_call_reply
 from sse import Frame, frames
 from starlette.testclient import TestClient
+from waits import settle
 
 from app.api import create_app
 from app.embeddings import shared_embedder
@@ -79,9 +80,13 @@ def test_a_question_streams_a_kb_search_and_a_cited_answer_then_persists_the_tur
     assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant"]
     assert history[1]["tool_calls"][0]["id"] == history[2]["tool_call_id"]
     assert history[-1] == done["message"]
-    with psycopg.connect(settings.database_url or "") as conn:
+    # The stream ends at message.done; the turn's task persists right after.
+    r = redis.Redis.from_url(settings.redis_url or "")
+    with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
+        settle(r, conn, sid)
         persisted = conn.execute("SELECT seq FROM messages WHERE session_id = %s ORDER BY seq",
                                  (sid,)).fetchall()
+    r.close()
     assert persisted == [(0,), (1,), (2,), (3,)]
 
 

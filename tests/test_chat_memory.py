@@ -10,6 +10,7 @@ from fakes import FakeOpenAI, text_reply
 from rq import Queue, SimpleWorker
 from sse import frames
 from starlette.testclient import TestClient
+from waits import wait_until
 
 from app.api import create_app
 from app.settings import Settings
@@ -36,7 +37,8 @@ def test_a_fact_told_in_one_session_is_recalled_into_the_context_of_another(
             _say(c, first, h, "I'm allergic to peanuts, please keep that in mind.")
 
             queue = Queue("memory", connection=r)
-            assert queue.count >= 1, "the turn should enqueue one extraction job"
+            # The turn's task enqueues it after persisting, just after the stream ends.
+            wait_until(lambda: queue.count >= 1, "the turn to enqueue one extraction job")
             # The worker's environment names no LLM: the offline rule extractor mines the turn.
             SimpleWorker([queue], connection=r).work(burst=True)
             memories = c.get("/v1/memories", headers=h).json()["memories"]

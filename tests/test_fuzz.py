@@ -24,6 +24,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from sse import Frame, frames
 from starlette.testclient import TestClient
+from waits import settle
 
 from app import keys, limits, messages
 from app.api import create_app
@@ -90,17 +91,6 @@ def _turn(
     return got
 
 
-def settle(r: redis.Redis, pg: psycopg.Connection[Any], sid: str) -> None:
-    """Wait until the turn's task has persisted it: the stream may end before that."""
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        live = r.execute_command("JSON.ARRLEN", keys.session(sid), "$") or [0]  # type: ignore[no-untyped-call]
-        stored = pg.execute("SELECT count(*) FROM messages WHERE session_id = %s",
-                            (sid,)).fetchone()
-        if r.zscore(keys.UNPERSISTED, sid) is None and stored == (live[0],):
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"session {sid} was not persisted within 15 s")
 
 
 def _count(r: redis.Redis, pattern: str) -> int:

@@ -13,6 +13,7 @@ import redis
 from rq import Queue, SimpleWorker
 from sse import frames
 from starlette.testclient import TestClient
+from waits import wait_until
 
 from app.api import create_app
 from app.bootstrap import prepare
@@ -59,6 +60,7 @@ def test_the_app_and_its_jobs_run_as_the_limited_user(
                       json={"content": "I live in Lisbon. How does AOF work?"}) as res:
             assert frames(res.iter_lines())[-1].event == "message.done"
     conn = redis.Redis.from_url(limited.redis_url or "")
+    wait_until(lambda: Queue("memory", connection=conn).count >= 1, "the extraction job")
     for name in ("memory", "persist"):
         q = Queue(name, connection=conn)
         if name == "persist":
