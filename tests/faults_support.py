@@ -35,8 +35,9 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-import redis
+from redis import Redis
 from rq import Queue, SimpleWorker
+from rq.job import JobStatus
 from sse import Frame, frames
 
 from app.bootstrap import prepare
@@ -89,7 +90,7 @@ class Stack:
         assert fresh.start() == self.settings.database_url  # same socket, same URL
         self.embedded.postgres = fresh
 
-    def client(self) -> redis.Redis:
+    def client(self) -> Redis:
         return redis_client(self.settings.redis_url or "")
 
 
@@ -251,7 +252,7 @@ def count(events: list[Frame], name: str) -> int:
 # -- stores, seen from the test ------------------------------------------------------
 
 
-def redis_history(client: redis.Redis, sid: str) -> list[dict[str, Any]]:
+def redis_history(client: Redis, sid: str) -> list[dict[str, Any]]:
     from app import keys
 
     raw = client.execute_command("JSON.GET", keys.session(sid), ".")  # type: ignore[no-untyped-call]
@@ -275,9 +276,9 @@ def run_sweep(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
         q = Queue("persist", connection=client)
         job = q.enqueue("workers.jobs.sweep_unpersisted", 0)
         SimpleWorker([q], connection=client).work(burst=True)
-        job.refresh()
-        assert job.is_finished, job.latest_result()
-        counts: dict[str, int] = job.return_value()
+        assert job.get_status(refresh=True) == JobStatus.FINISHED, job.latest_result()
+        counts = job.return_value()
+        assert isinstance(counts, dict)
         return counts
     finally:
         client.close()
