@@ -55,14 +55,14 @@ async def post_message(request: Request) -> EventSourceResponse:
     sid = session_id(request)
     content = limits.message_content(await limits.json_body(request))
     loaded = await state.sessions.load(sid, user)
-    limits.check_room(len(loaded.messages))
+    seq = messages.next_seq(loaded.messages)
+    limits.check_room(seq)
     await check_rate(state, user)  # last check: a refused request spends no allowance
-    length = len(loaded.messages)
     stored = await state.sessions.append(
-        sid, user, [messages.build(sid, length, "user", content)], length
+        sid, user, [messages.build(sid, seq, "user", content)], seq
     )
     history = [*loaded.messages, *stored]
-    if len(history) != stored[0]["seq"] + 1:  # another tab wrote meanwhile: re-read
+    if stored[0]["seq"] != seq:  # another tab wrote meanwhile: re-read
         history = (await state.sessions.load(sid, user)).messages
     turn = Turn(state.turn_deps, sid, user, history, EventLog(state.redis, sid, stored[0]["seq"]))
     queue: asyncio.Queue[Event | None] = asyncio.Queue()

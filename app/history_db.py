@@ -42,10 +42,12 @@ async def owner(conn: AsyncConnection[Any], sid: str) -> str | None:
     return str(row[0]) if row else None
 
 
-async def history_json(conn: AsyncConnection[Any], sid: str) -> str:
-    """The persisted history as one JSON array text, in seq order."""
+async def history_json(conn: AsyncConnection[Any], sid: str, before: int | None = None) -> str:
+    """The persisted history (messages with seq < `before`, if given) as one JSON array
+    text, in seq order."""
     cur = await conn.execute(
-        "SELECT body::text FROM messages WHERE session_id = %s ORDER BY seq", (sid,)
+        "SELECT body::text FROM messages WHERE session_id = %s AND seq < %s ORDER BY seq",
+        (sid, before if before is not None else 2**31 - 1),
     )
     return "[" + ",".join(row[0] for row in await cur.fetchall()) + "]"
 

@@ -67,5 +67,10 @@ def renumber(sid: str, message: Message, seq: int) -> Message:
     return moved
 
 
+def next_seq(history: list[Message]) -> int:
+    """The seq the next message gets: not len(history), which a collapse shortens."""
+    return int(history[-1]["seq"]) + 1 if history else 0
+
+
 def is_intact(sid: str, message: Message) -> bool:
     return message.get("hash") == message_hash(sid, message)

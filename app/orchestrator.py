@@ -151,7 +151,7 @@ class Turn:
         return messages.build(self.sid, 0, role, content, **fields)
 
     async def _append(self, batch: Sequence[Message]) -> list[Message]:
-        length = len(self.history)
+        length = messages.next_seq(self.history)
         numbered = [messages.renumber(self.sid, m, length + i) for i, m in enumerate(batch)]
         stored = await self.deps.sessions.append(self.sid, self.user, numbered, length)
         self.history.extend(stored)

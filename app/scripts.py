@@ -129,13 +129,13 @@ def create_session(sid: str, user: str, ttl: int) -> Call[int]:
 
 
 def append_messages(
-    sid: str, user: str, expected_length: int, messages_json: Sequence[str], ttl: int
+    sid: str, user: str, next_seq: int, messages_json: Sequence[str], ttl: int
 ) -> Call[tuple[int, int]]:
-    """(code, length): 1 appended | 0 no session | -1 not the owner | -2 conflict."""
+    """(code, next seq): 1 appended | 0 no session | -1 not the owner | -2 conflict."""
     return _call(
         "append_messages",
         [keys.session(sid), keys.session_user(sid)],
-        [user, expected_length, ttl, *messages_json],
+        [user, next_seq, ttl, *messages_json],
         _pair,
     )
 

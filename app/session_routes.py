@@ -39,7 +39,7 @@ async def list_sessions(request: Request) -> JSONResponse:
 async def get_session(request: Request) -> JSONResponse:
     state, user = caller(request)
     sid = session_id(request)
-    loaded = await state.sessions.load(sid, user)
+    loaded = await state.sessions.full_history(sid, user)
     return JSONResponse({"id": sid, "user": loaded.owner, "messages": loaded.messages})
 
 

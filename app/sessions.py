@@ -66,6 +66,16 @@ class Sessions:
             return Loaded(owner, history)
         return await self._restore(sid, user)
 
+    async def full_history(self, sid: str, user: str) -> Loaded:
+        """Like `load`, plus the messages a collapse moved out of Redis, from PostgreSQL."""
+        loaded = await self.load(sid, user)
+        first = int(loaded.messages[0]["seq"]) if loaded.messages else 0
+        if first == 0:
+            return loaded
+        async with self.pg.connection() as conn:
+            older = json.loads(await history_db.history_json(conn, sid, before=first))
+        return Loaded(loaded.owner, [*older, *loaded.messages], loaded.restored)
+
     async def _restore(self, sid: str, user: str) -> Loaded:
         async with self.pg.connection() as conn:
             owner = await history_db.owner(conn, sid)
@@ -88,18 +98,17 @@ class Sessions:
         sid: str,
         user: str,
         messages: Sequence[Message],
-        expected_length: int,
+        next_seq: int,
         *,
         retry: bool = True,
     ) -> list[Message]:
-        """Append messages whose seq starts at expected_length; return them as stored.
+        """Append messages whose seq starts at next_seq; return them as stored.
 
         On a lost race (another writer appended first) the messages are renumbered
         after the current end and retried when `retry` is set; otherwise, or after
         APPEND_ATTEMPTS, the caller gets a 409.
         """
         batch = list(messages)
-        length = expected_length
         for attempt in range(APPEND_ATTEMPTS):
             # Mark first: if this process dies right after the append, the sweep
             # still finds the session. The score moves on every write, so a sweep
@@ -108,7 +117,7 @@ class Sessions:
             code, current = await scripts.arun(
                 self.redis,
                 scripts.append_messages(
-                    sid, user, length, [canonical_json(m) for m in batch], self.ttl
+                    sid, user, next_seq, [canonical_json(m) for m in batch], self.ttl
                 ),
             )
             if code == 1:
@@ -119,8 +128,8 @@ class Sessions:
             if code == -1:
                 raise Forbidden("this session belongs to another user")
             if not retry:
-                raise Conflict(f"the history moved to {current} messages; reload and retry")
-            length = current
+                raise Conflict(f"the history moved on to seq {current}; reload and retry")
+            next_seq = current
             batch = [renumber(sid, m, current + i) for i, m in enumerate(batch)]
             await asyncio.sleep(random.uniform(0, BACKOFF_SECONDS * (attempt + 1)))
         raise Conflict("too many concurrent writers on this session; retry")

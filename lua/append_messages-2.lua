@@ -5,18 +5,20 @@
   KEYS[2]  session:{<sid>}:user  string  owning user id
 
   ARGV[1]  user id of the writer
-  ARGV[2]  expected length: the history length the writer last saw
+  ARGV[2]  expected next seq: one past the last message's seq the writer saw
+           (0 for an empty history). Not the array length: mined messages may
+           have been collapsed out of Redis, so the array can start at seq > 0.
   ARGV[3]  TTL in seconds, renewed on both keys
   ARGV[4..] one message JSON each, their seq already set by the writer
 
-  Returns:  {code, length}
-            code  1 appended (length = new length)
-                  0 no such session (length 0)
-                 -1 the session belongs to another user (length 0)
-                 -2 the history moved since the writer read it (length = current)
+  Returns:  {code, next}
+            code  1 appended (next = the seq after the last appended message)
+                  0 no such session (next 0)
+                 -1 the session belongs to another user (next 0)
+                 -2 the history moved since the writer read it (next = current next seq)
 
-  JSON.ARRLEN and JSON.ARRAPPEND are O(1) in the history length, so an append
-  costs the same at 10 messages as at 5,000.
+  JSON.ARRLEN, the $[-1] lookup and JSON.ARRAPPEND are O(1) in the history
+  length, so an append costs the same at 10 messages as at 5,000.
 ]]
 local owner = redis.call('GET', KEYS[2])
 if not owner or redis.call('EXISTS', KEYS[1]) == 0 then
@@ -25,13 +27,17 @@ end
 if owner ~= ARGV[1] then
   return {-1, 0}
 end
-local length = redis.call('JSON.ARRLEN', KEYS[1], '.')
-if length ~= tonumber(ARGV[2]) then
-  return {-2, length}
+local next_seq = 0
+if redis.call('JSON.ARRLEN', KEYS[1], '.') > 0 then
+  -- '[17]' -> 17
+  next_seq = tonumber(string.match(redis.call('JSON.GET', KEYS[1], '$[-1].seq'), '%d+')) + 1
+end
+if next_seq ~= tonumber(ARGV[2]) then
+  return {-2, next_seq}
 end
 for i = 4, #ARGV do
-  length = redis.call('JSON.ARRAPPEND', KEYS[1], '.', ARGV[i])
+  redis.call('JSON.ARRAPPEND', KEYS[1], '.', ARGV[i])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-return {1, length}
+return {1, next_seq + #ARGV - 3}

@@ -110,7 +110,7 @@ def test_the_job_mines_the_delta_moves_the_cursor_and_mirrors_it_to_postgres(
     append(r, pg, sid, history)
     out = extract_memories(sid)
     assert out == {"delta": 4, "facts": 2, "inserted": 2, "updated": 0, "unchanged": 0,
-                   "advanced": True}
+                   "advanced": True, "collapsed": 0}
     assert memories(pg, user) == [("allergy", "is allergic to peanuts"),
                                   ("location", "lives in Lisbon")]
     assert cursor(r, sid) == history[-1]["hash"]
@@ -305,7 +305,7 @@ def test_the_job_runs_in_process_under_a_simple_worker(
     job = q.fetch_job(job_ids(sid)[0])
     assert job is not None and job.get_status() == JobStatus.FINISHED
     assert job.return_value() == {"delta": 2, "facts": 1, "inserted": 1, "updated": 0,
-                                  "unchanged": 0, "advanced": True}
+                                  "unchanged": 0, "advanced": True, "collapsed": 0}
     assert enqueue_extraction(r, sid)  # a finished job frees its id for the next turn
     SimpleWorker([q], connection=r).work(burst=True)
     assert memory_job.JOB == "workers.memory_job.extract_memories"

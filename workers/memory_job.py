@@ -37,7 +37,7 @@ from rq import Queue, Retry
 from rq.exceptions import DuplicateJobError
 from rq.job import JobStatus
 
-from app import keys, scripts
+from app import context, keys, scripts
 from app.embeddings import Embedder, shared_embedder
 from app.memory import Extractor, make_extractor, update_summary
 from app.memory.store import MemoryStore
@@ -176,12 +176,15 @@ def run_extraction(
                 sid, token, expected, delta[-1]["hash"], new_summary, settings.memory_ttl_seconds
             ),
         )
+        collapsed = 0
         if code == 1:
             pg.execute(
                 "UPDATE sessions SET cursor_hash = %s, summary = %s WHERE id = %s",
                 (delta[-1]["hash"], new_summary, sid),
             )
+            collapsed = collapse_if_over_budget(client, pg, sid, token, history)
         return {
+            "collapsed": collapsed,
             "delta": len(delta),
             "facts": len(facts),
             "inserted": stored.inserted,
@@ -266,13 +269,31 @@ def collapsible(history: Sequence[Message], cursor: str | None, keep_last: int) 
     return 0
 
 
+def collapse_if_over_budget(
+    client: redis.Redis, pg: psycopg.Connection[Any], sid: str, token: str,
+    history: Sequence[Message],
+) -> int:
+    """When the history no longer fits the context budget, collapse what was mined
+    and is safely in PostgreSQL, keeping the messages the context still sends."""
+    keep = len(context.recent(history))
+    if keep >= len(history) or client.zscore(keys.UNPERSISTED, sid) is not None:
+        return 0  # fits, or PostgreSQL may lack some of it: never trim those
+    # Seqs are unique per session: all of 0..last are persisted iff there are last+1.
+    last = int(history[-keep - 1]["seq"])
+    row = pg.execute("SELECT count(*) FROM messages WHERE session_id = %s AND seq <= %s",
+                     (sid, last)).fetchone()
+    if row is None or int(row[0]) != last + 1:
+        return 0
+    return collapse_mined(client, sid, token, keep_last=keep)
+
+
 def collapse_mined(client: redis.Redis, sid: str, token: str, keep_last: int) -> int:
     """Trim mined messages off the Redis history, for the lock holder; return how many.
 
     The summary already covers them and PostgreSQL keeps them. WATCH makes it all or
     nothing against a concurrent append or a lost lock (then 0 and nothing changes).
-    NOT WIRED: the orchestrator numbers new messages `len(history)`, which after a
-    collapse would reuse seqs; it must number from `history[-1]["seq"] + 1` first.
+    Messages keep their seq (appends number from the last seq, not the array
+    length), so nothing after a collapse reuses a seq.
     """
     lock, session, cursor_key = keys.memory_lock(sid), keys.session(sid), keys.memory_cursor(sid)
     with client.pipeline() as pipe:
