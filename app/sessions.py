@@ -37,6 +37,15 @@ BACKOFF_SECONDS = 0.002
 PERSIST_WAIT_SECONDS = 5.0
 
 
+def _owned(owner: str | None, user: str) -> str:
+    """The owner if it is the caller; 404 for no session, 403 for someone else's."""
+    if owner is None:
+        raise NotFound("no such session")
+    if owner != user:
+        raise Forbidden("this session belongs to another user")
+    return owner
+
+
 @dataclass(frozen=True)
 class Loaded:
     owner: str
@@ -61,9 +70,7 @@ class Sessions:
         """The whole history for its owner; 404 unknown, 403 someone else's."""
         owner, history = await scripts.arun(self.redis, scripts.read_session(sid, self.ttl))
         if owner is not None and history is not None:
-            if owner != user:
-                raise Forbidden("this session belongs to another user")
-            return Loaded(owner, history)
+            return Loaded(_owned(owner, user), history)
         return await self._restore(sid, user)
 
     async def full_history(self, sid: str, user: str) -> Loaded:
@@ -78,11 +85,7 @@ class Sessions:
 
     async def _restore(self, sid: str, user: str) -> Loaded:
         async with self.pg.connection() as conn:
-            owner = await history_db.owner(conn, sid)
-            if owner is None:
-                raise NotFound("no such session")
-            if owner != user:
-                raise Forbidden("this session belongs to another user")
+            owner = _owned(await history_db.owner(conn, sid), user)
             text = await history_db.history_json(conn, sid)
         wrote = await scripts.arun(self.redis, scripts.restore_session(sid, owner, text, self.ttl))
         if wrote:
@@ -154,10 +157,7 @@ class Sessions:
         if owner is None:
             async with self.pg.connection() as conn:
                 owner = await history_db.owner(conn, sid)
-            if owner is None:
-                raise NotFound("no such session")
-        if owner != user:
-            raise Forbidden("this session belongs to another user")
+        _owned(owner, user)
         # Redis first: a live copy left behind would be re-persisted by the sweep.
         pipe = self.redis.pipeline(transaction=False)
         pipe.delete(*keys.session_keys(sid))

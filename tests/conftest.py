@@ -12,16 +12,19 @@ import dataclasses
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from psycopg_pool import AsyncConnectionPool
 
 from app.bootstrap import prepare
 from app.embedded import EmbeddedStack, free_port
+from app.sessions import Sessions
 from app.settings import Settings
-from app.stores import redis_client
+from app.stores import async_redis_client, redis_client
 
 
 @contextlib.contextmanager
@@ -105,3 +108,17 @@ def stores_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
     monkeypatch.setenv("REDIS_URL", settings.redis_url or "")
     monkeypatch.setenv("DATABASE_URL", settings.database_url or "")
     return settings
+
+
+@pytest.fixture
+async def session_store(settings: Settings) -> AsyncIterator[Sessions]:
+    """The app's session store on its own async clients."""
+    client = async_redis_client(settings.redis_url or "")
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        settings.database_url or "", min_size=1, max_size=8, open=False,
+        kwargs={"autocommit": True},
+    )
+    await pool.open()
+    yield Sessions(client, pool, settings.session_ttl_seconds)
+    await pool.close()
+    await client.aclose()

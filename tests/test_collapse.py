@@ -3,64 +3,48 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
-
 import pytest
 import redis
-from psycopg_pool import AsyncConnectionPool
 
 from app import keys, messages
 from app.sessions import Sessions
 from app.settings import Settings
-from app.stores import async_redis_client
 from workers.memory_job import extract_memories
 
 pytestmark = pytest.mark.anyio
 FILLER = "The quick brown fox jumps over the lazy dog near the river bank. " * 15
 
 
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[Sessions]:
-    client = async_redis_client(settings.redis_url or "")
-    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        settings.database_url or "", min_size=1, max_size=4, open=False,
-        kwargs={"autocommit": True},
-    )
-    await pool.open()
-    yield Sessions(client, pool, settings.session_ttl_seconds)
-    await pool.close()
-    await client.aclose()
 
 
-async def _long_session(store: Sessions, user: str, n: int) -> str:
-    sid = await store.create(user)
+async def _long_session(session_store: Sessions, user: str, n: int) -> str:
+    sid = await session_store.create(user)
     batch = [messages.build(sid, i, "user" if i % 2 == 0 else "assistant",
                             f"I live in Lisbon. {FILLER}" if i == 0 else f"{i}: {FILLER}")
              for i in range(n)]
-    stored = await store.append(sid, user, batch, 0)
-    await store.persist(sid, user, stored)
+    stored = await session_store.append(sid, user, batch, 0)
+    await session_store.persist(sid, user, stored)
     return sid
 
 
 async def test_a_long_mined_history_is_collapsed_in_redis_and_kept_whole_everywhere_else(
-    stores_env: Settings, store: Sessions, r: redis.Redis, user: str
+    stores_env: Settings, session_store: Sessions, r: redis.Redis, user: str
 ) -> None:
-    sid = await _long_session(store, user, 40)  # ~40 x 1,000 chars: far over the budget
+    sid = await _long_session(session_store, user, 40)  # ~40 x 1,000 chars: far over the budget
     result = extract_memories(sid)
     assert result["advanced"] and result["collapsed"] > 0
 
-    live = (await store.load(sid, user)).messages
+    live = (await session_store.load(sid, user)).messages
     assert len(live) == 40 - result["collapsed"] and live[0]["seq"] == result["collapsed"]
     assert r.get(keys.memory_summary(sid)), "the summary stands in for what left Redis"
 
     # New messages continue the numbering; nothing reuses a seq.
     seq = messages.next_seq(live)
     assert seq == 40
-    added = await store.append(sid, user, [messages.build(sid, seq, "user", "And I work at Acme.")],
-                               seq)
-    await store.persist(sid, user, added)
-    full = (await store.full_history(sid, user)).messages
+    new = messages.build(sid, seq, "user", "And I work at Acme.")
+    added = await session_store.append(sid, user, [new], seq)
+    await session_store.persist(sid, user, added)
+    full = (await session_store.full_history(sid, user)).messages
     assert [m["seq"] for m in full] == list(range(41))
     assert all(messages.is_intact(sid, m) for m in full)
 
@@ -70,13 +54,13 @@ async def test_a_long_mined_history_is_collapsed_in_redis_and_kept_whole_everywh
 
 
 async def test_nothing_is_collapsed_while_the_session_has_unpersisted_writes(
-    stores_env: Settings, store: Sessions, r: redis.Redis, user: str
+    stores_env: Settings, session_store: Sessions, r: redis.Redis, user: str
 ) -> None:
-    sid = await _long_session(store, user, 40)
+    sid = await _long_session(session_store, user, 40)
     r.zadd(keys.UNPERSISTED, {sid: 1})  # as if a turn's persist had failed
     try:
         result = extract_memories(sid)
         assert result["advanced"] and result["collapsed"] == 0
-        assert len((await store.load(sid, user)).messages) == 40
+        assert len((await session_store.load(sid, user)).messages) == 40
     finally:
         r.zrem(keys.UNPERSISTED, sid)

@@ -7,152 +7,140 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
 import pytest
 import redis
-from psycopg_pool import AsyncConnectionPool
 from rq import Queue, SimpleWorker
 
 from app import keys, messages
 from app.errors import Conflict, Forbidden, NotFound
 from app.sessions import Sessions
 from app.settings import Settings
-from app.stores import async_redis_client
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[Sessions]:
-    client = async_redis_client(settings.redis_url or "")
-    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        settings.database_url or "", min_size=1, max_size=8, open=False,
-        kwargs={"autocommit": True},
-    )
-    await pool.open()
-    yield Sessions(client, pool, settings.session_ttl_seconds)
-    await pool.close()
-    await client.aclose()
 
 
 def _msg(sid: str, seq: int, text: str, role: str = "user") -> messages.Message:
     return messages.build(sid, seq, role, text)
 
 
-async def _turn(store: Sessions, sid: str, user: str, n: int, start: int = 0) -> list[Any]:
+async def _turn(session_store: Sessions, sid: str, user: str, n: int, start: int = 0) -> list[Any]:
     batch = [_msg(sid, start + i, f"message {start + i}") for i in range(n)]
-    return await store.append(sid, user, batch, start)
+    return await session_store.append(sid, user, batch, start)
 
 
 async def test_concurrent_appends_from_many_tasks_lose_and_duplicate_nothing(
-    store: Sessions, user: str
+    session_store: Sessions, user: str
 ) -> None:
-    sid = await store.create(user)
+    sid = await session_store.create(user)
 
     async def writer(i: int) -> None:
         # Every writer saw the empty history; all but one lose the race and retry.
-        await store.append(sid, user, [_msg(sid, 0, f"from task {i}")], 0)
+        await session_store.append(sid, user, [_msg(sid, 0, f"from task {i}")], 0)
 
     await asyncio.gather(*(writer(i) for i in range(40)))
-    history = (await store.load(sid, user)).messages
+    history = (await session_store.load(sid, user)).messages
     assert [m["seq"] for m in history] == list(range(40))
     assert sorted(m["content"] for m in history) == sorted(f"from task {i}" for i in range(40))
     assert all(messages.is_intact(sid, m) for m in history)
 
 
 async def test_a_stale_append_without_retry_is_a_conflict_and_changes_nothing(
-    store: Sessions, user: str
+    session_store: Sessions, user: str
 ) -> None:
-    sid = await store.create(user)
-    await _turn(store, sid, user, 2)
+    sid = await session_store.create(user)
+    await _turn(session_store, sid, user, 2)
     with pytest.raises(Conflict) as info:
-        await store.append(sid, user, [_msg(sid, 0, "stale")], 0, retry=False)
+        await session_store.append(sid, user, [_msg(sid, 0, "stale")], 0, retry=False)
     assert info.value.status == 409
-    assert [m["content"] for m in (await store.load(sid, user)).messages] == [
+    assert [m["content"] for m in (await session_store.load(sid, user)).messages] == [
         "message 0", "message 1"
     ]
 
 
-async def test_another_user_can_neither_append_nor_read(store: Sessions, user: str) -> None:
-    sid = await store.create(user)
+async def test_another_user_can_neither_append_nor_read(session_store: Sessions, user: str) -> None:
+    sid = await session_store.create(user)
     with pytest.raises(Forbidden):
-        await store.append(sid, "mallory", [_msg(sid, 0, "intrusion")], 0)
+        await session_store.append(sid, "mallory", [_msg(sid, 0, "intrusion")], 0)
     with pytest.raises(Forbidden):
-        await store.load(sid, "mallory")
-    assert (await store.load(sid, user)).messages == []
+        await session_store.load(sid, "mallory")
+    assert (await session_store.load(sid, user)).messages == []
 
 
 async def test_reads_and_writes_renew_the_ttl_of_history_and_owner(
-    store: Sessions, user: str, r: redis.Redis
+    session_store: Sessions, user: str, r: redis.Redis
 ) -> None:
-    sid = await store.create(user)
+    sid = await session_store.create(user)
     r.expire(keys.session(sid), 100)
     r.expire(keys.session_user(sid), 100)
-    await _turn(store, sid, user, 1)
+    await _turn(session_store, sid, user, 1)
     assert r.ttl(keys.session(sid)) > 1000 and r.ttl(keys.session_user(sid)) > 1000
     r.expire(keys.session(sid), 100)
     r.expire(keys.session_user(sid), 100)
-    await store.load(sid, user)
+    await session_store.load(sid, user)
     assert r.ttl(keys.session(sid)) > 1000 and r.ttl(keys.session_user(sid)) > 1000
 
 
 async def test_expiry_then_access_restores_an_identical_history(
-    store: Sessions, user: str, r: redis.Redis
+    session_store: Sessions, user: str, r: redis.Redis
 ) -> None:
-    sid = await store.create(user)
-    stored = await _turn(store, sid, user, 5)
-    await store.persist(sid, user, stored)
-    before = (await store.load(sid, user)).messages
+    sid = await session_store.create(user)
+    stored = await _turn(session_store, sid, user, 5)
+    await session_store.persist(sid, user, stored)
+    before = (await session_store.load(sid, user)).messages
     r.pexpire(keys.session(sid), 1)
     r.pexpire(keys.session_user(sid), 1)
     await asyncio.sleep(0.05)
     assert not r.exists(keys.session(sid))
 
-    after = await store.load(sid, user)
+    after = await session_store.load(sid, user)
     assert after.restored
     assert after.messages == before
     assert all(messages.is_intact(sid, m) for m in after.messages)
     assert r.ttl(keys.session(sid)) > 1000
     # And the restored copy takes further appends.
-    await _turn(store, sid, user, 1, start=5)
-    assert len((await store.load(sid, user)).messages) == 6
+    await _turn(session_store, sid, user, 1, start=5)
+    assert len((await session_store.load(sid, user)).messages) == 6
 
 
-async def test_racing_restores_write_once(store: Sessions, user: str, r: redis.Redis) -> None:
-    sid = await store.create(user)
-    await store.persist(sid, user, await _turn(store, sid, user, 3))
+async def test_racing_restores_write_once(
+    session_store: Sessions, user: str, r: redis.Redis
+) -> None:
+    sid = await session_store.create(user)
+    await session_store.persist(sid, user, await _turn(session_store, sid, user, 3))
     r.delete(keys.session(sid), keys.session_user(sid))
-    loads = await asyncio.gather(*(store.load(sid, user) for _ in range(12)))
+    loads = await asyncio.gather(*(session_store.load(sid, user) for _ in range(12)))
     assert sum(1 for x in loads if x.restored) == 1
     assert all(x.messages == loads[0].messages for x in loads)
     assert len(loads[0].messages) == 3
 
 
 async def test_a_restore_for_another_user_is_refused_and_writes_nothing(
-    store: Sessions, user: str, r: redis.Redis
+    session_store: Sessions, user: str, r: redis.Redis
 ) -> None:
-    sid = await store.create(user)
-    await store.persist(sid, user, await _turn(store, sid, user, 1))
+    sid = await session_store.create(user)
+    await session_store.persist(sid, user, await _turn(session_store, sid, user, 1))
     r.delete(keys.session(sid), keys.session_user(sid))
     with pytest.raises(Forbidden):
-        await store.load(sid, "mallory")
+        await session_store.load(sid, "mallory")
     assert not r.exists(keys.session(sid))
 
 
-async def test_an_unknown_session_is_not_found(store: Sessions, user: str) -> None:
+async def test_an_unknown_session_is_not_found(session_store: Sessions, user: str) -> None:
     with pytest.raises(NotFound):
-        await store.load(keys.new_session_id(), user)
+        await session_store.load(keys.new_session_id(), user)
 
 
 async def test_persisting_twice_changes_nothing(
-    store: Sessions, user: str, settings: Settings
+    session_store: Sessions, user: str, settings: Settings
 ) -> None:
-    sid = await store.create(user)
-    turn = await _turn(store, sid, user, 3)
-    assert await store.persist(sid, user, turn) == 3
+    sid = await session_store.create(user)
+    turn = await _turn(session_store, sid, user, 3)
+    assert await session_store.persist(sid, user, turn) == 3
 
     def snapshot() -> list[tuple[Any, ...]]:
         with psycopg.connect(settings.database_url or "") as conn:
@@ -162,7 +150,7 @@ async def test_persisting_twice_changes_nothing(
             ).fetchall()
 
     first = snapshot()
-    assert await store.persist(sid, user, turn) == 0
+    assert await session_store.persist(sid, user, turn) == 0
     assert snapshot() == first  # same rows, same row versions: nothing rewritten
 
 
@@ -187,10 +175,10 @@ KILLED_APP = textwrap.dedent("""
         redis_url, db_url, user = sys.argv[1:4]
         pool = AsyncConnectionPool(db_url, open=False, kwargs={"autocommit": True})
         await pool.open()
-        store = Sessions(async_redis_client(redis_url), pool, 86400)
-        sid = await store.create(user)
+        session_store = Sessions(async_redis_client(redis_url), pool, 86400)
+        sid = await session_store.create(user)
         batch = [messages.build(sid, i, "user", f"acknowledged {i}") for i in range(4)]
-        await store.append(sid, user, batch, 0)
+        await session_store.append(sid, user, batch, 0)
         print(sid, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)  # dies before the turn is persisted
 
@@ -222,24 +210,24 @@ def test_an_app_killed_between_append_and_persist_loses_nothing_once_the_sweep_r
 
 
 async def test_the_sweep_keeps_a_session_written_again_after_it_read_it(
-    store: Sessions, user: str, r: redis.Redis
+    session_store: Sessions, user: str, r: redis.Redis
 ) -> None:
     from app import scripts
 
-    sid = await store.create(user)
-    await _turn(store, sid, user, 1)
+    sid = await session_store.create(user)
+    await _turn(session_store, sid, user, 1)
     seen = r.zscore(keys.UNPERSISTED, sid)
     assert seen is not None
-    await _turn(store, sid, user, 1, start=1)  # a newer write moves the score
+    await _turn(session_store, sid, user, 1, start=1)  # a newer write moves the score
     assert scripts.run(r, scripts.clear_unpersisted(sid, seen)) == 0
     assert r.zscore(keys.UNPERSISTED, sid) is not None
 
 
 async def test_the_sweep_leaves_a_session_still_being_written(
-    stores_env: Settings, store: Sessions, user: str, r: redis.Redis
+    stores_env: Settings, session_store: Sessions, user: str, r: redis.Redis
 ) -> None:
-    sid = await store.create(user)
-    await _turn(store, sid, user, 1)
+    sid = await session_store.create(user)
+    await _turn(session_store, sid, user, 1)
     from workers.jobs import _sweep as sweep_now
 
     await sweep_now(stores_env, 60.0)  # the session has not been quiet for 60 s yet
@@ -247,19 +235,19 @@ async def test_the_sweep_leaves_a_session_still_being_written(
 
 
 async def test_delete_removes_both_stores_and_the_memory_keys(
-    store: Sessions, user: str, r: redis.Redis, settings: Settings
+    session_store: Sessions, user: str, r: redis.Redis, settings: Settings
 ) -> None:
-    sid = await store.create(user)
-    await store.persist(sid, user, await _turn(store, sid, user, 2))
+    sid = await session_store.create(user)
+    await session_store.persist(sid, user, await _turn(session_store, sid, user, 2))
     for k in (keys.memory_cursor(sid), keys.memory_summary(sid), keys.memory_lock(sid)):
         r.set(k, "x")
     with pytest.raises(Forbidden):
-        await store.delete(sid, "mallory")
-    await store.delete(sid, user)
+        await session_store.delete(sid, "mallory")
+    await session_store.delete(sid, user)
     assert not any(r.exists(k) for k in keys.session_keys(sid))
     assert r.zscore(keys.UNPERSISTED, sid) is None
     with psycopg.connect(settings.database_url or "") as conn:
         assert conn.execute("SELECT count(*) FROM messages WHERE session_id = %s",
                             (sid,)).fetchone() == (0,)
     with pytest.raises(NotFound):
-        await store.load(sid, user)
+        await session_store.load(sid, user)
