@@ -16,10 +16,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import redis
 from psycopg_pool import AsyncConnectionPool
+from starlette.testclient import TestClient
 
+from app.api import create_app
 from app.bootstrap import prepare
 from app.embedded import EmbeddedStack, free_port
 from app.sessions import Sessions
@@ -122,3 +125,17 @@ async def session_store(settings: Settings) -> AsyncIterator[Sessions]:
     yield Sessions(client, pool, settings.session_ttl_seconds)
     await pool.close()
     await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings) -> Iterator[TestClient]:
+    """The app in-process, the offline provider at full speed."""
+    fast = dataclasses.replace(settings, offline_token_delay_ms=0)
+    with TestClient(create_app(fast)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def pg(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
+        yield conn

@@ -27,7 +27,6 @@ from starlette.testclient import TestClient
 from waits import settle
 
 from app import keys, limits, messages
-from app.api import create_app
 from app.settings import Settings
 
 Headers = Callable[[str], dict[str, str]]
@@ -41,19 +40,6 @@ FUZZ = hsettings(
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def client(settings: Settings) -> Iterator[TestClient]:
-    fast = dataclasses.replace(settings, offline_token_delay_ms=0)
-    with TestClient(create_app(fast)) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def pg(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
-    with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
-        yield conn
 
 
 @dataclasses.dataclass(frozen=True)

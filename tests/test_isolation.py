@@ -27,7 +27,6 @@ from starlette.testclient import TestClient
 from test_fuzz import _turn, assert_error_body, snapshot
 
 from app import api
-from app.api import create_app
 from app.embeddings import shared_embedder
 from app.ingest import ingest_paths
 from app.memory.facts import Fact
@@ -81,19 +80,6 @@ def _send(client: TestClient, method: str, path: str, alice: Alice,
     extra = {"Last-Event-ID": alice.event_ids[0]} if path.endswith("/events") else {}
     return client.request(method, path, headers={**headers, **extra},
                           json={"content": QUESTION}, follow_redirects=False)
-
-
-@pytest.fixture(scope="module")
-def client(settings: Settings) -> Iterator[TestClient]:
-    fast = dataclasses.replace(settings, offline_token_delay_ms=0)
-    with TestClient(create_app(fast)) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def pg(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
-    with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
-        yield conn
 
 
 @pytest.fixture(scope="module")
