@@ -117,6 +117,7 @@ def create_app(settings: Settings) -> Starlette:
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
+            await cache.drain()
             extraction.close()
             audit_conn.close()
             await pg.close()

@@ -31,7 +31,7 @@ import random
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import numpy as np
@@ -139,6 +139,7 @@ class SemanticCache:
         self._memo: OrderedDict[str, float] = OrderedDict()  # call -> monotonic expiry
         # Vectors `lookup` had to make itself, handed on to the `store` after the miss.
         self._pending: OrderedDict[str, Vector] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def needs_vector(self, tool: Tool, arguments: dict[str, Any], query: str) -> bool:
         """False when this process recently stored or served this exact call (any scope)."""
@@ -183,10 +184,21 @@ class SemanticCache:
             self._memo.pop(memo, None)
         elif kind == "exact_hits":
             self._remember(memo, policy)
-        await self._count(name, hit, kind)
+        # Counters and the audit enqueue never hold up the caller.
+        self._background(self._count(name, hit, kind))
         if hit is not None:
-            await self._maybe_audit(name, hit, arguments, ctx)
+            self._background(self._maybe_audit(name, hit, arguments, ctx))
         return hit
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)  # a strong reference until it is done
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for the counters and audit enqueues still in flight (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def store(
         self, tool: Tool, arguments: dict[str, Any], query: str, vector: Vector | None,

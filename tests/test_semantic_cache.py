@@ -87,6 +87,7 @@ def ask(
             for i, (user, question) in enumerate(calls):
                 call = ToolCall(id=f"c{i}", name=tool.spec.name, arguments={"query": question})
                 out.append(await router.run(call, ToolContext(user)))
+            await cache.drain()  # counters and audit enqueues run in the background
             return out
         finally:
             await client.aclose()
