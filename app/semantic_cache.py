@@ -170,7 +170,7 @@ class SemanticCache:
             hit, kind = self._exact(key, replies[0]), "exact_hits"
             if hit is None:
                 if vector is None:  # the memo was wrong for this caller: embed after all
-                    vector = await asyncio.to_thread(self.embedder.embed, query)
+                    vector = await self.embedder.aembed(query)
                     self._pending[key] = vector
                     while len(self._pending) > 64:  # stores that never came (tool failed)
                         self._pending.popitem(last=False)

@@ -86,7 +86,7 @@ class ToolRouter:
         cache = self.cache if tool.policy is not None and query else None
         # The cache may answer from its exact-match fast path without a vector.
         if query and (cache is None or cache.needs_vector(tool, call.arguments, query)):
-            vector = await asyncio.to_thread(self.embedder.embed, query)
+            vector = await self.embedder.aembed(query)
         if cache is not None:
             hit = await cache.lookup(tool, call.arguments, query, vector, ctx)
             if hit is not None:

@@ -66,6 +66,10 @@ class CountingEmbedder(Embedder):
         self.calls += 1
         return self.inner.embed(text)
 
+    async def aembed(self, text: str) -> Vector:
+        self.calls += 1
+        return await self.inner.aembed(text)
+
 
 Calls = list[tuple[str, str]]  # (user, question)
 

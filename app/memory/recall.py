@@ -7,7 +7,6 @@ not reach the prompt. The embedding model is CPU-bound, so it runs in a thread.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 
 import numpy as np
@@ -36,7 +35,7 @@ async def recall(
     keys.check_user_id(user)
     if not question.strip() or k <= 0:
         return []
-    vector = await asyncio.to_thread(embedder.embed, question)
+    vector = await embedder.aembed(question)
     reply = await redis_async.execute_command(
         "FT.SEARCH", keys.INDEX_MEMORY,
         f"(@user:{{{escape_tag(user)}}})=>[KNN {int(k)} @embedding $vec AS distance]",

@@ -11,7 +11,6 @@ or the RESP3 map), whichever protocol the client negotiated.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 
@@ -130,7 +129,7 @@ class KbSearch:
         try:
             if query_vector is None:
                 # The model is CPU-bound; keep it off the event loop.
-                query_vector = await asyncio.to_thread(self.embedder.embed, query)
+                query_vector = await self.embedder.aembed(query)
             items = await self.search(np.asarray(query_vector, dtype=np.float32), scopes)
         except rexc.RedisError as e:
             return ToolResult.failed(f"the knowledge base is unavailable: {e}")
