@@ -30,8 +30,21 @@ def redis_client(url: str, **kw: Any) -> redis.Redis:
     return redis.Redis.from_url(url, health_check_interval=30, **kw)
 
 
-def async_redis_client(url: str, **kw: Any) -> aredis.Redis:
-    return aredis.Redis.from_url(url, health_check_interval=30, **kw)
+# redis-py's async pool refuses a command once 100 connections are busy ("Too many
+# connections"), which under a few hundred concurrent streams turned into 503s. A
+# blocking pool makes the 257th caller wait for a free connection instead.
+MAX_CONNECTIONS = 256
+POOL_WAIT_SECONDS = 10.0
+
+
+def async_redis_client(
+    url: str, max_connections: int = MAX_CONNECTIONS, **kw: Any
+) -> aredis.Redis:
+    pool = aredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=POOL_WAIT_SECONDS,
+        health_check_interval=30, **kw,
+    )
+    return aredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
 
 
 # MODULE LIST is @dangerous, so a least-privilege ACL user (deploy/redis/users.acl)
