@@ -55,14 +55,17 @@ class Timing:
     started: float = field(default_factory=time.perf_counter)
     model_ms: float = 0.0
     tool_ms: float = 0.0
+    recall_ms: float = 0.0  # embedding the question and searching long-term memory
 
     def as_dict(self) -> dict[str, float]:
         total = (time.perf_counter() - self.started) * 1000
+        waited = self.model_ms + self.tool_ms + self.recall_ms
         return {
             "total_ms": round(total, 2),
             "model_ms": round(self.model_ms, 2),
             "tool_ms": round(self.tool_ms, 2),
-            "overhead_ms": round(total - self.model_ms - self.tool_ms, 2),
+            "recall_ms": round(self.recall_ms, 2),
+            "overhead_ms": round(total - waited, 2),
         }
 
 
@@ -96,7 +99,9 @@ class Turn:
         summary_raw = await self.deps.sessions.redis.get(keys.memory_summary(self.sid))
         summary = summary_raw.decode() if isinstance(summary_raw, bytes) else None
         question = str(self.history[-1].get("content") or "")
+        recalled = time.perf_counter()
         memories = await self.deps.recall(self.user, question) if self.deps.recall else []
+        self.timing.recall_ms += (time.perf_counter() - recalled) * 1000
         for step in range(MAX_STEPS):
             prompt = context.build(self.history, summary, memories)
             # The last step offers no tools, so a model looping on tools must answer.

@@ -74,7 +74,7 @@ def test_a_question_streams_a_kb_search_and_a_cited_answer_then_persists_the_tur
     done = got[-1].data
     assert done["message"]["content"] == answer and "[1]" in answer
     assert "second" in answer.lower()
-    assert set(done["timing"]) == {"total_ms", "model_ms", "tool_ms", "overhead_ms"}
+    assert set(done["timing"]) == {"total_ms", "model_ms", "tool_ms", "recall_ms", "overhead_ms"}
 
     history = client.get(f"/v1/sessions/{sid}", headers=h).json()["messages"]
     assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant"]
