@@ -4,8 +4,9 @@ API nodes hold no state: the node running a turn XADDs every event to
 `events:{<sid>}:<turn>` (10-minute TTL) and uses the entry id as the SSE `id:`,
 written `<turn>.<entry-id>`. The turn is the stream's only writer, so it picks
 the entry ids itself (`<turn start ms>-<n>`) and need not wait for Redis before
-sending an event: a background flush pipelines whatever is pending in one round
-trip, and a terminal event is sent only after everything before it is stored.
+sending an event: one background writer per node pipelines the pending events of
+all turns in one round trip, and a terminal event is sent only after everything
+before it is stored.
 
 A client that lost its connection sends that id as `Last-Event-ID` (or
 `?after=`) to `GET /v1/sessions/{sid}/events` on any node and gets the rest,
@@ -19,6 +20,7 @@ import json
 import logging
 import re
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +32,9 @@ from app.errors import BadRequest, NotFound
 
 log = logging.getLogger("backbone.events")
 TTL_SECONDS = 600
+WRITER_LINGER_SECONDS = 1.0
+# How long the writer lets events gather before a round trip (only resumers see it).
+COALESCE_SECONDS = 0.005
 MAXLEN = 20_000
 TERMINAL = frozenset({"message.done", "error"})
 # ASCII digits only (`\d` would take any script's digits), and each entry part must
@@ -54,11 +59,6 @@ class Event:
                 "data": self.data_json or json.dumps(self.data)}
 
 
-def _report_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("events not logged (resumption will miss them): %s", task.exception())
-
-
 def parse_event_id(raw: str) -> tuple[int, str]:
     m = EVENT_ID.fullmatch(raw.strip())
     if m is None or max(int(m["ms"]), int(m["n"])) > MAX_ENTRY_PART:
@@ -70,42 +70,96 @@ class EventLog:
     """The writer side, one per turn."""
 
     def __init__(self, redis: aredis.Redis, sid: str, turn: int) -> None:
-        self.redis = redis
         self.key = keys.events(sid, turn)
         self.turn = turn
+        self._writer = _writer_for(redis)
         self._base_ms = int(time.time() * 1000)
-        self._n = 0
-        self._pending: list[tuple[str, str, str]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._n = 0  # events emitted
+        self.written = 0  # events known to be in Redis
+        self.error: Exception | None = None  # why the last write failed
+        self.progress = asyncio.Event()
 
     def emit(self, event: str, data: dict[str, Any]) -> Event:
-        """The event with its id, now; it reaches Redis with the next flush."""
+        """The event with its id, now; it reaches Redis with the writer's next batch."""
         entry = f"{self._base_ms}-{self._n}"
         self._n += 1
         encoded = json.dumps(data)
-        self._pending.append((entry, event, encoded))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write())
-            self._writer.add_done_callback(_report_failure)
+        self._writer.add(self, entry, event, encoded)
         return Event(f"{self.turn}.{entry}", event, data, encoded)
 
     async def flush(self) -> None:
         """Wait until every event emitted so far is in Redis (raises if Redis failed)."""
-        while self._writer is not None:
-            writer = self._writer
-            await asyncio.shield(writer)
-            if writer is self._writer and not self._pending:
-                return
+        target = self._n
+        while self.written < target:
+            if self.error is not None:
+                raise self.error
+            self.progress.clear()
+            await self.progress.wait()
 
-    async def _write(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            pipe = self.redis.pipeline(transaction=False)
-            for entry, event, data in batch:
-                pipe.xadd(self.key, {"event": event, "data": data}, id=entry,
-                          maxlen=MAXLEN, approximate=True)
-            pipe.expire(self.key, TTL_SECONDS)
+
+class _Writer:
+    """One per Redis client (so per event loop): every turn's events in one pipeline.
+
+    Under load a round trip carries the events of all the turns streaming on this
+    node, instead of one per token per turn. A short pause before each batch lets
+    the events of one loop cycle join it; a quiet writer ends and the next event
+    starts a new one.
+    """
+
+    def __init__(self, redis: aredis.Redis) -> None:
+        self.redis = redis
+        self.pending: list[tuple[EventLog, str, str, str]] = []
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def add(self, owner: EventLog, entry: str, event: str, data: str) -> None:
+        self.pending.append((owner, entry, event, data))
+        self.wake.set()
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            if not self.pending:
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), WRITER_LINGER_SECONDS)
+                except TimeoutError:
+                    if not self.pending:  # an event may have slipped in as it fired
+                        return
+                    continue
+            await asyncio.sleep(COALESCE_SECONDS)
+            batch, self.pending = self.pending, []
+            await self._write(batch)
+
+    async def _write(self, batch: list[tuple[EventLog, str, str, str]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for owner, entry, event, data in batch:
+            pipe.xadd(owner.key, {"event": event, "data": data}, id=entry,
+                      maxlen=MAXLEN, approximate=True)
+        for key in {owner.key for owner, *_ in batch}:
+            pipe.expire(key, TTL_SECONDS)
+        try:
             await pipe.execute()
+        except Exception as exc:  # Redis down: each turn learns it at its next flush
+            log.warning("%d events not logged (resumption will miss them): %s", len(batch), exc)
+            for owner in {owner for owner, *_ in batch}:
+                owner.error = exc
+                owner.progress.set()
+            return
+        for owner, *_ in batch:
+            owner.written += 1
+            owner.progress.set()
+
+
+_writers: weakref.WeakKeyDictionary[aredis.Redis, _Writer] = weakref.WeakKeyDictionary()
+
+
+def _writer_for(redis: aredis.Redis) -> _Writer:
+    writer = _writers.get(redis)
+    if writer is None:
+        writer = _writers[redis] = _Writer(redis)
+    return writer
 
 
 def _entry(entry_id: str) -> tuple[int, int]:

@@ -95,6 +95,26 @@ async def arun(client: aredis.Redis, call: Call[T]) -> T:
     return call.parse(raw)
 
 
+async def arun_after(
+    client: aredis.Redis, prelude: Callable[[Any], object], call: Call[T]
+) -> T:
+    """`arun`, in the same round trip as the commands `prelude` queues on a pipeline
+    (they run first, in order)."""
+    s = call.script
+    pipe = client.pipeline(transaction=False)
+    prelude(pipe)
+    pipe.evalsha(s.sha, s.numkeys, *call.keys, *call.args)
+    *before, raw = await pipe.execute(raise_on_error=False)
+    for result in before:
+        if isinstance(result, Exception):
+            raise result
+    if isinstance(raw, NoScriptError):
+        return await arun(client, call)
+    if isinstance(raw, Exception):
+        raise raw
+    return call.parse(raw)
+
+
 def preload(client: redis.Redis) -> None:
     """SCRIPT LOAD every script, so the first request pays no EVAL."""
     for s in load_all().values():

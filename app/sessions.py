@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import time
@@ -35,6 +36,10 @@ BACKOFF_SECONDS = 0.002
 # only after it, and with PostgreSQL down the pool's own wait is 30 s; the sweep
 # persists whatever this gives up on.
 PERSIST_WAIT_SECONDS = 5.0
+
+
+def _mark_unpersisted(sid: str, now_ms: float, pipe: Any) -> None:
+    pipe.zadd(keys.UNPERSISTED, {sid: now_ms})
 
 
 def _owned(owner: str | None, user: str) -> str:
@@ -116,9 +121,11 @@ class Sessions:
             # Mark first: if this process dies right after the append, the sweep
             # still finds the session. The score moves on every write, so a sweep
             # that read an older score will not clear a newer write.
-            await self.redis.zadd(keys.UNPERSISTED, {sid: time.time() * 1000})
-            code, current = await scripts.arun(
+            # (One round trip: the mark goes first on the same connection.)
+            mark = functools.partial(_mark_unpersisted, sid, time.time() * 1000)
+            code, current = await scripts.arun_after(
                 self.redis,
+                mark,
                 scripts.append_messages(
                     sid, user, next_seq, [canonical_json(m) for m in batch], self.ttl
                 ),

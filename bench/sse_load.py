@@ -70,14 +70,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--concurrency", type=int, nargs="+", default=[50, 200, 500])
     p.add_argument("--pace-ms", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3, help="runs per level, samples pooled")
     args = p.parse_args()
     rows = []
     with stores() as settings, servers(settings, OFFLINE_TOKEN_DELAY_MS=str(args.pace_ms)) as urls:
         asyncio.run(run_level(urls[0], 5))  # warm up: model load, first connections
         for n in args.concurrency:
-            out, wall = asyncio.run(run_level(urls[0], n))
-            rows.append((n, out, wall))
-    print(f"one uvicorn process, offline provider at {args.pace_ms} ms/token, loopback, 2 cores\n")
+            pooled, walls = Result(), 0.0
+            for _ in range(args.rounds):
+                out, wall = asyncio.run(run_level(urls[0], n))
+                pooled.ttfe += out.ttfe
+                pooled.overhead += out.overhead
+                pooled.errors += out.errors
+                pooled.turns += out.turns
+                walls += wall
+            rows.append((n, pooled, walls))
+    print(f"one uvicorn process, offline provider at {args.pace_ms} ms/token, loopback, 2 cores, "
+          f"{args.rounds} rounds per level\n")
     print("| concurrent chats | turns | turns/s | first event p50 ms | first event p99 ms "
           "| errors | overhead p50 ms | overhead p99 ms |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
