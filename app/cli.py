@@ -35,6 +35,7 @@ from app.stores import check_modules, pg_connect, redis_client
 
 Command = Callable[[Settings, argparse.Namespace], int]
 LOCAL_USER = "local"
+KEEP_ALIVE_SECONDS = 30
 
 
 def _dims(settings: Settings) -> int | None:
@@ -163,6 +164,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         uvicorn.run(
             create_app(resolved), host=resolved.host, port=resolved.port,
             log_level=resolved.log_level.lower(), timeout_graceful_shutdown=10,
+            # uvicorn's 5 s default closes idle keep-alive connections while busy
+            # clients are about to reuse them (ReadErrors at 500 streams); proxies
+            # in front should time out idle connections sooner than this.
+            timeout_keep_alive=KEEP_ALIVE_SECONDS,
         )
     return 0
 
