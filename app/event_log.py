@@ -16,6 +16,7 @@ live, until the turn's `message.done` or `error`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -32,7 +33,8 @@ from app.errors import BadRequest, NotFound
 log = logging.getLogger("backbone.events")
 TTL_SECONDS = 600
 WRITER_LINGER_SECONDS = 1.0
-# How long the writer lets events gather before a round trip (only resumers see it).
+# How long the writer lets events gather before a round trip (only resumers see it);
+# a turn waiting to send its terminal event cuts it short.
 COALESCE_SECONDS = 0.005
 MAXLEN = 20_000
 TERMINAL = frozenset({"message.done", "error"})
@@ -88,6 +90,7 @@ class EventLog:
     async def flush(self) -> None:
         """Wait until every event emitted so far is in Redis (raises if Redis failed)."""
         target = self._n
+        self._writer.hurry.set()
         while self.written < target:
             if self.error is not None:
                 raise self.error
@@ -108,6 +111,7 @@ class _Writer:
         self.redis = redis
         self.pending: list[tuple[EventLog, str, str, str]] = []
         self.wake = asyncio.Event()
+        self.hurry = asyncio.Event()  # a turn is flushing: write without the pause
         self.task: asyncio.Task[None] | None = None
 
     def add(self, owner: EventLog, entry: str, event: str, data: str) -> None:
@@ -126,7 +130,10 @@ class _Writer:
                     if not self.pending:  # an event may have slipped in as it fired
                         return
                     continue
-            await asyncio.sleep(COALESCE_SECONDS)
+            if not self.hurry.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.hurry.wait(), COALESCE_SECONDS)
+            self.hurry.clear()
             batch, self.pending = self.pending, []
             await self._write(batch)
 
