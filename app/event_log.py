@@ -90,7 +90,8 @@ class EventLog:
     async def flush(self) -> None:
         """Wait until every event emitted so far is in Redis (raises if Redis failed)."""
         target = self._n
-        self._writer.hurry.set()
+        if self.written < target:
+            self._writer.hurry.set()
         while self.written < target:
             if self.error is not None:
                 raise self.error

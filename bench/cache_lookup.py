@@ -5,11 +5,12 @@
 Bulk entries carry random unit vectors (the model would take far too long for
 100k); KNN queries are stored vectors plus noise, so each has a true nearest
 neighbour. Recall@1 compares the HNSW index (idx:cache's own settings) with an
-exact FLAT index over the same hashes. "our lookup" is the real path: the model
-embeds a short question, then `SemanticCache.lookup` (exact HMGET, threshold,
-KNN 1 with the tool+scope filter in one round trip, `decide`, counters).
-redisvl's `SemanticCache.check(prompt=...)` is loaded with the same vectors
-under its own prefix, with the same model as its vectorizer, so it also embeds.
+exact FLAT index over the same hashes. "ours" is the real path,
+`SemanticCache.lookup` (exact HMGET, threshold, KNN 1 with the tool+scope filter
+in one round trip, `decide`; its counters run after it returns, as in the app).
+redisvl's `SemanticCache.check` is loaded with the same vectors under its own
+prefix, with the same model as its vectorizer. Both are timed given the vector
+and as a whole lookup that embeds a short question first.
 """
 
 from __future__ import annotations
