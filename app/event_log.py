@@ -16,7 +16,6 @@ live, until the turn's `message.done` or `error`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
@@ -132,8 +131,13 @@ class _Writer:
                         return
                     continue
             if not self.hurry.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.hurry.wait(), COALESCE_SECONDS)
+                # The pause ends early when a turn flushes; a timer, not wait_for,
+                # so no inner task is made per batch.
+                timer = asyncio.get_running_loop().call_later(COALESCE_SECONDS, self.hurry.set)
+                try:
+                    await self.hurry.wait()
+                finally:
+                    timer.cancel()
             self.hurry.clear()
             batch, self.pending = self.pending, []
             await self._write(batch)
