@@ -2,20 +2,41 @@
 
 The vector dimension in the YAML is all-MiniLM-L6-v2's (384); another
 EMBEDDING_MODEL passes its own, and `create` builds the index with it.
+
+An index that exists with another definition than its YAML (a deployment
+created before the TAG fields became CASESENSITIVE, another vector dimension)
+is upgraded by `create_all`, at every start and by `backbone index create`:
+FT.DROPINDEX without DD, then FT.CREATE. The hashes stay where they are and
+RediSearch re-indexes them in the background; until it is done, searches see
+part of the data (a cache lookup misses, a kb search finds less), never
+another scope's. Only the attributes in `definition` are compared, so a Redis
+that reports extra defaults does not cause a rebuild at every start.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import redis
 import yaml
+from redisvl.exceptions import RedisSearchError
 from redisvl.index import SearchIndex
 from redisvl.schema import IndexSchema
 
+log = logging.getLogger("backbone.indexes")
+
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 NAMES = ("cache", "kb", "memory")
+# Per field type, the attributes that change what a query matches or what a key holds.
+_COMPARED: dict[str, tuple[str, ...]] = {
+    "tag": ("case_sensitive", "separator", "sortable"),
+    "text": ("no_stem", "sortable", "weight"),
+    "numeric": ("sortable",),
+    "vector": ("algorithm", "datatype", "dims", "distance_metric", "m", "ef_construction"),
+}
+Outcome = Literal["created", "upgraded"]
 
 
 def schema(name: str, dims: int | None = None) -> IndexSchema:
@@ -35,15 +56,78 @@ def index_name(name: str) -> str:
     return str(schema(name).index.name)
 
 
-def create_all(client: redis.Redis, dims: int | None = None) -> list[str]:
-    """Create every index that does not exist yet; return the names created."""
-    created = []
-    for name in NAMES:
-        idx = index(client, name, dims)
+def definition(s: IndexSchema) -> dict[str, Any]:
+    """The parts of a schema two indexes must share to hold and match the same keys."""
+    spec = s.to_dict()
+    prefix = spec["index"]["prefix"]
+    fields = {}
+    for f in spec["fields"]:
+        attrs = f.get("attrs") or {}
+        fields[f["name"]] = (f["type"], {
+            a: _plain(attrs.get(a)) for a in _COMPARED.get(f["type"], ())
+        })  # fmt: skip
+    return {
+        "prefix": sorted([prefix] if isinstance(prefix, str) else prefix),
+        "storage_type": spec["index"]["storage_type"],
+        "fields": fields,
+    }
+
+
+def _plain(value: Any) -> Any:
+    # FT.INFO reports "COSINE" for cosine and 1.0 for a weight the YAML wrote as 1.
+    if isinstance(value, str):
+        return value.lower()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def ensure(client: redis.Redis, want: IndexSchema) -> Outcome | None:
+    """Create the index, or rebuild it when its definition differs from `want`."""
+    idx = SearchIndex(want, redis_client=client)
+    if not idx.exists():
+        _create(idx)
+        return "created"
+    try:
+        have = SearchIndex.from_existing(idx.name, redis_client=client).schema
+    except Exception as e:  # an FT.INFO this redisvl cannot read: keep what serves
+        log.warning("index %s: cannot read its definition, left as it is: %s", idx.name, e)
+        return None
+    old, new = definition(have), definition(want)
+    if old == new:
+        return None
+    changed = sorted(
+        name for name in old["fields"].keys() | new["fields"].keys()
+        if old["fields"].get(name) != new["fields"].get(name)
+    )
+    log.warning(
+        "index %s differs from its schema (fields %s%s): dropping it (the keys stay) and "
+        "creating it again; its hashes are re-indexed in the background",
+        idx.name, ", ".join(changed) or "none",
+        "" if old["prefix"] == new["prefix"] else "; prefix",
+    )  # fmt: skip
+    client.ft(idx.name).dropindex(delete_documents=False)
+    _create(idx)
+    return "upgraded"
+
+
+def _create(idx: SearchIndex) -> None:
+    try:
+        idx.create(overwrite=False)
+    except RedisSearchError:
+        # Another node starting at the same moment created it first: the same YAML.
         if not idx.exists():
-            idx.create(overwrite=False)
-            created.append(idx.name)
-    return created
+            raise
+
+
+def create_all(client: redis.Redis, dims: int | None = None) -> list[str]:
+    """Create every missing index and upgrade every outdated one; return their names."""
+    done = []
+    for name in NAMES:
+        want = schema(name, dims)
+        if ensure(client, want) is not None:
+            done.append(str(want.index.name))
+    return done
 
 
 def drop_all(client: redis.Redis, *, with_documents: bool = False) -> list[str]:
