@@ -11,7 +11,10 @@ indexed by `idx:cache`. A lookup tries, in one round trip:
 
 The scope is part of both the key hash and the KNN filter, so an entry is
 never served outside it: a `user`-scoped result reaches only that user, even
-for an identical question. The threshold starts at the tool's
+for an identical question. Both paths then compare the entry's stored `scope`
+with the caller's, exactly (`app.scope_guard`): an entry of another scope, be
+it from a case-folding index or a key that names another scope's entry, is a
+logged miss, never a hit. The threshold starts at the tool's
 `CachePolicy.max_distance` and then moves with the audit outcomes
 (`AdaptiveThreshold`, stored in `cache-threshold:<tool>`).
 
@@ -41,6 +44,7 @@ import redis.exceptions as rexc
 from app import keys
 from app.cache_decision import AdaptiveThreshold, HitPolicy, canonical_text, decide
 from app.embeddings import Embedder, Vector, shared_embedder
+from app.scope_guard import admitted
 from app.settings import Settings
 from app.tool_router import CacheHit
 from app.tools.base import CachePolicy, Tool, ToolContext, ToolResult
@@ -49,7 +53,7 @@ from app.tools.kb_search import escape_tag, parse_search_reply
 log = logging.getLogger("backbone.cache")
 
 AuditEnqueuer = Callable[[dict[str, Any]], None]
-ENTRY_FIELDS = ("result", "tool_ms")
+ENTRY_FIELDS = ("result", "tool_ms", "scope")
 KNN_FIELDS = ("query", "scope", "result", "tool_ms", "distance")
 # Entries this process stored or served exactly: `needs_vector` is sync and must not
 # wait on Redis, so it trusts this memo and `lookup` still checks the key itself.
@@ -167,7 +171,7 @@ class SemanticCache:
         key = entry_key(name, scope, arguments, query)
         try:
             replies = await self._fetch(name, scope, key, vector)
-            hit, kind = self._exact(key, replies[0]), "exact_hits"
+            hit, kind = self._exact(key, replies[0], scope), "exact_hits"
             if hit is None:
                 if vector is None:  # the memo was wrong for this caller: embed after all
                     vector = await self.embedder.aembed(query)
@@ -176,7 +180,7 @@ class SemanticCache:
                         self._pending.popitem(last=False)
                     replies = await self._fetch(name, scope, key, vector)
                 threshold = threshold_state(replies[1], policy)
-                hit, kind = self._nearest(query, replies[2], threshold), "hits"
+                hit, kind = self._nearest(query, replies[2], threshold, scope), "hits"
         except rexc.RedisError as e:
             log.warning("cache lookup for %s failed, treated as a miss: %s", name, e)
             return None
@@ -267,19 +271,25 @@ class SemanticCache:
             "DIALECT", 2,
         )  # fmt: skip
 
-    def _exact(self, key: str, reply: Any) -> CacheHit | None:
-        raw, tool_ms = reply
+    def _exact(self, key: str, reply: Any, scope: str) -> CacheHit | None:
+        raw, tool_ms, stored_scope = reply
         if raw is None:
+            return None
+        fields = {"scope": _s(stored_scope)} if stored_scope is not None else {}
+        if not admitted([(key, fields)], "scope", (scope,), "cache exact"):
             return None
         return CacheHit(decode_result(raw), 0.0, key, float(_s(tool_ms or b"0")))
 
-    def _nearest(self, query: str, reply: Any, state: AdaptiveThreshold) -> CacheHit | None:
+    def _nearest(
+        self, query: str, reply: Any, state: AdaptiveThreshold, scope: str
+    ) -> CacheHit | None:
         if reply is None:
             return None
         if isinstance(reply, Exception):
             log.warning("cache KNN failed, treated as a miss: %s", reply)
             return None
         _, rows = parse_search_reply(reply)
+        rows = admitted(rows, "scope", (scope,), "cache KNN")
         if not rows:
             return None
         key, f = rows[0]

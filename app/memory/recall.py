@@ -2,7 +2,9 @@
 
 KNN over `idx:memory`, filtered by the user tag (escaped: user text never
 becomes query syntax), bounded by cosine distance so an unrelated memory does
-not reach the prompt. The embedding model is CPU-bound, so it runs in a thread.
+not reach the prompt. Each row's `user` is compared again, exactly, with the
+caller (`app.scope_guard`): another user's memory is dropped and logged. The
+embedding model is CPU-bound, so it runs in a thread.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import redis.asyncio as aredis
 
 from app import keys
 from app.embeddings import Embedder
+from app.scope_guard import admitted
 from app.tools.kb_search import escape_tag, parse_search_reply
 
 # With all-MiniLM-L6-v2 a question about a stored fact sits at 0.65-0.8 from it
@@ -30,6 +33,7 @@ async def recall(
     k: int = 5,
     *,
     max_distance: float = MAX_DISTANCE,
+    index: str = keys.INDEX_MEMORY,
 ) -> list[str]:
     """Up to k "kind: content" lines of `user`'s memories nearest to `question`."""
     keys.check_user_id(user)
@@ -37,7 +41,7 @@ async def recall(
         return []
     vector = await embedder.aembed(question)
     reply = await redis_async.execute_command(
-        "FT.SEARCH", keys.INDEX_MEMORY,
+        "FT.SEARCH", index,
         f"(@user:{{{escape_tag(user)}}})=>[KNN {int(k)} @embedding $vec AS distance]",
         "PARAMS", 2, "vec", np.asarray(vector, dtype=np.float32).tobytes(),
         "SORTBY", "distance", "ASC",
@@ -47,9 +51,8 @@ async def recall(
     )  # type: ignore[no-untyped-call]  # fmt: skip
     _, rows = parse_search_reply(reply)
     out = []
-    for _key, f in rows:
-        # The filter already scopes by user; the check guards against a tag-escaping slip.
-        if f.get("user") != user or float(f.get("distance", "2")) > max_distance:
+    for _key, f in admitted(rows, "user", (user,), "memory recall"):
+        if float(f.get("distance", "2")) > max_distance:
             continue
         out.append(f"{f.get('kind', 'note')}: {f.get('content', '')}")
     return out

@@ -10,6 +10,8 @@ A fact *close* to an existing memory of the same user and kind (cosine distance
 below `merge_distance`, by KNN over `idx:memory`) updates that memory instead
 of adding a near-duplicate: "is allergic to peanuts and tree nuts" replaces
 "is allergic to peanuts". Newer wording wins; the id stays the first one.
+The neighbour's `user` is compared again, exactly (`app.scope_guard`), so
+another user's memory (`Alice`'s for `alice`) never suppresses or absorbs one.
 
 Writes for one user are serialised by a PostgreSQL transaction-scoped advisory
 lock, so two workers mining two sessions of the same user cannot both miss each
@@ -35,6 +37,7 @@ from redis.typing import EncodableT, FieldT
 from app import keys
 from app.embeddings import Embedder, Vector
 from app.memory.facts import Fact
+from app.scope_guard import admitted
 from app.tools.kb_search import escape_tag, parse_search_reply
 
 # Measured with all-MiniLM-L6-v2: a refinement of the same fact sits near 0.1 ("is allergic
@@ -78,7 +81,8 @@ class Neighbour:
 
 
 def nearest(
-    client: redis.Redis, vector: Vector, user: str, kind: str | None = None, k: int = 1
+    client: redis.Redis, vector: Vector, user: str, kind: str | None = None, k: int = 1,
+    *, index: str = keys.INDEX_MEMORY,
 ) -> list[Neighbour]:
     """The k memories of `user` (of `kind`, when given) nearest to `vector`, nearest first."""
     keys.check_user_id(user)
@@ -86,18 +90,18 @@ def nearest(
     if kind is not None:
         filt += f" @kind:{{{escape_tag(kind)}}}"
     reply = client.execute_command(
-        "FT.SEARCH", keys.INDEX_MEMORY,
+        "FT.SEARCH", index,
         f"({filt})=>[KNN {k} @embedding $vec AS distance]",
         "PARAMS", 2, "vec", np.asarray(vector, dtype=np.float32).tobytes(),
         "SORTBY", "distance", "ASC",
-        "RETURN", 2, "content", "distance",
+        "RETURN", 3, "user", "content", "distance",
         "LIMIT", 0, k,
         "DIALECT", 2,
     )  # type: ignore[no-untyped-call]  # fmt: skip
     _, rows = parse_search_reply(reply)
     return [
         Neighbour(key.rsplit(":", 1)[-1], f.get("content", ""), float(f.get("distance", "2")))
-        for key, f in rows
+        for key, f in admitted(rows, "user", (user,), "memory dedupe")
     ]
 
 
@@ -121,6 +125,7 @@ class MemoryStore:
     pg: psycopg.Connection[Any]
     embedder: Embedder
     merge_distance: float = MERGE_DISTANCE
+    index: str = keys.INDEX_MEMORY
 
     def write(
         self, user: str, sid: str | None, facts: Sequence[Fact], source_hash: str | None = None
@@ -144,7 +149,7 @@ class MemoryStore:
         row = self.pg.execute("SELECT 1 FROM memories WHERE id = %s", (mid,)).fetchone()
         if row is not None:
             return Stored(unchanged=1)
-        near = nearest(self.redis, vector, user, fact.kind)
+        near = nearest(self.redis, vector, user, fact.kind, index=self.index)
         if near and near[0].distance < self.merge_distance:
             if canonical_content(near[0].content) == canonical_content(fact.content):
                 return Stored(unchanged=1)

@@ -10,6 +10,10 @@ arguments are invalid: skip the cache and let `run()` return the error.
 
 Retrieval tools give the model numbered passages (`app.tools.passages`) that it
 can cite as [1], [2].
+
+A cacheable tool's `content` must not quote the query: the semantic cache serves
+it to later callers whose question was only close (for a `global` tool, other
+users), and the first asker's words would travel with it.
 """
 
 from __future__ import annotations

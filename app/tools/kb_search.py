@@ -3,7 +3,9 @@
 A chunk's `scope` tag is `global`, `user:<uid>` or `tenant:<tid>`; a search sees
 `global`, the caller's own user scope and, when the context names one, its
 tenant's. Scope values are escaped before they enter the query, and the query
-vector travels as a PARAMS blob, so no user text is ever query syntax.
+vector travels as a PARAMS blob, so no user text is ever query syntax. The
+scope of every chunk the index returns is compared again, exactly, with the
+caller's (`app.scope_guard`): a chunk outside them is dropped and logged.
 
 The raw FT.SEARCH reply is read in both shapes Redis sends (a flat RESP2 array
 or the RESP3 map), whichever protocol the client negotiated.
@@ -22,6 +24,7 @@ from app import keys
 from app.cache_decision import FITTED_MAX_DISTANCE
 from app.embeddings import Embedder, Vector
 from app.llm.base import ToolSpec
+from app.scope_guard import admitted
 from app.tools.base import (
     QUERY_PARAMETERS,
     ArgumentError,
@@ -34,6 +37,9 @@ from app.tools.base import (
 from app.tools.passages import format_passages
 
 RETURN_FIELDS = ("doc", "scope", "source", "title", "text", "chunk", "distance")
+# A cached result serves reworded questions too: its text never quotes the asker's words.
+HEADING = "Knowledge-base passages:"
+NOTHING_FOUND = "The knowledge base has no passage relevant to this query."
 # Everything but letters, digits and _ is tag syntax somewhere; escape it all.
 _TAG_SPECIAL = re.compile(r"([^A-Za-z0-9_])")
 
@@ -134,8 +140,8 @@ class KbSearch:
         except rexc.RedisError as e:
             return ToolResult.failed(f"the knowledge base is unavailable: {e}")
         if not items:
-            return ToolResult(f'The knowledge base has no passage relevant to "{query}".', [])
-        return ToolResult(format_passages(f'Knowledge-base passages for "{query}":', items), items)
+            return ToolResult(NOTHING_FOUND, [])
+        return ToolResult(format_passages(HEADING, items), items)
 
     async def search(self, vector: Vector, scopes: list[str]) -> list[dict[str, Any]]:
         """The k nearest chunks in `scopes`, nearest first, within max_distance."""
@@ -151,7 +157,7 @@ class KbSearch:
         )  # type: ignore[no-untyped-call]  # fmt: skip
         _, rows = parse_search_reply(reply)
         items = []
-        for key, f in rows:
+        for key, f in admitted(rows, "scope", scopes, "kb_search"):
             distance = float(f.get("distance", "1"))
             if distance > self.max_distance:
                 continue

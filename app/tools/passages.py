@@ -1,6 +1,6 @@
 """The numbered-passage text retrieval tools hand the model, and its reader.
 
-    Knowledge-base passages for "<query>":
+    Knowledge-base passages:
 
     [1] <title> <url, when there is one>
     <text>

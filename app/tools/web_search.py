@@ -3,6 +3,10 @@
 SearxNG answers 403 to `format=json` unless `json` is listed under
 `search.formats` in its settings.yml; that case gets a message saying so.
 Every failure becomes `ToolResult(error=...)`; nothing is raised.
+
+The result is cached `global`ly and served to every later asker of a close
+question, so its text never quotes the query: one user's wording must not reach
+another (the model has its own tool call to tell what it asked).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from app.tools.base import (
 from app.tools.passages import format_passages
 
 MAX_TEXT_CHARS = 1000
+HEADING = "Web results:"
+NOTHING_FOUND = "The web search found nothing for this query."
 
 
 class WebSearch:
@@ -73,8 +79,8 @@ class WebSearch:
             return ToolResult.failed(str(e))
         items = _items(body, self.max_results)
         if not items:
-            return ToolResult(f'The web search found nothing for "{query}".', [])
-        return ToolResult(format_passages(f'Web results for "{query}":', items), items)
+            return ToolResult(NOTHING_FOUND, [])
+        return ToolResult(format_passages(HEADING, items), items)
 
     async def _get(self, query: str) -> Any:
         params = {"q": query, "format": "json"}
