@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from fakes import FakeSearxng, searx_result
 
 from app import keys
 from app.cache_stats import cache_stats, clear_cache
@@ -23,9 +24,11 @@ from app.semantic_cache import SemanticCache, threshold_key
 from app.settings import Settings
 from app.stores import async_redis_client
 from app.tool_router import Routed, ToolRouter
+from app.tools import WebSearch
 from app.tools.base import (
     QUERY_PARAMETERS,
     CachePolicy,
+    Tool,
     ToolContext,
     ToolResult,
     check_query,
@@ -75,7 +78,7 @@ Calls = list[tuple[str, str]]  # (user, question)
 
 
 def ask(
-    settings: Settings, tool: CountingTool, calls: Calls,
+    settings: Settings, tool: Tool, calls: Calls,
     enqueue: Callable[[dict[str, Any]], None] | None = None,
     embedder: CountingEmbedder | None = None,
 ) -> list[Routed]:
@@ -180,6 +183,24 @@ def test_a_global_result_is_shared_by_every_user(settings: Settings, user: str) 
     ])  # fmt: skip
     assert [r.cached for r in routed] == [False, True]
     assert routed[1].result.items == routed[0].result.items
+
+
+def test_a_global_web_search_hit_never_shows_the_next_user_the_first_askers_wording(
+    settings: Settings, user: str
+) -> None:
+    # A made-up ferry: no other test's global web_search entry is near this question.
+    first_q = "When does the Tjarnvik night ferry leave pier 7?"
+    second_q = "When does the Tjarnvik night ferry depart from pier 7?"
+    fake = FakeSearxng([searx_result(
+        "https://example.org/tjarnvik", "Tjarnvik ferry", "Night crossings sail from pier 7.")])
+    with fake.serve() as base:
+        first, second = ask(settings, WebSearch(base, timeout=5), [
+            (user, first_q), (f"{user}-b", second_q)])  # fmt: skip
+    assert not first.cached and second.cached and len(fake.queries) == 1
+    assert second.result.items == first.result.items
+    assert "Night crossings sail from pier 7." in second.result.content
+    for words in (first_q, "Tjarnvik night ferry leave", "leave"):
+        assert words not in second.result.content, words
 
 
 def test_audit_rate_zero_never_enqueues_and_one_always_does(

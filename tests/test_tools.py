@@ -79,6 +79,8 @@ def test_kb_search_finds_an_ingested_chunk_for_a_reworded_question(
     assert top["id"] == f"kb:{doc_id(path)}:0" and top["title"] == "Varnholm ferry timetable"
     assert 0 < top["score"] <= 1 and top["distance"] == pytest.approx(1 - top["score"])
     assert "[1] Varnholm ferry timetable" in result.content and "forty minutes" in result.content
+    # Cached results serve reworded questions: the text never quotes the asker's words.
+    assert "boats" not in result.content
 
 
 def test_kb_search_never_returns_another_users_private_chunks(
@@ -179,6 +181,7 @@ def test_web_search_returns_the_top_five_results_from_searxng() -> None:
     assert (first["url"], first["title"], first["text"]) == (
         "https://example.org/0", "Result 0", "About AOF, part 0.")  # fmt: skip
     assert "[1] Result 0 <https://example.org/0>" in result.content
+    assert "fsync" not in result.content  # served to other users from the global cache
 
 
 def test_web_search_turns_a_searxng_500_into_an_error_result() -> None:
