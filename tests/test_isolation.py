@@ -1,6 +1,10 @@
 """No endpoint answers without a valid token; one user never reads, writes, deletes,
 or receives cached private results of another.
 
+"Another" includes ids that differ from alice's only in case (`Alice-...`,
+`ALICE-...`: other accounts, never folded onto hers) and Unicode lookalikes
+(Cyrillic U+0430 for `a`, fullwidth U+FF41: not valid ids, so their tokens are refused).
+
 The route walks read `app.api.routes()`, so a new route is covered the day it is
 added: a `/v1` route with a path parameter this file does not know fails loudly
 until someone says which of alice's resources it names.
@@ -27,6 +31,7 @@ from starlette.testclient import TestClient
 from test_fuzz import _turn, assert_error_body, snapshot
 
 from app import api
+from app.auth import issue_token
 from app.embeddings import shared_embedder
 from app.ingest import ingest_paths
 from app.memory.facts import Fact
@@ -34,6 +39,22 @@ from app.memory.store import MemoryStore
 from app.settings import Settings
 
 Headers = Callable[[str], dict[str, str]]
+
+# Who "bob" is in the walks: a fresh id, or alice's own id in another case.
+OTHERS: dict[str, Callable[[str, str], str]] = {  # (alice's id, a fresh id) -> bob's
+    "fresh": lambda alice, fresh: fresh,
+    "Capitalised": lambda alice, fresh: alice.capitalize(),
+    "UPPER": lambda alice, fresh: alice.upper(),
+    "mIxEd": lambda alice, fresh: "".join(c.upper() if i % 2 else c for i, c in enumerate(alice)),
+}
+CASE_VARIANTS = [name for name in OTHERS if name != "fresh"]
+# Ids that render like alice's but are other code points; none is a valid user id.
+LOOKALIKES: dict[str, Callable[[str], str]] = {
+    "cyrillic-a": lambda alice: "\u0430" + alice[1:],
+    "fullwidth-a": lambda alice: "\uff41" + alice[1:],
+    "dotless-i": lambda alice: alice.replace("i", "\u0131", 1),
+    "zero-width": lambda alice: alice + "\u200b",
+}
 
 # The only routes that answer without a token.
 PUBLIC = {("GET", "/"), ("GET", "/healthz"), ("GET", "/readyz")}
@@ -95,8 +116,6 @@ def alice(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Alice:
     """Alice: a private kb document, a session with one answered turn, one memory."""
-    from app.auth import issue_token
-
     user = f"alice-{uuid.uuid4().hex[:10]}"
     folder: Path = tmp_path_factory.mktemp("alice-kb")
     (folder / "zebra-vault.md").write_text(PRIVATE_DOC)
@@ -131,6 +150,29 @@ def test_no_v1_route_answers_without_a_valid_token(
             {"sub": alice.user}, "some-other-secret-that-is-long-enough", "HS256")},
         "basic": {"Authorization": "Basic YWxpY2U6eA=="},
     }[auth]
+    _assert_every_v1_route_refuses(client, rm, pg, alice, headers)
+
+
+@pytest.mark.parametrize("lookalike", list(LOOKALIKES))
+def test_a_token_for_a_unicode_lookalike_of_alice_is_refused_never_mapped_onto_her(
+    client: TestClient, rm: redis.Redis, pg: psycopg.Connection[Any], alice: Alice,
+    settings: Settings, lookalike: str,
+) -> None:
+    sub = LOOKALIKES[lookalike](alice.user)
+    assert sub != alice.user
+    with pytest.raises(ValueError):
+        issue_token(settings.auth_secret or "", sub)  # never issued
+    # Signed with the real secret and not expired: only the subject is wrong.
+    token = jwt.encode({"sub": sub, "exp": int(time.time()) + 3600},
+                       settings.auth_secret or "", "HS256")
+    _assert_every_v1_route_refuses(client, rm, pg, alice, {"Authorization": f"Bearer {token}"})
+
+
+def _assert_every_v1_route_refuses(
+    client: TestClient, rm: redis.Redis, pg: psycopg.Connection[Any], alice: Alice,
+    headers: dict[str, str],
+) -> None:
+    """401 `unauthorized` on every /v1 route, each naming alice's resources; nothing changes."""
     before = snapshot(rm, pg, alice.user)
     for method, template in _endpoints():
         if not template.startswith("/v1/"):
@@ -138,14 +180,16 @@ def test_no_v1_route_answers_without_a_valid_token(
         res = _send(client, method, _fill(template, alice), alice, headers)
         assert res.status_code == 401, (method, template, res.status_code, res.text[:200])
         assert assert_error_body(res)["code"] == "unauthorized"
+        assert SECRET not in res.text and "PLUM-ORCHID" not in res.text
     assert snapshot(rm, pg, alice.user) == before
 
 
+@pytest.mark.parametrize("other", list(OTHERS))
 def test_another_user_is_refused_on_every_route_naming_alices_resources(
     client: TestClient, rm: redis.Redis, pg: psycopg.Connection[Any], alice: Alice,
-    token_for: Headers, user: str,
+    token_for: Headers, user: str, other: str,
 ) -> None:
-    bob = token_for(user)
+    bob = token_for(OTHERS[other](alice.user, user))
     client.post("/v1/sessions", headers=bob)  # bob exists and has his own session
     before = snapshot(rm, pg, alice.user)
     named = [(m, t) for m, t in _endpoints() if "{" in t]
@@ -162,11 +206,12 @@ def test_another_user_is_refused_on_every_route_naming_alices_resources(
     assert alice.memory_id in mids
 
 
+@pytest.mark.parametrize("other", list(OTHERS))
 def test_routes_that_name_nothing_never_show_another_users_items(
     client: TestClient, rm: redis.Redis, pg: psycopg.Connection[Any], alice: Alice,
-    token_for: Headers, user: str,
+    token_for: Headers, user: str, other: str,
 ) -> None:
-    bob = token_for(user)
+    bob = token_for(OTHERS[other](alice.user, user))
     for method, template in _endpoints():
         if "{" in template or not template.startswith("/v1/") or method != "GET":
             continue
@@ -219,3 +264,47 @@ def test_a_private_kb_document_reaches_its_owner_and_never_another_user_even_fro
     again = _turn(client, rm, pg, alice.sid, alice.headers, {"content": QUESTION})
     assert any(t["cached"] for t in _tool_results(again))
     assert "PLUM-ORCHID" in json.dumps([f.data for f in again])
+
+
+def test_case_variant_ids_read_nothing_of_alices_on_any_path(
+    client: TestClient, rm: redis.Redis, pg: psycopg.Connection[Any], alice: Alice,
+    token_for: Headers, user: str,
+) -> None:
+    """The privacy figure: every way a case variant of alice could read her data, counted.
+
+    A read is a route naming her resources that does not refuse, any response that
+    shows her private text, session or memory id, or a chat turn whose retrieval
+    (kb_search over her private document, the cache, memory recall) brings any of it
+    back or is served from a cache entry, which for a new user can only be someone else's.
+    """
+    private = (SECRET, "plum-orchid", "north wing", alice.sid, alice.memory_id)
+
+    def shows(text: str) -> bool:
+        return any(p.lower() in text.lower() for p in private)
+
+    attempts, reads = 0, []
+    for variant in CASE_VARIANTS:
+        other = OTHERS[variant](alice.user, user)
+        assert other != alice.user and other.lower() == alice.user.lower()
+        h = token_for(other)
+        for method, template in _endpoints():
+            if "{" in template:
+                res = _send(client, method, _fill(template, alice), alice, h)
+                leaked = res.status_code not in (403, 404) or shows(res.text)
+            elif template.startswith("/v1/") and method == "GET":
+                leaked = shows(client.get(template, headers=h).text)
+            else:
+                continue
+            attempts += 1
+            if leaked:
+                reads.append((variant, method, template))
+        sid = client.post("/v1/sessions", headers=h).json()["id"]
+        got = _turn(client, rm, pg, sid, h, {"content": QUESTION})
+        assert _tool_results(got), "the turn searched nothing: the walk proves nothing"
+        attempts += 1
+        text = json.dumps([f.data for f in got]) + client.get(f"/v1/sessions/{sid}", headers=h).text
+        if shows(text) or any(t["cached"] for t in _tool_results(got)):
+            reads.append((variant, "POST", "a chat turn"))
+    print(f"\ncross-user reads with case-variant ids: {len(reads)} (of {attempts} attempts)")
+    assert reads == []
+    assert attempts > 3 * len(CASE_VARIANTS)
