@@ -13,6 +13,11 @@ client disconnect cancels the generator), the messages already appended are
 persisted to PostgreSQL in a shielded `finally`, and the after-turn hooks run
 (memory extraction is enqueued there). If PostgreSQL is down the session stays
 marked unpersisted and the sweep writes it later.
+
+A session deleted mid-turn (`DELETE /v1/sessions/{sid}`) refuses the turn's
+next append: the turn ends with an `error` event, code `session_deleted`; its
+persist is refused by the tombstone, no after-turn hook runs (no extraction),
+and the turn's event stream is removed once its last event is written.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 import anyio
 
 from app import context, keys, messages
-from app.errors import BackboneError, translate
+from app.errors import BackboneError, NotFound, translate
 from app.event_log import Event, EventLog
 from app.llm.base import Provider, StreamEnd, TextDelta, ToolCall, ToolCallRequest
 from app.messages import Message
@@ -175,6 +180,10 @@ class Turn:
     async def _finish(self) -> None:
         try:
             await self.deps.sessions.persist(self.sid, self.user, self.stored)
+        except NotFound as exc:  # session_deleted: the delete wins
+            log.info("session %s deleted during its turn: nothing persisted (%s)", self.sid, exc)
+            await self._forget_events()
+            return
         except Exception as exc:
             log.warning("turn of %s not persisted now (the sweep will): %s", self.sid, exc)
         for hook in self.deps.after_turn:
@@ -182,6 +191,19 @@ class Turn:
                 await hook(self.sid, self.user, self.stored)
             except Exception as exc:
                 log.warning("after-turn hook %s failed for %s: %s", hook, self.sid, exc)
+
+    async def _forget_events(self) -> None:
+        """Remove this turn's event stream, after the writer stored all of it (a
+        write after the DEL would re-create the stream)."""
+        try:
+            with anyio.move_on_after(5):
+                await self.log.flush()
+        except Exception as exc:
+            log.warning("events of deleted session %s: last write failed: %s", self.sid, exc)
+        try:
+            await self.deps.sessions.redis.delete(self.log.key)
+        except Exception as exc:
+            log.warning("events of deleted session %s left to their TTL: %s", self.sid, exc)
 
 
 def _result_event(call: ToolCall, routed: Routed) -> dict[str, Any]:
