@@ -105,6 +105,17 @@ async def persist(conn: AsyncConnection[Any], sid: str, user: str, messages: lis
     return inserted
 
 
+async def persisted_since(conn: AsyncConnection[Any], sid: str, epoch_seconds: float) -> bool:
+    """True when the session's last persist came after `epoch_seconds` (its last
+    unpersisted write): then that write is in PostgreSQL."""
+    cur = await conn.execute(
+        "SELECT updated_at >= to_timestamp(%s) FROM sessions WHERE id = %s",
+        (epoch_seconds, sid),
+    )
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
 async def list_sessions(conn: AsyncConnection[Any], user: str, limit: int) -> list[SessionRow]:
     cur = await conn.execute(
         "SELECT s.id, s.user_id, s.title, s.created_at, s.updated_at,"

@@ -14,8 +14,10 @@ persisted to PostgreSQL in a shielded `finally`, and the after-turn hooks run
 (memory extraction is enqueued there). If PostgreSQL is down the session stays
 marked unpersisted and the sweep writes it later.
 
-A session deleted mid-turn (`DELETE /v1/sessions/{sid}`) refuses the turn's
-next append: the turn ends with an `error` event, code `session_deleted`; its
+A session deleted mid-turn (`DELETE /v1/sessions/{sid}`) stops the turn: the
+fence is checked every FENCE_CHECK_SECONDS while the model streams, and the
+next append refuses anyway. The turn ends with an `error` event, code
+`session_deleted`; its
 persist is refused by the tombstone, no after-turn hook runs (no extraction),
 and the turn's event stream is removed once its last event is written.
 """
@@ -42,6 +44,9 @@ from app.tools.base import ToolContext
 log = logging.getLogger("backbone.turn")
 
 MAX_STEPS = 6
+# While the model streams, how often the turn looks for a delete fence: a deleted
+# session stops paying for tokens within this, at one EXISTS per interval.
+FENCE_CHECK_SECONDS = 0.5
 Recall = Callable[[str, str], Awaitable[list[str]]]
 AfterTurn = Callable[[str, str, list[Message]], Awaitable[None]]
 
@@ -115,6 +120,7 @@ class Turn:
             calls: list[ToolCall] = []
             usage: dict[str, int] = {}
             stream = self.deps.provider.stream(prompt, tools).__aiter__()
+            fence_checked = time.monotonic()
             while True:
                 waited = time.perf_counter()
                 try:
@@ -123,6 +129,9 @@ class Turn:
                     break
                 finally:
                     self.timing.model_ms += (time.perf_counter() - waited) * 1000
+                if time.monotonic() - fence_checked >= FENCE_CHECK_SECONDS:
+                    fence_checked = time.monotonic()
+                    await self.deps.sessions.check_not_deleted(self.sid)
                 if isinstance(item, TextDelta):
                     text.append(item.text)
                     yield self.log.emit("message.delta", {"text": item.text})
@@ -135,7 +144,13 @@ class Turn:
                 done = self.log.emit("message.done", {
                     "message": stored[0], "usage": usage, "timing": self.timing.as_dict(),
                 })
-                await self.log.flush()  # a resuming client must find the whole turn
+                try:
+                    await self.log.flush()  # a resuming client must find the whole turn
+                except Exception as exc:
+                    # The reply is stored: tell this client so. Only resumption lost
+                    # events (a resumer is told the turn stalled and to reload).
+                    log.warning("events of %s not all logged before message.done: %s",
+                                self.sid, exc)
                 yield done
                 return
             results: list[tuple[ToolCall, Routed]] = []

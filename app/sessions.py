@@ -105,6 +105,7 @@ class Sessions:
         # Another request restored it first; read what it wrote.
         owner_now, history = await scripts.arun(self.redis, scripts.read_session(sid, self.ttl))
         if owner_now is None or history is None:
+            await self.check_not_deleted(sid)  # deleted just after it was restored
             raise Conflict("the session changed while it was being restored; retry")
         return Loaded(owner_now, history)
 
@@ -154,6 +155,11 @@ class Sessions:
             batch = [renumber(sid, m, current + i) for i, m in enumerate(batch)]
             await asyncio.sleep(random.uniform(0, BACKOFF_SECONDS * (attempt + 1)))
         raise Conflict("too many concurrent writers on this session; retry")
+
+    async def check_not_deleted(self, sid: str) -> None:
+        """NotFound (code `session_deleted`) once the session's delete fence stands."""
+        if await self.redis.exists(keys.session_deleted(sid)):
+            raise history_db.session_deleted_error()
 
     async def persist(self, sid: str, user: str, messages: Sequence[Message]) -> int:
         """Write a completed turn to PostgreSQL in one transaction (idempotent).

@@ -11,9 +11,11 @@ nothing quiet is left, or SWEEP_BUDGET_SECONDS have passed (the next run goes
 on), or a whole batch failed (PostgreSQL is down: retrying now only spins).
 
 Every mark it clears is counted: `sessions` persisted, `deleted` (the session
-was deleted: the tombstone refuses it, nothing written), `lost` (the Redis copy
-vanished before it was persisted: TTL lapsed during a PostgreSQL outage, or
-eviction; logged as a warning, since acknowledged messages may be gone).
+was deleted: the tombstone refuses it, nothing written), `gone` (the Redis copy
+expired after its last write was persisted: PostgreSQL's `updated_at` is later
+than the mark), `lost` (the Redis copy vanished before it was persisted: TTL
+lapsed during a PostgreSQL outage, or eviction; logged as a warning, since
+acknowledged messages are gone).
 `failed` leaves the mark for the next run.
 """
 
@@ -46,7 +48,8 @@ def sweep_unpersisted(grace_seconds: float = SWEEP_GRACE_SECONDS) -> dict[str, i
 
 
 def _counts() -> dict[str, int]:
-    return {"sessions": 0, "messages": 0, "deleted": 0, "lost": 0, "failed": 0, "batches": 0}
+    return {"sessions": 0, "messages": 0, "deleted": 0, "gone": 0, "lost": 0, "failed": 0,
+            "batches": 0}
 
 
 async def _sweep(
@@ -80,7 +83,7 @@ async def _sweep(
         if conn is not None:
             await conn.close()
         await redis.aclose()
-    if any(counts[k] for k in ("sessions", "deleted", "lost", "failed")):
+    if any(counts[k] for k in ("sessions", "deleted", "gone", "lost", "failed")):
         log.info("sweep: %s", counts)
     return counts
 
@@ -99,7 +102,7 @@ async def _sweep_batch(
     for i, (sid, (_, score)) in enumerate(zip(sids, due, strict=True)):
         owner, history, fenced = replies[3 * i: 3 * i + 3]
         try:
-            outcome, inserted = await _persist_one(conn, sid, owner, history, fenced)
+            outcome, inserted = await _persist_one(conn, sid, score, owner, history, fenced)
         except Exception:
             counts["failed"] += 1
             log.exception("sweep could not persist session %s; left for the next run", sid)
@@ -111,7 +114,7 @@ async def _sweep_batch(
 
 
 async def _persist_one(
-    conn: AsyncConnection[Any], sid: str, owner: Any, history: Any, fenced: Any
+    conn: AsyncConnection[Any], sid: str, score: float, owner: Any, history: Any, fenced: Any
 ) -> tuple[str, int]:
     """(what became of the session, messages inserted)."""
     if fenced == 1:
@@ -119,6 +122,10 @@ async def _persist_one(
     if not (isinstance(owner, bytes) and isinstance(history, bytes)):
         if await history_db.is_deleted(conn, sid):
             return "deleted", 0
+        if await history_db.persisted_since(conn, sid, score / 1000):
+            # Its last write was persisted; only the mark outlived the copy (the
+            # clear failed): nothing lost.
+            return "gone", 0
         log.warning(
             "sweep: session %s left Redis before it was persisted (TTL or eviction; check "
             "maxmemory-policy is noeviction): its unpersisted messages are lost", sid,
