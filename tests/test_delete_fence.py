@@ -198,10 +198,9 @@ async def test_sweeps_racing_deletes_leave_nothing_of_the_deleted_sessions(
     for sid in sids:
         await session_store.append(sid, user, [_msg(sid, 0, "unpersisted")], 0)
     doomed = sids[::2]
-    counts, *_ = await asyncio.gather(
-        jobs._sweep(stores_env, 0.0, batch_size=4),
-        *(session_store.delete(sid, user) for sid in doomed),
-    )
+    sweep = asyncio.create_task(jobs._sweep(stores_env, 0.0, batch_size=4))
+    await asyncio.gather(*(session_store.delete(sid, user) for sid in doomed))
+    counts = await sweep
     await jobs._sweep(stores_env, 0.0)
     assert counts["failed"] == 0
     assert [sid for sid in doomed if _traces(r, pg, sid)] == []
