@@ -2,15 +2,28 @@
 
 Called by `backbone up`, `serve` and `worker` at start and by the test
 fixtures, so every entry point fails the same clear way on a wrong Redis.
+
+Redis's `maxmemory-policy` is checked too: anything but `noeviction` may evict a
+session's history before the sweep persisted it (session keys carry TTLs, so
+the volatile-* policies pick them as well). That is warned about loudly, naming
+the setting, rather than refused: a managed Redis may not let the operator
+change it, and with `noeviction` a full Redis refuses writes (a 503) instead of
+losing acknowledged messages. Read from INFO, which the app's ACL user may run
+(CONFIG is a dangerous command it may not).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+
+import redis
 
 from app import indexes, migrations, scripts
 from app.settings import Settings
 from app.stores import check_modules, pg_connect, redis_client
+
+log = logging.getLogger("backbone.bootstrap")
 
 
 @dataclass
@@ -18,6 +31,19 @@ class Prepared:
     modules: dict[str, int]
     indexes_created: list[str] = field(default_factory=list)
     migrations_applied: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def eviction_warning(client: redis.Redis) -> str | None:
+    """Why Redis could drop unpersisted history, or None when it cannot (`noeviction`)."""
+    policy = str(client.info("memory").get("maxmemory_policy", "noeviction"))
+    if policy == "noeviction":
+        return None
+    return (
+        f"Redis maxmemory-policy is {policy!r}: under memory pressure Redis may evict a "
+        "session before the sweep persisted it, losing acknowledged messages. Set "
+        "maxmemory-policy noeviction (redis.conf or CONFIG SET maxmemory-policy noeviction)."
+    )
 
 
 def prepare(settings: Settings, dims: int | None = None) -> Prepared:
@@ -27,8 +53,12 @@ def prepare(settings: Settings, dims: int | None = None) -> Prepared:
         modules = check_modules(client)
         created = indexes.create_all(client, dims)
         scripts.preload(client)
+        risk = eviction_warning(client)
     finally:
         client.close()
     with pg_connect(settings.database_url, autocommit=True) as conn:
         ran = migrations.migrate(conn)
-    return Prepared(modules, created, [f"{m.version:04d}_{m.name}" for m in ran])
+    if risk is not None:
+        log.warning("%s", risk)
+    return Prepared(modules, created, [f"{m.version:04d}_{m.name}" for m in ran],
+                    [risk] if risk else [])

@@ -11,6 +11,13 @@ before it is stored.
 A client that lost its connection sends that id as `Last-Event-ID` (or
 `?after=`) to `GET /v1/sessions/{sid}/events` on any node and gets the rest,
 live, until the turn's `message.done` or `error`.
+
+A failed write (Redis refused or was unreachable) fails only the `flush` that
+waits for those events; later events are written afresh. It costs resumption,
+not the turn: the live client already has every event, so the turn still ends
+with `message.done` when its reply is stored (the client and the history
+agree), and a resumer missing the terminal event gets `stream_stalled`, which
+tells it to reload the session.
 """
 
 from __future__ import annotations
@@ -75,7 +82,8 @@ class EventLog:
         self._base_ms = int(time.time() * 1000)
         self._n = 0  # events emitted
         self.written = 0  # events known to be in Redis
-        self.error: Exception | None = None  # why the last write failed
+        self.failed = 0  # events whose write failed
+        self.error: Exception | None = None  # why a write failed since the last flush
         self.progress = asyncio.Event()
 
     def emit(self, event: str, data: dict[str, Any]) -> Event:
@@ -87,15 +95,17 @@ class EventLog:
         return Event(f"{self.turn}.{entry}", event, data, encoded)
 
     async def flush(self) -> None:
-        """Wait until every event emitted so far is in Redis (raises if Redis failed)."""
+        """Wait until every event emitted so far was written; raise if a write of one
+        of them (since the last flush) failed. The error is this flush's alone."""
         target = self._n
-        if self.written < target:
+        if self.written + self.failed < target:
             self._writer.hurry.set()
-        while self.written < target:
-            if self.error is not None:
-                raise self.error
+        while self.written + self.failed < target:
             self.progress.clear()
             await self.progress.wait()
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
 
 
 class _Writer:
@@ -149,17 +159,24 @@ class _Writer:
                       maxlen=MAXLEN, approximate=True)
         for key in {owner.key for owner, *_ in batch}:
             pipe.expire(key, TTL_SECONDS)
+        results: list[Any]
         try:
-            await pipe.execute()
-        except Exception as exc:  # Redis down: each turn learns it at its next flush
-            log.warning("%d events not logged (resumption will miss them): %s", len(batch), exc)
-            for owner in {owner for owner, *_ in batch}:
-                owner.error = exc
-                owner.progress.set()
-            return
-        for owner, *_ in batch:
-            owner.written += 1
+            # Per command: one turn's refused XADD must not count as another's failure.
+            results = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # Redis unreachable: the whole batch failed
+            results = [exc] * len(batch)
+        failed = 0
+        for (owner, *_), result in zip(batch, results, strict=False):
+            if isinstance(result, Exception):
+                failed += 1
+                owner.failed += 1
+                owner.error = result  # each turn learns it at its next flush, and only then
+            else:
+                owner.written += 1
             owner.progress.set()
+        if failed:
+            log.warning("%d of %d events not logged (resumption will miss them): %s",
+                        failed, len(batch), next(r for r in results if isinstance(r, Exception)))
 
 
 _writers: weakref.WeakKeyDictionary[aredis.Redis, _Writer] = weakref.WeakKeyDictionary()

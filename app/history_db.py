@@ -4,6 +4,11 @@ Writes are idempotent: a message's primary key is (session_id, seq), and a
 second write of the same message does nothing. `body` holds the message's
 canonical JSON text exactly as it was appended to Redis, so a restore rebuilds
 the identical history.
+
+A deleted session leaves a tombstone in `deleted_sessions`. `persist` and
+`delete_session` take the same per-session advisory lock inside their
+transaction, so they are ordered: a persist either lands before the delete (and
+is deleted with it) or sees the tombstone and writes nothing.
 """
 
 from __future__ import annotations
@@ -14,9 +19,17 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
+from app.errors import NotFound
 from app.messages import Message, canonical_json
 
 TITLE_CHARS = 80
+# Namespace of the per-session advisory locks (two-int form: apart from the
+# migrations' one-bigint lock).
+SESSION_LOCK_SPACE = 0x6B62
+
+
+def session_deleted_error() -> NotFound:
+    return NotFound("this session was deleted", code="session_deleted")
 
 
 @dataclass(frozen=True)
@@ -62,11 +75,17 @@ async def has_all_through(conn: AsyncConnection[Any], sid: str, seq: int) -> boo
 
 
 async def persist(conn: AsyncConnection[Any], sid: str, user: str, messages: list[Message]) -> int:
-    """Write messages in one transaction; return how many were new."""
+    """Write messages in one transaction; return how many were new.
+
+    Raises NotFound (code `session_deleted`) and writes nothing when the session
+    is tombstoned.
+    """
     if not messages:
         return 0
     title = next((m["content"] for m in messages if m.get("role") == "user"), None)
     async with conn.transaction():
+        if await _lock_and_check_deleted(conn, sid):
+            raise session_deleted_error()
         await insert_session(conn, sid, user)
         async with conn.cursor() as cur:
             await cur.executemany(
@@ -86,6 +105,17 @@ async def persist(conn: AsyncConnection[Any], sid: str, user: str, messages: lis
     return inserted
 
 
+async def persisted_since(conn: AsyncConnection[Any], sid: str, epoch_seconds: float) -> bool:
+    """True when the session's last persist came after `epoch_seconds` (its last
+    unpersisted write): then that write is in PostgreSQL."""
+    cur = await conn.execute(
+        "SELECT updated_at >= to_timestamp(%s) FROM sessions WHERE id = %s",
+        (epoch_seconds, sid),
+    )
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
 async def list_sessions(conn: AsyncConnection[Any], user: str, limit: int) -> list[SessionRow]:
     cur = await conn.execute(
         "SELECT s.id, s.user_id, s.title, s.created_at, s.updated_at,"
@@ -97,5 +127,28 @@ async def list_sessions(conn: AsyncConnection[Any], user: str, limit: int) -> li
     return [SessionRow(*row) for row in await cur.fetchall()]
 
 
-async def delete_session(conn: AsyncConnection[Any], sid: str) -> None:
-    await conn.execute("DELETE FROM sessions WHERE id = %s", (sid,))
+async def _lock_and_check_deleted(conn: AsyncConnection[Any], sid: str) -> bool:
+    """Take the session's advisory lock (until the transaction ends); True if tombstoned."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (SESSION_LOCK_SPACE, sid)
+    )
+    # A second statement: its snapshot is taken after the lock is held (read
+    # committed), so it sees a tombstone committed while this waited.
+    return await is_deleted(conn, sid)
+
+
+async def is_deleted(conn: AsyncConnection[Any], sid: str) -> bool:
+    cur = await conn.execute("SELECT 1 FROM deleted_sessions WHERE id = %s", (sid,))
+    return await cur.fetchone() is not None
+
+
+async def delete_session(conn: AsyncConnection[Any], sid: str, user: str) -> None:
+    """Tombstone the session and drop its row and messages, in one transaction."""
+    async with conn.transaction():
+        await _lock_and_check_deleted(conn, sid)
+        await conn.execute(
+            "INSERT INTO deleted_sessions (id, user_id) VALUES (%s, %s)"
+            " ON CONFLICT (id) DO NOTHING",
+            (sid, user),
+        )
+        await conn.execute("DELETE FROM sessions WHERE id = %s", (sid,))

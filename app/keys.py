@@ -4,6 +4,7 @@
 | ------------------------------------ | ----------- | -------------------------- | --------------------------------------- |
 | `session:{<sid>}`                    | JSON array  | SESSION_TTL_SECONDS, renewed | the live history                      |
 | `session:{<sid>}:user`               | string      | same as the session        | the owning user id                      |
+| `session:{<sid>}:deleted`            | string      | SESSION_TTL_SECONDS        | fence: the session was deleted          |
 | `sessions:unpersisted`               | sorted set  | none                       | sid -> ms of its last unpersisted write |
 | `persist-sweep-tick`                 | string      | SWEEP_INTERVAL_SECONDS     | one sweep enqueued per interval         |
 | `memory-task-lock:{<sid>}`           | string      | MEMORY_LOCK_TTL_SECONDS    | owner token of the one extractor        |
@@ -81,6 +82,12 @@ def session_user(sid: str) -> str:
     return f"{session(sid)}:user"
 
 
+def session_deleted(sid: str) -> str:
+    """The delete fence: append and restore refuse while it stands (PostgreSQL's
+    `deleted_sessions` keeps the durable tombstone after it expires)."""
+    return f"{session(sid)}:deleted"
+
+
 def memory_lock(sid: str) -> str:
     return f"memory-task-lock:{{{check_session_id(sid)}}}"
 
@@ -130,7 +137,7 @@ def memory(uid: str, memory_id: str) -> str:
 
 
 def session_keys(sid: str) -> list[str]:
-    """Every per-session key, for deletion."""
+    """Every per-session key, for deletion (not the fence, which must outlive them)."""
     return [
         session(sid),
         session_user(sid),

@@ -13,6 +13,13 @@ client disconnect cancels the generator), the messages already appended are
 persisted to PostgreSQL in a shielded `finally`, and the after-turn hooks run
 (memory extraction is enqueued there). If PostgreSQL is down the session stays
 marked unpersisted and the sweep writes it later.
+
+A session deleted mid-turn (`DELETE /v1/sessions/{sid}`) stops the turn: the
+fence is checked every FENCE_CHECK_SECONDS while the model streams, and the
+next append refuses anyway. The turn ends with an `error` event, code
+`session_deleted`; its
+persist is refused by the tombstone, no after-turn hook runs (no extraction),
+and the turn's event stream is removed once its last event is written.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Any
 import anyio
 
 from app import context, keys, messages
-from app.errors import BackboneError, translate
+from app.errors import BackboneError, NotFound, translate
 from app.event_log import Event, EventLog
 from app.llm.base import Provider, StreamEnd, TextDelta, ToolCall, ToolCallRequest
 from app.messages import Message
@@ -37,6 +44,9 @@ from app.tools.base import ToolContext
 log = logging.getLogger("backbone.turn")
 
 MAX_STEPS = 6
+# While the model streams, how often the turn looks for a delete fence: a deleted
+# session stops paying for tokens within this, at one EXISTS per interval.
+FENCE_CHECK_SECONDS = 0.5
 Recall = Callable[[str, str], Awaitable[list[str]]]
 AfterTurn = Callable[[str, str, list[Message]], Awaitable[None]]
 
@@ -110,6 +120,7 @@ class Turn:
             calls: list[ToolCall] = []
             usage: dict[str, int] = {}
             stream = self.deps.provider.stream(prompt, tools).__aiter__()
+            fence_checked = time.monotonic()
             while True:
                 waited = time.perf_counter()
                 try:
@@ -118,6 +129,9 @@ class Turn:
                     break
                 finally:
                     self.timing.model_ms += (time.perf_counter() - waited) * 1000
+                if time.monotonic() - fence_checked >= FENCE_CHECK_SECONDS:
+                    fence_checked = time.monotonic()
+                    await self.deps.sessions.check_not_deleted(self.sid)
                 if isinstance(item, TextDelta):
                     text.append(item.text)
                     yield self.log.emit("message.delta", {"text": item.text})
@@ -130,7 +144,13 @@ class Turn:
                 done = self.log.emit("message.done", {
                     "message": stored[0], "usage": usage, "timing": self.timing.as_dict(),
                 })
-                await self.log.flush()  # a resuming client must find the whole turn
+                try:
+                    await self.log.flush()  # a resuming client must find the whole turn
+                except Exception as exc:
+                    # The reply is stored: tell this client so. Only resumption lost
+                    # events (a resumer is told the turn stalled and to reload).
+                    log.warning("events of %s not all logged before message.done: %s",
+                                self.sid, exc)
                 yield done
                 return
             results: list[tuple[ToolCall, Routed]] = []
@@ -175,6 +195,10 @@ class Turn:
     async def _finish(self) -> None:
         try:
             await self.deps.sessions.persist(self.sid, self.user, self.stored)
+        except NotFound as exc:  # session_deleted: the delete wins
+            log.info("session %s deleted during its turn: nothing persisted (%s)", self.sid, exc)
+            await self._forget_events()
+            return
         except Exception as exc:
             log.warning("turn of %s not persisted now (the sweep will): %s", self.sid, exc)
         for hook in self.deps.after_turn:
@@ -182,6 +206,19 @@ class Turn:
                 await hook(self.sid, self.user, self.stored)
             except Exception as exc:
                 log.warning("after-turn hook %s failed for %s: %s", hook, self.sid, exc)
+
+    async def _forget_events(self) -> None:
+        """Remove this turn's event stream, after the writer stored all of it (a
+        write after the DEL would re-create the stream)."""
+        try:
+            with anyio.move_on_after(5):
+                await self.log.flush()
+        except Exception as exc:
+            log.warning("events of deleted session %s: last write failed: %s", self.sid, exc)
+        try:
+            await self.deps.sessions.redis.delete(self.log.key)
+        except Exception as exc:
+            log.warning("events of deleted session %s left to their TTL: %s", self.sid, exc)
 
 
 def _result_event(call: ToolCall, routed: Routed) -> dict[str, Any]:

@@ -151,10 +151,11 @@ def create_session(sid: str, user: str, ttl: int) -> Call[int]:
 def append_messages(
     sid: str, user: str, next_seq: int, messages_json: Sequence[str], ttl: int
 ) -> Call[tuple[int, int]]:
-    """(code, next seq): 1 appended | 0 no session | -1 not the owner | -2 conflict."""
+    """(code, next seq): 1 appended | 0 no session | -1 not the owner | -2 conflict
+    | -3 deleted."""
     return _call(
         "append_messages",
-        [keys.session(sid), keys.session_user(sid)],
+        [keys.session(sid), keys.session_user(sid), keys.session_deleted(sid)],
         [user, next_seq, ttl, *messages_json],
         _pair,
     )
@@ -168,10 +169,10 @@ def read_session(sid: str, ttl: int) -> Call[tuple[str | None, list[dict[str, An
 
 
 def restore_session(sid: str, user: str, history_json: str, ttl: int) -> Call[int]:
-    """1 restored | 0 already present."""
+    """1 restored | 0 already present | -1 deleted."""
     return _call(
         "restore_session",
-        [keys.session(sid), keys.session_user(sid)],
+        [keys.session(sid), keys.session_user(sid), keys.session_deleted(sid)],
         [user, history_json, ttl],
         _int,
     )

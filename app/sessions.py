@@ -9,6 +9,11 @@
 - Load reads Redis; when the copy is gone (TTL, eviction, a Redis restart
   without persistence) it restores from PostgreSQL with `restore_session`,
   which writes only if the key is still absent: racing restores write once.
+- Delete fences the session before removing it: `session:{<sid>}:deleted` in
+  Redis (append and restore refuse while it stands, so a turn still streaming
+  stops at its next append) and a tombstone in PostgreSQL (`persist` refuses in
+  the same transaction, for the turn's own persist and for the sweep). Nothing
+  of a deleted session comes back; see history_db for the ordering.
 """
 
 from __future__ import annotations
@@ -93,11 +98,14 @@ class Sessions:
             owner = _owned(await history_db.owner(conn, sid), user)
             text = await history_db.history_json(conn, sid)
         wrote = await scripts.arun(self.redis, scripts.restore_session(sid, owner, text, self.ttl))
-        if wrote:
+        if wrote == -1:  # read PostgreSQL just before a delete: do not bring it back
+            raise history_db.session_deleted_error()
+        if wrote == 1:
             return Loaded(owner, json.loads(text), restored=True)
         # Another request restored it first; read what it wrote.
         owner_now, history = await scripts.arun(self.redis, scripts.read_session(sid, self.ttl))
         if owner_now is None or history is None:
+            await self.check_not_deleted(sid)  # deleted just after it was restored
             raise Conflict("the session changed while it was being restored; retry")
         return Loaded(owner_now, history)
 
@@ -137,6 +145,10 @@ class Sessions:
                 continue
             if code == -1:
                 raise Forbidden("this session belongs to another user")
+            if code == -3:
+                # The mark above was made for a deleted session: take it back.
+                await self.redis.zrem(keys.UNPERSISTED, sid)
+                raise history_db.session_deleted_error()
             if not retry:
                 raise Conflict(f"the history moved on to seq {current}; reload and retry")
             next_seq = current
@@ -144,12 +156,25 @@ class Sessions:
             await asyncio.sleep(random.uniform(0, BACKOFF_SECONDS * (attempt + 1)))
         raise Conflict("too many concurrent writers on this session; retry")
 
+    async def check_not_deleted(self, sid: str) -> None:
+        """NotFound (code `session_deleted`) once the session's delete fence stands."""
+        if await self.redis.exists(keys.session_deleted(sid)):
+            raise history_db.session_deleted_error()
+
     async def persist(self, sid: str, user: str, messages: Sequence[Message]) -> int:
-        """Write a completed turn to PostgreSQL in one transaction (idempotent)."""
+        """Write a completed turn to PostgreSQL in one transaction (idempotent).
+
+        NotFound (code `session_deleted`) when the session was deleted meanwhile:
+        nothing is written and its unpersisted mark is dropped.
+        """
         score = await self.redis.zscore(keys.UNPERSISTED, sid)
         batch = list(messages)
         async with self.pg.connection(timeout=PERSIST_WAIT_SECONDS) as conn:
-            inserted = await history_db.persist(conn, sid, user, batch)
+            try:
+                inserted = await history_db.persist(conn, sid, user, batch)
+            except NotFound:
+                await self.redis.zrem(keys.UNPERSISTED, sid)
+                raise
             # An earlier turn whose persist failed is only in Redis: keep the mark,
             # so the sweep (which writes the whole history) persists it.
             whole = not batch or await history_db.has_all_through(conn, sid, batch[-1]["seq"])
@@ -158,20 +183,29 @@ class Sessions:
         return inserted
 
     async def delete(self, sid: str, user: str) -> None:
-        """Remove the session from both stores, with its memory keys (404/403 as load)."""
+        """Fence the session, then remove it from both stores with its memory keys and
+        its turns' event streams (404/403 as load)."""
         raw = await self.redis.get(keys.session_user(sid))
         owner = raw.decode() if isinstance(raw, bytes) else raw
         if owner is None:
             async with self.pg.connection() as conn:
                 owner = await history_db.owner(conn, sid)
-        _owned(owner, user)
-        # Redis first: a live copy left behind would be re-persisted by the sweep.
+        owner = _owned(owner, user)
+        # Redis first, fence and removal in one MULTI (one slot): from here no
+        # append or restore writes, and no live copy is left for the sweep.
+        fence = self.redis.pipeline(transaction=True)
+        fence.set(keys.session_deleted(sid), user, ex=self.ttl)
+        fence.execute_command("JSON.GET", keys.session(sid), '$[?(@.role=="user")].seq')
+        fence.delete(*keys.session_keys(sid))
+        _, turns_raw, _ = await fence.execute()
+        turns = json.loads(turns_raw) if turns_raw else []
         pipe = self.redis.pipeline(transaction=False)
-        pipe.delete(*keys.session_keys(sid))
         pipe.zrem(keys.UNPERSISTED, sid)
+        for turn in turns:  # a turn's events are keyed by its user message's seq
+            pipe.delete(keys.events(sid, int(turn)))
         await pipe.execute()
         async with self.pg.connection() as conn:
-            await history_db.delete_session(conn, sid)
+            await history_db.delete_session(conn, sid, owner)
 
     async def listing(self, user: str, limit: int = 100) -> list[dict[str, Any]]:
         """The caller's sessions, newest first: PostgreSQL rows, live counts from Redis."""

@@ -251,3 +251,63 @@ async def test_delete_removes_both_stores_and_the_memory_keys(
                             (sid,)).fetchone() == (0,)
     with pytest.raises(NotFound):
         await session_store.load(sid, user)
+
+
+async def test_the_sweep_counts_and_logs_a_session_that_left_redis_before_it_was_persisted(
+    stores_env: Settings, session_store: Sessions, user: str, r: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from workers.jobs import _sweep as sweep_now
+
+    sid = await session_store.create(user)
+    await _turn(session_store, sid, user, 2)  # acknowledged, never persisted
+    r.delete(keys.session(sid), keys.session_user(sid))  # TTL lapsed, or evicted
+    with caplog.at_level("WARNING", logger="backbone.jobs"):
+        counts = await sweep_now(stores_env, 0.0)
+    assert counts["lost"] >= 1
+    assert any(sid in rec.getMessage() and rec.levelname == "WARNING" for rec in caplog.records)
+    assert r.zscore(keys.UNPERSISTED, sid) is None
+
+
+async def test_the_sweep_does_not_call_lost_a_session_persisted_before_its_copy_expired(
+    stores_env: Settings, session_store: Sessions, user: str, r: redis.Redis
+) -> None:
+    from workers.jobs import _sweep as sweep_now
+
+    sid = await session_store.create(user)
+    await session_store.persist(sid, user, await _turn(session_store, sid, user, 2))
+    r.zadd(keys.UNPERSISTED, {sid: 1000.0})  # a mark whose clear failed, long ago
+    r.delete(keys.session(sid), keys.session_user(sid))
+    counts = await sweep_now(stores_env, 0.0)
+    assert counts["gone"] >= 1 and r.zscore(keys.UNPERSISTED, sid) is None
+
+
+async def test_one_sweep_drains_a_backlog_larger_than_its_batch(
+    stores_env: Settings, session_store: Sessions, user: str, r: redis.Redis,
+    settings: Settings,
+) -> None:
+    from workers.jobs import _sweep as sweep_now
+
+    sids = [await session_store.create(user) for _ in range(23)]
+    for sid in sids:
+        await _turn(session_store, sid, user, 2)
+    counts = await sweep_now(stores_env, 0.0, batch_size=5)
+    assert counts["batches"] >= 5 and counts["failed"] == 0
+    assert [sid for sid in sids if r.zscore(keys.UNPERSISTED, sid) is not None] == []
+    with psycopg.connect(settings.database_url or "") as conn:
+        row = conn.execute("SELECT count(*) FROM messages WHERE session_id = ANY(%s)",
+                           (sids,)).fetchone()
+    assert row == (2 * len(sids),)
+
+
+async def test_a_sweep_out_of_time_leaves_the_rest_for_the_next_run(
+    stores_env: Settings, session_store: Sessions, user: str, r: redis.Redis
+) -> None:
+    from workers.jobs import _sweep as sweep_now
+
+    sid = await session_store.create(user)
+    await _turn(session_store, sid, user, 1)
+    assert (await sweep_now(stores_env, 0.0, budget_seconds=0.0))["batches"] == 0
+    assert r.zscore(keys.UNPERSISTED, sid) is not None
+    await sweep_now(stores_env, 0.0)
+    assert r.zscore(keys.UNPERSISTED, sid) is None

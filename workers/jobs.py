@@ -4,6 +4,19 @@
 PostgreSQL (the app died mid-stream, or PostgreSQL was down when a turn ended).
 It runs every SWEEP_INTERVAL_SECONDS; a session is swept once it has been quiet
 for SWEEP_GRACE_SECONDS, so a turn still streaming is left to its own persist.
+
+One run drains the backlog: batches of SWEEP_BATCH sessions (their Redis copies
+read in one round trip, each session persisted in its own transaction) until
+nothing quiet is left, or SWEEP_BUDGET_SECONDS have passed (the next run goes
+on), or a whole batch failed (PostgreSQL is down: retrying now only spins).
+
+Every mark it clears is counted: `sessions` persisted, `deleted` (the session
+was deleted: the tombstone refuses it, nothing written), `gone` (the Redis copy
+expired after its last write was persisted: PostgreSQL's `updated_at` is later
+than the mark), `lost` (the Redis copy vanished before it was persisted: TTL
+lapsed during a PostgreSQL outage, or eviction; logged as a warning, since
+acknowledged messages are gone).
+`failed` leaves the mark for the next run.
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ from typing import Any, cast
 from psycopg import AsyncConnection
 
 from app import history_db, keys, scripts
+from app.errors import NotFound
 from app.settings import Settings
 from app.stores import async_redis_client
 
@@ -24,6 +38,8 @@ log = logging.getLogger("backbone.jobs")
 
 SWEEP_GRACE_SECONDS = 5.0
 SWEEP_BATCH = 200
+# One run stops starting batches after this long; the rq job timeout is 300 s.
+SWEEP_BUDGET_SECONDS = 120.0
 
 
 def sweep_unpersisted(grace_seconds: float = SWEEP_GRACE_SECONDS) -> dict[str, int]:
@@ -31,40 +47,93 @@ def sweep_unpersisted(grace_seconds: float = SWEEP_GRACE_SECONDS) -> dict[str, i
     return asyncio.run(_sweep(Settings.from_env(), grace_seconds))
 
 
-async def _sweep(settings: Settings, grace_seconds: float) -> dict[str, int]:
+def _counts() -> dict[str, int]:
+    return {"sessions": 0, "messages": 0, "deleted": 0, "gone": 0, "lost": 0, "failed": 0,
+            "batches": 0}
+
+
+async def _sweep(
+    settings: Settings,
+    grace_seconds: float,
+    budget_seconds: float = SWEEP_BUDGET_SECONDS,
+    batch_size: int = SWEEP_BATCH,
+) -> dict[str, int]:
     redis = async_redis_client(settings.redis_url or "")
-    counts = {"sessions": 0, "messages": 0, "gone": 0, "failed": 0}
+    counts = _counts()
+    deadline = time.monotonic() + budget_seconds
+    conn: AsyncConnection[Any] | None = None
     try:
         cutoff = (time.time() - grace_seconds) * 1000
-        due = cast(list[tuple[bytes, float]], await redis.zrangebyscore(
-            keys.UNPERSISTED, "-inf", cutoff, start=0, num=SWEEP_BATCH, withscores=True
-        ))
-        if not due:
-            return counts
-        url = settings.database_url or ""
-        async with await AsyncConnection.connect(url, autocommit=True) as conn:
-            for raw_sid, score in due:
-                sid = raw_sid.decode()
-                try:
-                    counts["messages"] += await _persist_one(redis, conn, sid, score)
-                    counts["sessions"] += 1
-                except Exception:
-                    counts["failed"] += 1
-                    log.exception("sweep could not persist session %s; left for the next run", sid)
+        while time.monotonic() < deadline:
+            # Failed sessions keep their mark and their (old) score: skip past them.
+            due = cast(list[tuple[bytes, float]], await redis.zrangebyscore(
+                keys.UNPERSISTED, "-inf", cutoff, start=counts["failed"], num=batch_size,
+                withscores=True,
+            ))
+            if not due:
+                break
+            if conn is None:
+                conn = await AsyncConnection.connect(settings.database_url or "", autocommit=True)
+            failed_before = counts["failed"]
+            await _sweep_batch(redis, conn, due, counts)
+            counts["batches"] += 1
+            if counts["failed"] - failed_before == len(due) or len(due) < batch_size:
+                break
     finally:
+        if conn is not None:
+            await conn.close()
         await redis.aclose()
-    log.info("sweep: %s", counts)
+    if any(counts[k] for k in ("sessions", "deleted", "gone", "lost", "failed")):
+        log.info("sweep: %s", counts)
     return counts
 
 
-async def _persist_one(redis: Any, conn: AsyncConnection[Any], sid: str, score: float) -> int:
+async def _sweep_batch(
+    redis: Any, conn: AsyncConnection[Any], due: list[tuple[bytes, float]],
+    counts: dict[str, int],
+) -> None:
+    sids = [raw.decode() for raw, _ in due]
     pipe = redis.pipeline(transaction=False)
-    pipe.get(keys.session_user(sid))
-    pipe.execute_command("JSON.GET", keys.session(sid), ".")
-    owner, history = await pipe.execute(raise_on_error=False)
-    inserted = 0
-    if isinstance(owner, bytes) and isinstance(history, bytes):
-        inserted = await history_db.persist(conn, sid, owner.decode(), json.loads(history))
-    # Cleared only if no write came after the score we read; else the next sweep runs it.
-    await scripts.arun(redis, scripts.clear_unpersisted(sid, score))
-    return inserted
+    for sid in sids:
+        pipe.get(keys.session_user(sid))
+        pipe.execute_command("JSON.GET", keys.session(sid), ".")
+        pipe.exists(keys.session_deleted(sid))
+    replies = await pipe.execute(raise_on_error=False)
+    for i, (sid, (_, score)) in enumerate(zip(sids, due, strict=True)):
+        owner, history, fenced = replies[3 * i: 3 * i + 3]
+        try:
+            outcome, inserted = await _persist_one(conn, sid, score, owner, history, fenced)
+        except Exception:
+            counts["failed"] += 1
+            log.exception("sweep could not persist session %s; left for the next run", sid)
+            continue
+        counts["messages"] += inserted
+        counts[outcome] += 1
+        # Cleared only if no write came after the score we read; else the next run has it.
+        await scripts.arun(redis, scripts.clear_unpersisted(sid, score))
+
+
+async def _persist_one(
+    conn: AsyncConnection[Any], sid: str, score: float, owner: Any, history: Any, fenced: Any
+) -> tuple[str, int]:
+    """(what became of the session, messages inserted)."""
+    if fenced == 1:
+        return "deleted", 0
+    if not (isinstance(owner, bytes) and isinstance(history, bytes)):
+        if await history_db.is_deleted(conn, sid):
+            return "deleted", 0
+        if await history_db.persisted_since(conn, sid, score / 1000):
+            # Its last write was persisted; only the mark outlived the copy (the
+            # clear failed): nothing lost.
+            return "gone", 0
+        log.warning(
+            "sweep: session %s left Redis before it was persisted (TTL or eviction; check "
+            "maxmemory-policy is noeviction): its unpersisted messages are lost", sid,
+        )
+        return "lost", 0
+    try:
+        return "sessions", await history_db.persist(
+            conn, sid, owner.decode(), json.loads(history)
+        )
+    except NotFound:  # tombstoned between our read and the persist
+        return "deleted", 0

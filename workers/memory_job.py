@@ -17,6 +17,12 @@
 A worker that lost its lock between 4 and 5 may have written facts another worker
 writes again; the store makes the second write a no-op, so nothing is counted twice.
 
+A deleted session is not mined: after taking the lock the job checks the delete
+fence (`session:{<sid>}:deleted`, else PostgreSQL's tombstone) and skips. A
+delete during a run removes the lock, so `extend_lock` fails and nothing more is
+written. Memories extracted before the delete stay: they are the user's
+long-term memories (listed and deleted through /v1/memories), not the chat.
+
 Enqueueing: one waiting job per session. The job id is `memory-extract-<sid>`; while
 that one runs, a follow-up goes under `memory-extract-<sid>-next`, so a turn that
 ends during extraction is mined right after it rather than at the next turn.
@@ -117,6 +123,12 @@ def _cursor_seq(pg: psycopg.Connection[Any], sid: str, cursor: str) -> int | Non
     return int(row[0]) if row else None
 
 
+def _deleted(client: redis.Redis, pg: psycopg.Connection[Any], sid: str) -> bool:
+    if client.exists(keys.session_deleted(sid)):
+        return True
+    return pg.execute("SELECT 1 FROM deleted_sessions WHERE id = %s", (sid,)).fetchone() is not None
+
+
 def _state(
     client: redis.Redis, pg: psycopg.Connection[Any], sid: str
 ) -> tuple[str | None, str | None, str]:
@@ -151,6 +163,8 @@ def run_extraction(
     if not scripts.run(client, scripts.acquire_lock(sid, token, ttl_ms)):
         return {"skipped": "locked"}
     try:
+        if _deleted(client, pg, sid):
+            return {"skipped": "deleted"}
         expected, cursor, summary = _state(client, pg, sid)
         owner, history = read_history(client, pg, sid)
         if owner is None:

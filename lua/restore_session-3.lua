@@ -3,6 +3,7 @@
 
   KEYS[1]  session:{<sid>}       JSON    the history (array of messages)
   KEYS[2]  session:{<sid>}:user  string  owning user id
+  KEYS[3]  session:{<sid>}:deleted  string  delete fence (present: the session was deleted)
 
   ARGV[1]  user id (from PostgreSQL)
   ARGV[2]  history JSON array, exactly as persisted
@@ -10,7 +11,12 @@
 
   Returns:  1 restored | 0 already present (another request restored it first,
             or it was never gone): the caller reads what is there
+            | -1 the session was deleted: nothing written (a restore that read
+            PostgreSQL just before the delete must not bring it back)
 ]]
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return -1
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end

@@ -3,6 +3,7 @@
 
   KEYS[1]  session:{<sid>}       JSON    the history (array of messages)
   KEYS[2]  session:{<sid>}:user  string  owning user id
+  KEYS[3]  session:{<sid>}:deleted  string  delete fence (present: the session was deleted)
 
   ARGV[1]  user id of the writer
   ARGV[2]  expected next seq: one past the last message's seq the writer saw
@@ -16,10 +17,14 @@
                   0 no such session (next 0)
                  -1 the session belongs to another user (next 0)
                  -2 the history moved since the writer read it (next = current next seq)
+                 -3 the session was deleted (next 0): a turn still streaming stops here
 
   JSON.ARRLEN, the $[-1] lookup and JSON.ARRAPPEND are O(1) in the history
   length, so an append costs the same at 10 messages as at 5,000.
 ]]
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return {-3, 0}
+end
 local owner = redis.call('GET', KEYS[2])
 if not owner or redis.call('EXISTS', KEYS[1]) == 0 then
   return {0, 0}

@@ -1,0 +1,67 @@
+"""The event writer against a real Redis: a failed write fails one flush, not the turn."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from sse import frames
+from starlette.testclient import TestClient
+
+from app import keys
+from app.api import create_app
+from app.event_log import EventLog
+from app.settings import Settings
+from app.stores import async_redis_client
+
+pytestmark = pytest.mark.anyio
+Headers = Callable[[str], dict[str, str]]
+
+
+@pytest.fixture
+def app_client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(dataclasses.replace(settings, offline_token_delay_ms=0))) as c:
+        yield c
+
+
+async def test_a_failed_event_write_fails_only_its_flush_and_later_events_are_written(
+    settings: Settings, r: redis.Redis
+) -> None:
+    sid = keys.new_session_id()
+    client = async_redis_client(settings.redis_url or "")
+    try:
+        log = EventLog(client, sid, 0)
+        r.set(log.key, "not a stream")  # XADD answers WRONGTYPE: this batch fails
+        log.emit("message.delta", {"text": "lost"})
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            await log.flush()
+        r.delete(log.key)
+        log.emit("message.delta", {"text": "kept"})
+        log.emit("message.done", {"message": {}})
+        await log.flush()  # tried afresh: no error left over from the failed batch
+        entries: Any = r.xrange(log.key)
+        stored = [f[b"event"].decode() for _, f in entries]
+        assert stored == ["message.delta", "message.done"]
+        await log.flush()  # nothing pending, nothing failed since: returns
+    finally:
+        r.delete(keys.events(sid, 0))
+        await client.aclose()
+
+
+def test_a_turn_whose_event_writes_fail_still_ends_with_message_done_matching_the_history(
+    app_client: TestClient, r: redis.Redis, token_for: Headers, user: str
+) -> None:
+    h = token_for(user)
+    sid = app_client.post("/v1/sessions", headers=h).json()["id"]
+    r.set(keys.events(sid, 0), "not a stream", ex=60)  # every event write of turn 0 fails
+    res = app_client.post(f"/v1/sessions/{sid}/messages", headers=h,
+                          json={"content": "What is Redis?"})
+    got = frames(res.text.splitlines())
+    assert got[-1].event == "message.done", [f.event for f in got]
+    history = app_client.get(f"/v1/sessions/{sid}", headers=h).json()["messages"]
+    assert history[-1]["role"] == "assistant"
+    assert history[-1]["hash"] == got[-1].data["message"]["hash"]
+    r.delete(keys.events(sid, 0))
