@@ -283,7 +283,13 @@ def _until(check: object, timeout: float) -> float | None:
     return None
 
 
-def _kill(up: Up, phase: Phase, settle: float) -> None:
+def _served(outcomes: list[Outcome], since: float, n: int, timeout: float) -> None:
+    """Wait until n turns that started after `since` were acknowledged."""
+    _until(lambda: sum(1 for o in list(outcomes)
+                       if o.kind == "done" and o.started >= since) >= n, timeout)
+
+
+def _kill(up: Up, phase: Phase, outcomes: list[Outcome], settle: int) -> None:
     # Before each kill the stack has served some turns since the last one.
     wait = _until(lambda: up.pid(phase.target) is not None, 30)
     assert wait is not None, f"no {phase.target} process to kill"
@@ -297,7 +303,8 @@ def _kill(up: Up, phase: Phase, settle: float) -> None:
         phase.ready_after += 0.2
     if _until(lambda: up.pid(phase.target) not in (None, old), 60) is not None:
         phase.back_after = time.monotonic() - phase.killed_at
-    time.sleep(settle)
+    # Serving again means turns started after the recovery complete.
+    _served(outcomes, time.monotonic(), settle, 60)
 
 
 def _stored(database_url: str, sids: set[str]) -> dict[tuple[str, int], str]:
@@ -320,7 +327,9 @@ def _unmined(up: Up, stored: dict[tuple[str, int], str]) -> list[str]:
             if (c.decode() if isinstance(c, bytes) else c) != h]
 
 
-def run_chaos(log_dir: Path, *, baseline: float = 4.0, settle: float = 4.0) -> Report:
+def run_chaos(log_dir: Path, *, settle: int = WRITERS // 2) -> Report:
+    """Kill each of TARGETS in turn once `settle` turns have completed since the last
+    recovery (WRITERS turns before the first kill)."""
     outcomes: list[Outcome] = []
     sids: set[str] = set()
     phases = [Phase(t) for t in TARGETS]
@@ -333,9 +342,9 @@ def run_chaos(log_dir: Path, *, baseline: float = 4.0, settle: float = 4.0) -> R
         for w in writers:
             w.start()
         try:
-            time.sleep(baseline)
+            _served(outcomes, 0.0, WRITERS, 90)
             for phase in phases:
-                _kill(up, phase, settle)
+                _kill(up, phase, outcomes, settle)
         finally:
             stop.set()
             for w in writers:
