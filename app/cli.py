@@ -18,9 +18,7 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from typing import Any
@@ -76,38 +74,31 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from app.supervisor import ProcessChild, Supervisor, store_children
+
     # A SIGTERM (systemd, a supervisor, `kill`) stops everything like Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
     settings = with_secret(settings)
     stack = EmbeddedStack(settings)
     print("starting the stores ...", flush=True)
     resolved = stack.start()
-    children: list[subprocess.Popen[bytes]] = []
+    env = {**os.environ, "REDIS_URL": resolved.redis_url or "",
+           "DATABASE_URL": resolved.database_url or "",
+           "AUTH_SECRET": resolved.auth_secret or ""}
+    # From here on a child that exits is restarted, not a reason to stop (app.supervisor).
+    supervisor = Supervisor([*store_children(stack), ProcessChild("app", "serve", env),
+                             ProcessChild("worker", "worker", env)])
     try:
         prepared = prepare(resolved, _dims(resolved))
         _ingest_sample_if_empty(resolved)
-        env = {**os.environ, "REDIS_URL": resolved.redis_url or "",
-               "DATABASE_URL": resolved.database_url or "",
-               "AUTH_SECRET": resolved.auth_secret or ""}
-        for sub in ("serve", "worker"):
-            children.append(subprocess.Popen([sys.executable, "-m", "app.cli", sub], env=env))
+        supervisor.start()
         _print_banner(resolved, prepared.indexes_created, prepared.migrations_applied)
-        while all(c.poll() is None for c in children):
-            time.sleep(0.5)
-        failed = [c for c in children if c.returncode not in (0, None)]
-        return 1 if failed else 0
+        return supervisor.run()
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
         return 0
     finally:
-        for c in children:
-            if c.poll() is None:
-                c.send_signal(signal.SIGINT)
-        for c in children:
-            try:
-                c.wait(15)
-            except subprocess.TimeoutExpired:
-                c.kill()
+        supervisor.stop()
         stack.stop()
         print("stopped everything `backbone up` started.", flush=True)
 
@@ -176,8 +167,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from workers.worker import run_worker
 
     with _stores(settings) as resolved:
-        prepare(resolved, _dims(resolved))
-        run_worker(resolved, burst=args.burst)
+        # run_worker prepares the stores itself, once they answer: it may start before them.
+        run_worker(resolved, burst=args.burst, dims=_dims(resolved))
     return 0
 
 

@@ -46,3 +46,12 @@ def test_compose_runs_every_service_with_a_healthcheck_and_pinned_images(
         if image:
             assert ":" in image and not image.endswith(":latest"), f"{name}: pin {image}"
     assert "Dockerfile" in os.listdir(project_root)
+
+
+def test_compose_restarts_every_long_running_service_by_itself(project_root: Path) -> None:
+    res = _config(project_root)
+    assert res.returncode == 0, res.stderr
+    services = yaml.safe_load(res.stdout)["services"]
+    for name, svc in services.items():
+        assert svc.get("restart") in ("always", "unless-stopped", "on-failure"), (
+            f"{name} stays down after it exits")

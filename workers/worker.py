@@ -5,14 +5,27 @@ Queues, in priority order: `persist` (turns left unpersisted), `memory`
 also runs a small ticker that enqueues the persistence sweep every
 SWEEP_INTERVAL_SECONDS; a `SET NX EX` on `persist-sweep-tick` makes sure only
 one worker of many enqueues it per interval.
+
+Redis outages. rq's `Worker.work()` retries a lost connection only while it
+waits for a job; anywhere else (a heartbeat, maintenance) it logs "unhandled
+exception, quitting" and its teardown then dies on the same ConnectionError.
+So `run_worker` wraps it: when `work()` ends while Redis is unreachable, it
+waits for Redis with capped backoff (one log line per outage, one when it is
+back) and starts a fresh `Worker` under a new name (the old one's registration
+cannot be cleared while Redis is down). A job interrupted by the outage stays
+in rq's StartedJobRegistry; rq's maintenance finds it abandoned and retries it
+per its `Retry` policy. A worker started while Redis is down waits the same way.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
+import time
+from types import FrameType
 
 import redis
 from rq import Queue, Worker
@@ -22,6 +35,9 @@ from app.settings import Settings
 from app.stores import redis_client
 
 QUEUES = ("persist", "memory", "audit")
+# rq's own retry while dequeuing doubles up to this; its default (60 s) would keep
+# a worker idle for up to a minute after Redis came back.
+MAX_RECONNECT_WAIT_SECONDS = 5.0
 log = logging.getLogger("backbone.worker")
 
 
@@ -41,24 +57,128 @@ def enqueue_sweep_if_due(settings: Settings, connection: redis.Redis) -> bool:
 
 def _ticker(settings: Settings, stop: threading.Event) -> None:
     conn = redis_client(settings.redis_url or "")
+    failing = False
     while not stop.wait(min(5, settings.sweep_interval_seconds)):
         try:
             enqueue_sweep_if_due(settings, conn)
+            failing = False
         except redis.RedisError as e:
-            log.warning("could not enqueue the persistence sweep: %s", e)
+            if not failing:  # once per outage, not every tick
+                log.warning("could not enqueue the persistence sweep: %s", e)
+            failing = True
 
 
-def run_worker(settings: Settings, *, burst: bool = False) -> bool:
+def redis_answers(conn: redis.Redis) -> bool:
+    try:
+        return bool(conn.ping())
+    except (redis.ConnectionError, redis.TimeoutError):
+        return False
+    except redis.ResponseError:
+        return False  # -LOADING: the AOF is being replayed
+
+
+def wait_for_redis(conn: redis.Redis, stop: threading.Event, *, what: str = "Redis") -> bool:
+    """Block until Redis answers PING (True) or `stop` is set (False).
+
+    Backoff doubles from 0.2 s to MAX_RECONNECT_WAIT_SECONDS; logs once when the
+    wait starts and once when Redis is back.
+    """
+    if redis_answers(conn):
+        return True
+    started = time.monotonic()
+    log.warning("%s is unreachable: waiting for it (retrying with backoff)", what)
+    delay = 0.2
+    while not stop.wait(delay):
+        if redis_answers(conn):
+            log.warning("%s is back after %.1f s", what, time.monotonic() - started)
+            return True
+        delay = min(delay * 2, MAX_RECONNECT_WAIT_SECONDS)
+    return False
+
+
+class _OneLinePerOutage(logging.Filter):
+    """Keep the first of rq's per-retry "could not connect" lines, drop the rest.
+
+    rq logs one per retry while dequeuing; retries come at most
+    MAX_RECONNECT_WAIT_SECONDS apart, so a longer silence starts a new outage.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = float("-inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "could not connect to Redis" not in str(record.msg):
+            return True
+        now = time.monotonic()
+        first = now - self.last > 2 * MAX_RECONNECT_WAIT_SECONDS + 1
+        self.last = now
+        return first
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    """While no rq Worker is running, SIGINT/SIGTERM end the wait (rq installs its own)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+class _Worker(Worker):
+    """rq's Worker, telling us when a signal asked it to stop (rq keeps no public flag)."""
+
+    stop_event: threading.Event
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_event.set()
+        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+
+
+def run_worker(settings: Settings, *, burst: bool = False, dims: int | None = None) -> bool:
+    """Serve the queues until Ctrl-C / SIGTERM (or, with burst, until they are empty).
+
+    Waits for Redis first, then prepares the stores (`app.bootstrap.prepare`), so a
+    worker started while Redis is down waits for it instead of exiting.
+    """
+    from app.bootstrap import prepare
+
     # Jobs read Settings.from_env() in the work horse: hand them the resolved stores.
     os.environ["REDIS_URL"] = settings.redis_url or ""
     os.environ["DATABASE_URL"] = settings.database_url or ""
     conn = redis_client(settings.redis_url or "")
     qs = [queue(settings, name, conn) for name in QUEUES]
-    worker = Worker(qs, connection=conn, name=f"backbone-{socket.gethostname()}-{os.getpid()}")
+    logging.getLogger("rq.worker").addFilter(_OneLinePerOutage())
     stop = threading.Event()
     if not burst:
         threading.Thread(target=_ticker, args=(settings, stop), daemon=True).start()
+    worked = False
     try:
-        return bool(worker.work(burst=burst, with_scheduler=True))
+        _stop_on_signals(stop)
+        if not wait_for_redis(conn, stop):
+            return worked
+        prepare(settings, dims)
+        for generation in range(1_000_000):
+            _stop_on_signals(stop)
+            if not wait_for_redis(conn, stop):
+                return worked
+            name = f"backbone-{socket.gethostname()}-{os.getpid()}-{generation}"
+            worker = _Worker(qs, connection=conn, name=name)
+            worker.stop_event = stop
+            worker.max_connection_wait_time = MAX_RECONNECT_WAIT_SECONDS
+            try:
+                worked = worker.work(burst=burst, with_scheduler=True) or worked
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                # rq's teardown could not register the death: the outage is still on.
+                log.warning("worker %s lost Redis (%s); starting over once it is back", name, e)
+            if burst or stop.is_set():
+                return worked
+            # Not burst and not asked to stop: rq quit on an error (a Redis blip that
+            # may already be over, or a bug). Start over after a pause, never in a spin.
+            log.warning("worker %s quit unexpectedly; starting a new one", name)
+            if stop.wait(1.0):
+                return worked
+        return worked
     finally:
         stop.set()
