@@ -161,10 +161,10 @@ def measure(settings_redis: str, settings_pg: str, port: str, backend: str,
     probes["app"] = lambda: sum(cpu_seconds(p) for p in apps)
     probes["worker"] = lambda: sum(tree_cpu(p) for p in worker_pids)  # + live horse
     rpid = int(redis.Redis.from_url(settings_redis).info("server")["process_id"])
-    with psycopg.connect(settings_pg) as conn:
+    with psycopg.connect(settings_pg) as conn:  # its backend's parent is the postmaster
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
-    backend_pid = int(row[0]) if row else -1
-    postmaster = int(_stat(backend_pid)[1]) if _local(backend_pid) else -1
+        backend_pid = int(row[0]) if row else -1
+        postmaster = int(_stat(backend_pid)[1]) if _local(backend_pid) else -1
     if _local(rpid):
         probes["redis"] = lambda: cpu_seconds(rpid)
     if postmaster > 0:
