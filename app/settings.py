@@ -54,7 +54,8 @@ EMBEDDING_BACKENDS = ("onnx", "torch")
 
 def embedding_backend(env: Mapping[str, str] | None = None) -> str:
     """EMBEDDING_BACKEND: `onnx` (default, ONNX Runtime) or `torch` (sentence-transformers)."""
-    value = (_str(os.environ if env is None else env, "EMBEDDING_BACKEND", "onnx") or "").lower()
+    e = os.environ if env is None else env
+    value = (_str(e, "EMBEDDING_BACKEND", "onnx") or "").lower()
     if value not in EMBEDDING_BACKENDS:
         raise SettingsError(f"EMBEDDING_BACKEND must be one of {EMBEDDING_BACKENDS}, got {value!r}")
     return value
