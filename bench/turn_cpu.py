@@ -37,6 +37,7 @@ from bench._stack import post_turn, servers, stores, token, workers
 from bench.sse_load import QUESTIONS
 
 TICKS = os.sysconf("SC_CLK_TCK")
+ROWS = ("app", "worker", "worker's work horses", "redis", "postgres", "load generator")
 
 
 def _stat(pid: int) -> list[str]:
@@ -159,7 +160,11 @@ def measure(settings_redis: str, settings_pg: str, port: str, backend: str,
     apps = _env_pid("PORT", port, "app.cli", "serve")
     worker_pids = _env_pid("REDIS_URL", settings_redis, "app.cli", "worker")
     probes["app"] = lambda: sum(cpu_seconds(p) for p in apps)
-    probes["worker"] = lambda: sum(tree_cpu(p) for p in worker_pids)  # + live horse
+    probes["worker"] = lambda: sum(cpu_seconds(p, reaped=False) for p in worker_pids)
+    # rq forks a work horse per job: its CPU is the worker's reaped children (+ a live one).
+    probes["worker's work horses"] = lambda: sum(
+        tree_cpu(p) - cpu_seconds(p, reaped=False) for p in worker_pids
+    )
     rpid = int(redis.Redis.from_url(settings_redis).info("server")["process_id"])
     with psycopg.connect(settings_pg) as conn:  # its backend's parent is the postmaster
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
@@ -176,7 +181,7 @@ def measure(settings_redis: str, settings_pg: str, port: str, backend: str,
     asyncio.run(drive(base, run, args.turns, args.concurrency, f"load-{backend}"))
     run.wall = time.perf_counter() - started
     after = {k: f() for k, f in probes.items()}
-    for k in ("app", "worker", "redis", "postgres", "load generator"):
+    for k in ROWS:
         run.cpu[k] = (after[k] - before[k]) if k in probes else None
     return run
 
@@ -200,7 +205,7 @@ def main() -> None:
           f"{args.pace_ms} ms/token, one app + one worker, loopback, 2 cores\n")
     print("| CPU ms per turn | " + " | ".join(r.backend for r in runs) + " |")
     print("|---|" + "---:|" * len(runs))
-    for k in ("app", "worker", "redis", "postgres", "load generator"):
+    for k in ROWS:
         cells = [f"{v * 1000 / max(r.turns, 1):.1f}" if (v := r.cpu[k]) is not None else "n/a"
                  for r in runs]
         print(f"| {k} | " + " | ".join(cells) + " |")
