@@ -95,7 +95,11 @@ def create_app(settings: Settings) -> Starlette:
             kwargs={"autocommit": True},
         )
         await pg.open(wait=False)
-        embedder = shared_embedder(settings.embedding_model)
+        embedder = shared_embedder(settings.embedding_model, settings.embedding_backend)
+        # Warm start: the model loads (and, the first time on a machine, is exported
+        # to ONNX) while the server already answers /healthz; /readyz says 503 until
+        # it is done, so no first turn pays seconds of recall_ms for it.
+        warming = asyncio.create_task(embedder.awarm())
         sessions = Sessions(redis, pg, settings.session_ttl_seconds)
         audit_conn = redis_client(settings.redis_url or "")
         cache = SemanticCache(redis, settings, audit_enqueuer(audit_conn), embedder=embedder)
@@ -110,6 +114,7 @@ def create_app(settings: Settings) -> Starlette:
         try:
             yield {"backbone": state}
         finally:
+            warming.cancel()
             # Turns outlive their responses; on shutdown give them a moment, then
             # cancel (their finish is shielded, so what they stored gets persisted).
             if state.turns:

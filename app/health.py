@@ -1,8 +1,10 @@
 """`/healthz` (the process is up) and `/readyz` (every store is usable).
 
 `/readyz` answers 200 only when Redis answers, has the search and JSON modules
-and every index, and PostgreSQL answers with no migration pending; otherwise
-503 with the same JSON, so a load balancer drops the node until it recovers.
+and every index, PostgreSQL answers with no migration pending, and the
+embedding model is loaded and has run once (`model`: the app warms it at
+start, so the first turn does not wait for it); otherwise 503 with the same
+JSON, so a load balancer drops the node until it recovers.
 """
 
 from __future__ import annotations
@@ -57,9 +59,10 @@ async def readyz(request: Request) -> JSONResponse:
         _guarded(_redis_checks(state), {"redis": False, "redis_modules": False, "indexes": False}),
         _guarded(_postgres_checks(state), {"postgres": False, "migrations": False}),
     )
-    checks = {**rc, **pc}
+    checks = {**rc, **pc, "model": state.embedder.ready}
     body: dict[str, Any] = {"ready": all(checks.values()), "checks": checks}
-    errors = {k: v for k, v in (("redis", rerr), ("postgres", perr)) if v}
+    merr = state.embedder.warm_error
+    errors = {k: v for k, v in (("redis", rerr), ("postgres", perr), ("model", merr)) if v}
     if errors:
         body["errors"] = errors
     return JSONResponse(body, status_code=200 if body["ready"] else 503)

@@ -49,6 +49,18 @@ def _float(env: Mapping[str, str], name: str, default: float, *, lo: float, hi: 
     return value
 
 
+EMBEDDING_BACKENDS = ("onnx", "torch")
+
+
+def embedding_backend(env: Mapping[str, str] | None = None) -> str:
+    """EMBEDDING_BACKEND: `onnx` (default, ONNX Runtime) or `torch` (sentence-transformers)."""
+    e = os.environ if env is None else env
+    value = (_str(e, "EMBEDDING_BACKEND", "onnx") or "").lower()
+    if value not in EMBEDDING_BACKENDS:
+        raise SettingsError(f"EMBEDDING_BACKEND must be one of {EMBEDDING_BACKENDS}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the app and the workers read from the environment."""
@@ -64,6 +76,7 @@ class Settings:
     memory_lock_ttl_seconds: int = 300
     memory_ttl_seconds: int = 30 * 86400
     embedding_model: str | None = None
+    embedding_backend: str = "onnx"
     llm_base_url: str | None = None
     llm_model: str = "gpt-4o-mini"
     llm_api_key: str | None = None
@@ -94,6 +107,7 @@ class Settings:
             memory_lock_ttl_seconds=_int(e, "MEMORY_LOCK_TTL_SECONDS", 300, minimum=1),
             memory_ttl_seconds=_int(e, "MEMORY_TTL_SECONDS", 30 * 86400, minimum=60),
             embedding_model=_str(e, "EMBEDDING_MODEL"),
+            embedding_backend=embedding_backend(e),
             llm_base_url=_str(e, "LLM_BASE_URL"),
             llm_model=_str(e, "LLM_MODEL", "gpt-4o-mini") or "gpt-4o-mini",
             llm_api_key=_str(e, "LLM_API_KEY"),

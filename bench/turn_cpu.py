@@ -1,0 +1,229 @@
+"""CPU seconds per chat turn, split by process, for each embedding backend side by side.
+
+    .venv/bin/python bench/turn_cpu.py [--turns 200] [--concurrency 20] [--pace-ms 10]
+                                       [--backends onnx torch]
+
+One stack (stores from REDIS_URL / DATABASE_URL or embedded); for each backend
+a fresh `backbone serve` and `backbone worker` with EMBEDDING_BACKEND set. The
+first turn after /readyz says 200 gives the warm-start `recall_ms`; then a few
+warm-up turns, then N turns by `--concurrency` chats, each chat asking one
+unique question after another (the offline provider calls kb_search and
+streams at `--pace-ms` per token). Each process's CPU (utime + stime, plus
+cutime + cstime of children it reaped: rq's work horses, PostgreSQL's
+backends, Redis's rewrite forks) is read from /proc/<pid>/stat before and
+after the N turns; for PostgreSQL the postmaster and every live child. The
+load generator is this process. Stores on another machine show as n/a.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psycopg
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._redis import percentile
+from bench._stack import post_turn, servers, stores, token, workers
+from bench.sse_load import QUESTIONS
+
+TICKS = os.sysconf("SC_CLK_TCK")
+ROWS = ("app", "worker", "worker's work horses", "redis", "postgres", "load generator")
+
+
+def _stat(pid: int) -> list[str]:
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    return raw[raw.rindex(")") + 2:].split()  # fields from 3 (state) on; comm may hold spaces
+
+
+def cpu_seconds(pid: int, *, reaped: bool = True) -> float:
+    """utime + stime (+ cutime + cstime: children already waited for) of one process."""
+    f = _stat(pid)
+    ticks = int(f[11]) + int(f[12]) + ((int(f[13]) + int(f[14])) if reaped else 0)
+    return ticks / TICKS
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int(_stat(int(entry.name))[1]) == pid:
+                    out.append(int(entry.name))
+            except (OSError, ValueError):
+                continue  # gone meanwhile
+    return out
+
+
+def tree_cpu(root: int) -> float:
+    """A process, what it reaped, and its live children (PostgreSQL's backends)."""
+    total = cpu_seconds(root)
+    for child in children(root):
+        try:
+            total += cpu_seconds(child)
+        except OSError:
+            continue  # exited between listing and reading: counted once reaped
+    return total
+
+
+def _env_pid(name: str, value: str, *cmd: str) -> list[int]:
+    """Processes whose command line holds every `cmd` part and whose environment sets
+    name=value (how a bench tells its own servers from anyone else's)."""
+    want = f"{name}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if all(c.encode() in argv for c in cmd) and want in (
+                entry / "environ"
+            ).read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    # rq's work horses are forks of the worker with the same command line: keep roots.
+    roots = []
+    for pid in found:
+        try:
+            if int(_stat(pid)[1]) not in found:
+                roots.append(pid)
+        except OSError:
+            continue
+    return roots
+
+
+def _local(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+@dataclass
+class Run:
+    backend: str
+    first_recall_ms: float = 0.0
+    ttfe: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    turns: int = 0
+    wall: float = 0.0
+    cpu: dict[str, float | None] = field(default_factory=dict)
+
+
+async def chat(client: httpx.AsyncClient, base: str, name: str, i: int, turns: int,
+               run: Run) -> None:
+    h = {"Authorization": f"Bearer {token(name)}"}
+    sid = (await client.post(f"{base}/v1/sessions", headers=h)).json()["id"]
+    for t in range(turns):
+        # Unique text, so every turn embeds its question (no memo or exact-text reuse).
+        q = f"{QUESTIONS[(i + t) % len(QUESTIONS)]} Asked by {name}, turn {t}."
+        out = await post_turn(client, base, sid, h, q)
+        if out.error is not None:
+            run.errors.append(out.error)
+            continue
+        assert out.ttfe_ms is not None
+        run.ttfe.append(out.ttfe_ms)
+        run.turns += 1
+
+
+async def drive(base: str, run: Run, turns: int, concurrency: int, tag: str) -> None:
+    per_chat = [turns // concurrency + (1 if i < turns % concurrency else 0)
+                for i in range(concurrency)]
+    limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        await asyncio.gather(*(chat(client, base, f"{tag}-{i}", i, n, run)
+                               for i, n in enumerate(per_chat) if n))
+
+
+async def first_turn(base: str, run: Run) -> None:
+    h = {"Authorization": f"Bearer {token('first-' + run.backend)}"}
+    async with httpx.AsyncClient(timeout=120) as client:
+        sid = (await client.post(f"{base}/v1/sessions", headers=h)).json()["id"]
+        out = await post_turn(client, base, sid, h, "What does the first turn after a start cost?")
+    assert out.done is not None, out.error
+    run.first_recall_ms = float(out.done["timing"]["recall_ms"])  # type: ignore[index]
+
+
+def measure(settings_redis: str, settings_pg: str, port: str, backend: str,
+            args: argparse.Namespace, base: str) -> Run:
+    run = Run(backend)
+    asyncio.run(first_turn(base, run))
+    asyncio.run(drive(base, Run(backend), 2 * args.concurrency, args.concurrency, "warm"))
+    probes: dict[str, Callable[[], float]] = {}
+    apps = _env_pid("PORT", port, "app.cli", "serve")
+    worker_pids = _env_pid("REDIS_URL", settings_redis, "app.cli", "worker")
+    probes["app"] = lambda: sum(cpu_seconds(p) for p in apps)
+    probes["worker"] = lambda: sum(cpu_seconds(p, reaped=False) for p in worker_pids)
+    # rq forks a work horse per job: its CPU is the worker's reaped children (+ a live one).
+    probes["worker's work horses"] = lambda: sum(
+        tree_cpu(p) - cpu_seconds(p, reaped=False) for p in worker_pids
+    )
+    rpid = int(redis.Redis.from_url(settings_redis).info("server")["process_id"])
+    with psycopg.connect(settings_pg) as conn:  # its backend's parent is the postmaster
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        backend_pid = int(row[0]) if row else -1
+        postmaster = int(_stat(backend_pid)[1]) if _local(backend_pid) else -1
+    if _local(rpid):
+        probes["redis"] = lambda: cpu_seconds(rpid)
+    if postmaster > 0:
+        probes["postgres"] = lambda: tree_cpu(postmaster)
+    probes["load generator"] = lambda: cpu_seconds(os.getpid(), reaped=False)
+    assert apps and worker_pids, (apps, worker_pids)
+    before = {k: f() for k, f in probes.items()}
+    started = time.perf_counter()
+    asyncio.run(drive(base, run, args.turns, args.concurrency, f"load-{backend}"))
+    run.wall = time.perf_counter() - started
+    after = {k: f() for k, f in probes.items()}
+    for k in ROWS:
+        run.cpu[k] = (after[k] - before[k]) if k in probes else None
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--turns", type=int, default=200)
+    p.add_argument("--concurrency", type=int, default=20)
+    p.add_argument("--pace-ms", type=int, default=10)
+    p.add_argument("--backends", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"])
+    args = p.parse_args()
+    runs = []
+    with stores() as settings:
+        for backend in args.backends:
+            env = {"EMBEDDING_BACKEND": backend, "OFFLINE_TOKEN_DELAY_MS": str(args.pace_ms)}
+            with servers(settings, **env) as urls, workers(settings, **env):
+                port = urls[0].rsplit(":", 1)[1]
+                runs.append(measure(settings.redis_url or "", settings.database_url or "",
+                                    port, backend, args, urls[0]))
+    print(f"{args.turns} turns, {args.concurrency} concurrent chats, offline provider at "
+          f"{args.pace_ms} ms/token, one app + one worker, loopback, 2 cores\n")
+    print("| CPU ms per turn | " + " | ".join(r.backend for r in runs) + " |")
+    print("|---|" + "---:|" * len(runs))
+    for k in ROWS:
+        cells = [f"{v * 1000 / max(r.turns, 1):.1f}" if (v := r.cpu[k]) is not None else "n/a"
+                 for r in runs]
+        print(f"| {k} | " + " | ".join(cells) + " |")
+    total = [sum(v for v in r.cpu.values() if v is not None) * 1000 / max(r.turns, 1)
+             for r in runs]
+    print("| **all processes** | " + " | ".join(f"**{t:.1f}**" for t in total) + " |")
+    print("| turns/s | " + " | ".join(f"{r.turns / r.wall:.1f}" for r in runs) + " |")
+    print("| first event p50 ms | " + " | ".join(
+        f"{percentile(r.ttfe, 50):.1f}" for r in runs) + " |")
+    print("| first event p99 ms | " + " | ".join(
+        f"{percentile(r.ttfe, 99):.1f}" for r in runs) + " |")
+    print("| recall_ms, first turn after ready | " + " | ".join(
+        f"{r.first_recall_ms:.1f}" for r in runs) + " |")
+    print("| errors | " + " | ".join(str(len(r.errors)) for r in runs) + " |")
+    for r in runs:
+        if r.errors:
+            print(f"  errors ({r.backend}): {sorted(set(r.errors))}")
+
+
+if __name__ == "__main__":
+    main()
