@@ -143,6 +143,7 @@ def run_worker(settings: Settings, *, burst: bool = False, dims: int | None = No
     worker started while Redis is down waits for it instead of exiting.
     """
     from app.bootstrap import prepare
+    from app.embeddings import warm
 
     # Jobs read Settings.from_env() in the work horse: hand them the resolved stores.
     os.environ["REDIS_URL"] = settings.redis_url or ""
@@ -159,6 +160,8 @@ def run_worker(settings: Settings, *, burst: bool = False, dims: int | None = No
         if not wait_for_redis(conn, stop):
             return worked
         prepare(settings, dims)
+        # Loaded once here, before rq forks: every work horse inherits the model.
+        warm(settings)
         for generation in range(1_000_000):
             _stop_on_signals(stop)
             if not wait_for_redis(conn, stop):
