@@ -94,7 +94,7 @@ def main() -> None:
     rows = []
     pids: list[int] = []
     env = {"OFFLINE_TOKEN_DELAY_MS": str(args.pace_ms), "RATE_LIMIT_SESSIONS": "100000"}
-    with stores() as settings, servers(settings, pids=pids, **env) as urls:
+    with stores() as settings, servers(settings, 1, pids=pids, **env) as urls:
         asyncio.run(run_level(urls[0], 5))  # warm up: model load, first connections
         for n in args.concurrency:
             pooled, walls = Result(), 0.0
