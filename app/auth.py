@@ -45,7 +45,10 @@ def issue_token(secret: str, user: str, ttl_seconds: int = DEFAULT_TTL_SECONDS) 
 
 def verify_token(secret: str, token: str) -> str:
     try:
-        claims = jwt.decode(token, secret, algorithms=[ALGORITHM], options={"require": ["sub"]})
+        # A token without `exp` would be valid forever: refuse it rather than trust it.
+        claims = jwt.decode(
+            token, secret, algorithms=[ALGORITHM], options={"require": ["sub", "exp"]}
+        )
     except jwt.ExpiredSignatureError:
         raise Unauthorized("the token has expired") from None
     except jwt.PyJWTError as e:

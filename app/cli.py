@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from importlib import metadata
 from typing import Any
 
-from app import indexes, migrations
+from app import indexes, migrations, running_stack
 from app.auth import issue_token, with_secret
 from app.bootstrap import prepare
 from app.embedded import EmbeddedStack, running_urls
@@ -50,6 +50,7 @@ def _stores(settings: Settings, *, attach: bool = True) -> Iterator[Settings]:
     """Resolved settings, the embedded servers started (or reused) for as long as needed."""
     stack = EmbeddedStack(settings)
     resolved = stack.start(attach=attach)
+    print(f"backbone: {stack.describe()}", file=sys.stderr, flush=True)
     try:
         yield resolved
     finally:
@@ -57,6 +58,7 @@ def _stores(settings: Settings, *, attach: bool = True) -> Iterator[Settings]:
 
 
 def _running(settings: Settings) -> Settings:
+    _say_which(settings)
     redis_url, db_url = running_urls(settings)
     if redis_url is None or db_url is None:
         missing = " and ".join(
@@ -67,6 +69,16 @@ def _running(settings: Settings) -> Settings:
             "or set REDIS_URL / DATABASE_URL"
         )
     return settings.with_urls(redis_url, db_url)
+
+
+def _say_which(settings: Settings) -> str:
+    """Tell the user (on stderr) which stores an inspecting command reads."""
+    live = running_stack.use(settings)[1]
+    which = (f"using {live.describe()}" if live is not None else
+             f"no running `backbone up` recorded in {settings.data_dir}: using the "
+             "environment's URLs, else the embedded servers of that data folder")
+    print(f"backbone: {which}", file=sys.stderr, flush=True)
+    return which
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -82,6 +94,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     stack = EmbeddedStack(settings)
     print("starting the stores ...", flush=True)
     resolved = stack.start()
+    running_stack.record(resolved)  # the other commands find these stores from here
     env = {**os.environ, "REDIS_URL": resolved.redis_url or "",
            "DATABASE_URL": resolved.database_url or "",
            "AUTH_SECRET": resolved.auth_secret or ""}
@@ -99,6 +112,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     finally:
         supervisor.stop()
+        running_stack.forget(resolved.data_dir)
         stack.stop()
         print("stopped everything `backbone up` started.", flush=True)
 
@@ -186,7 +200,8 @@ def _versions() -> dict[str, str]:
 
 
 def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
-    report: dict[str, object] = {"versions": _versions(), "data_dir": str(settings.data_dir)}
+    report: dict[str, object] = {"versions": _versions(), "data_dir": str(settings.data_dir),
+                                 "stack": _say_which(settings)}
     ok = True
     redis_url, db_url = running_urls(settings)
     redis_report: dict[str, object] = {"url": redis_url or settings.redis_url}

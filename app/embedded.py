@@ -11,7 +11,9 @@ Both come from PyPI packages, so a fresh machine needs nothing but pip:
 
 `EmbeddedStack` starts whichever of the two the settings leave unset, hands
 back settings with both URLs filled in, and stops exactly what it started. The
-tests start their servers through this same module.
+tests start their servers through this same module. With `attach`, a stack that
+`backbone up` recorded as running (app/running_stack.py) is used instead, and
+nothing is started.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from app import running_stack
 from app.errors import EmbeddedStartError
 from app.settings import Settings
 
@@ -88,6 +91,7 @@ class EmbeddedRedis:
     modules: bool = True  # False only for the test of the missing-module error
     extra_args: tuple[str, ...] = ()  # e.g. ("--aclfile", path) in the ACL test
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    attached: bool = field(default=False, init=False)  # reused a server we did not start
 
     @property
     def url(self) -> str:
@@ -133,6 +137,7 @@ class EmbeddedRedis:
     def start(self, timeout: float = 15.0, *, attach: bool = False) -> str:
         """Start the server; with attach, reuse one already serving this data folder."""
         if attach and self.serves_our_data():
+            self.attached = True
             return self.url
         if _ping(self.port):
             raise EmbeddedStartError(
@@ -220,6 +225,7 @@ class EmbeddedStack:
         self.settings = settings
         self.redis: EmbeddedRedis | None = None
         self.postgres: EmbeddedPostgres | None = None
+        self.running: running_stack.RunningStack | None = None  # used instead of starting
         if settings.redis_url is None:
             port = redis_port if redis_port is not None else settings.embedded_redis_port
             self.redis = EmbeddedRedis(settings.data_dir / "redis", port)
@@ -227,6 +233,18 @@ class EmbeddedStack:
             self.postgres = EmbeddedPostgres(settings.data_dir / "postgres")
 
     def start(self, *, attach: bool = False) -> Settings:
+        """Settings with both URLs. With attach, a live `backbone up` of this data folder
+        is used and nothing started; without, one is a clear error (its ports are taken)."""
+        if self.redis is not None or self.postgres is not None:
+            live = running_stack.find(self.settings.data_dir)
+            if live is not None and attach:
+                self.running, self.redis, self.postgres = live, None, None
+                return running_stack.use(self.settings)[0]
+            if live is not None:
+                raise EmbeddedStartError(
+                    f"`backbone up` already runs from {self.settings.data_dir} (pid "
+                    f"{live.pid}, app {live.app_url}); stop it first, or use another DATA_DIR"
+                )
         try:
             redis_url = self.redis.start(attach=attach) if self.redis else self.settings.redis_url
             db_url = self.postgres.start() if self.postgres else self.settings.database_url
@@ -235,6 +253,22 @@ class EmbeddedStack:
             raise
         assert redis_url is not None and db_url is not None
         return self.settings.with_urls(redis_url, db_url)
+
+    def describe(self) -> str:
+        """Which stores this command uses, in a sentence for the user."""
+        if self.running is not None:
+            return f"using {self.running.describe()}"
+        parts = []
+        if self.redis is None:
+            parts.append("Redis from REDIS_URL")
+        elif self.redis.attached:
+            parts.append(f"the embedded Redis already serving this data folder on port "
+                         f"{self.redis.port}")
+        else:
+            parts.append(f"an embedded Redis started for this command on port {self.redis.port}")
+        parts.append("PostgreSQL from DATABASE_URL" if self.postgres is None
+                     else f"the embedded PostgreSQL of {self.postgres.data_dir}")
+        return "using " + " and ".join(parts) + " (no running `backbone up` recorded)"
 
     def stop(self) -> None:
         if self.redis is not None:
@@ -252,7 +286,9 @@ class EmbeddedStack:
 
 
 def running_urls(settings: Settings) -> tuple[str | None, str | None]:
-    """The URLs of the stores as they are now, starting nothing (for doctor and index)."""
+    """The URLs of the stores as they are now, starting nothing (for doctor and index):
+    the running `backbone up`'s first, else the embedded servers of this data folder."""
+    settings = running_stack.use(settings)[0]
     redis_url, db_url = settings.redis_url, settings.database_url
     if redis_url is None:
         candidate = EmbeddedRedis(settings.data_dir / "redis", settings.embedded_redis_port)

@@ -12,6 +12,7 @@
 | `memory-summary:{<sid>}`             | string      | MEMORY_TTL_SECONDS         | rolling prose summary                   |
 | `events:{<sid>}:<turn>`              | stream      | 10 min                     | one turn's SSE events, for resumption   |
 | `ratelimit:{<uid>}`                  | sorted set  | window                     | message-post times (sliding window)     |
+| `ratelimit:{<uid>}:sessions`         | sorted set  | window                     | session-creation times (sliding window) |
 | `cache:<tool>:<hash>`                | hash + HNSW | per tool                   | one cached tool or retrieval result     |
 | `cache-stats:<tool>`                 | hash        | none                       | lookup/hit/audit counters               |
 | `cache-threshold:<tool>`             | hash        | none                       | the tool's adaptive hit threshold       |
@@ -106,6 +107,10 @@ def events(sid: str, turn: int) -> str:
 
 def rate_limit(uid: str) -> str:
     return f"ratelimit:{{{check_user_id(uid)}}}"
+
+
+def session_rate_limit(uid: str) -> str:
+    return f"ratelimit:{{{check_user_id(uid)}}}:sessions"
 
 
 def cache_entry(tool: str, digest: str) -> str:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
+import secrets
+import time
 from typing import Any
 
+import redis.asyncio as aredis
 from starlette.requests import Request
 
-from app.errors import PayloadTooLarge, Unprocessable
+from app import keys, scripts
+from app.errors import PayloadTooLarge, RateLimited, Unprocessable
+from app.settings import Settings
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_MESSAGE_CHARS = 16_000
@@ -57,4 +63,19 @@ def check_room(history_length: int, adding: int = 1) -> None:
         raise PayloadTooLarge(
             f"a session holds at most {MAX_SESSION_MESSAGES} messages; start a new one",
             code="session_full",
+        )
+
+
+async def check_session_rate(client: aredis.Redis, settings: Settings, user: str) -> None:
+    """429 with Retry-After once the user created RATE_LIMIT_SESSIONS sessions within the
+    window: one Lua round trip on `ratelimit:{<uid>}:sessions`, apart from message posts."""
+    window = settings.rate_limit_window_seconds
+    ok, value = await scripts.arun(client, scripts.rate_limit(
+        user, int(time.time() * 1000), window * 1000, settings.rate_limit_sessions,
+        secrets.token_hex(8), key=keys.session_rate_limit(user),
+    ))
+    if not ok:
+        raise RateLimited(
+            f"at most {settings.rate_limit_sessions} new sessions per {window} s",
+            retry_after=math.ceil(value / 1000),
         )

@@ -184,11 +184,12 @@ def clear_unpersisted(sid: str, score: float) -> Call[int]:
 
 
 def rate_limit(
-    user: str, now_ms: int, window_ms: int, limit: int, member: str
+    user: str, now_ms: int, window_ms: int, limit: int, member: str, *, key: str | None = None
 ) -> Call[tuple[int, int]]:
-    """(1, remaining) accepted | (0, retry_after_ms) refused."""
+    """(1, remaining) accepted | (0, retry_after_ms) refused. `key` names another of the
+    user's windows (e.g. `keys.session_rate_limit`); the default is message posts."""
     return _call(
-        "rate_limit", [keys.rate_limit(user)], [now_ms, window_ms, limit, member], _pair
+        "rate_limit", [key or keys.rate_limit(user)], [now_ms, window_ms, limit, member], _pair
     )
 
 

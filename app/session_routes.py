@@ -2,7 +2,7 @@
 
 Every route needs `Authorization: Bearer <token>` (401), validates the session
 id before it touches a key (400), and answers 404 for an unknown session and
-403 for another user's.
+403 for another user's. Creating sessions is rate limited per user (429).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app import keys
+from app import keys, limits
 from app.auth import authenticated_user
 from app.state import AppState, app_state
 
@@ -27,6 +27,7 @@ def session_id(request: Request) -> str:
 
 async def create_session(request: Request) -> JSONResponse:
     state, user = caller(request)
+    await limits.check_session_rate(state.redis, state.settings, user)
     sid = await state.sessions.create(user)
     return JSONResponse({"id": sid}, status_code=201)
 

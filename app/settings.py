@@ -89,6 +89,7 @@ class Settings:
     sweep_interval_seconds: int = 30
     rate_limit_messages: int = 30
     rate_limit_window_seconds: int = 60
+    rate_limit_sessions: int = 10
     log_level: str = "INFO"
 
     @classmethod
@@ -122,6 +123,7 @@ class Settings:
             sweep_interval_seconds=_int(e, "SWEEP_INTERVAL_SECONDS", 30, minimum=1),
             rate_limit_messages=_int(e, "RATE_LIMIT_MESSAGES", 30, minimum=1),
             rate_limit_window_seconds=_int(e, "RATE_LIMIT_WINDOW_SECONDS", 60, minimum=1),
+            rate_limit_sessions=_int(e, "RATE_LIMIT_SESSIONS", 10, minimum=1),
             log_level=(_str(e, "LOG_LEVEL", "INFO") or "INFO").upper(),
         )
 

@@ -45,7 +45,10 @@ def stores() -> Iterator[Settings]:
 
 
 @contextlib.contextmanager
-def servers(settings: Settings, count: int = 1, **env: str) -> Iterator[list[str]]:
+def servers(
+    settings: Settings, count: int = 1, *, pids: list[int] | None = None, **env: str
+) -> Iterator[list[str]]:
+    """`count` app processes; their pids are appended to `pids` (for `cpu_seconds`)."""
     procs, urls = [], []
     try:
         for _ in range(count):
@@ -57,6 +60,8 @@ def servers(settings: Settings, count: int = 1, **env: str) -> Iterator[list[str
                      "PORT": str(port), "LOG_LEVEL": "WARNING", **env},
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             urls.append(f"http://127.0.0.1:{port}")
+            if pids is not None:
+                pids.append(procs[-1].pid)
         for url in urls:
             deadline = time.monotonic() + 60
             while True:
@@ -75,6 +80,17 @@ def servers(settings: Settings, count: int = 1, **env: str) -> Iterator[list[str
                 p.wait(20)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU the processes have used so far (from /proc), so a bench can
+    charge the app's CPU per turn and not only wall time on a shared machine."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def token(user: str) -> str:

@@ -6,9 +6,11 @@ acknowledged is counted in PostgreSQL.
 
 Traffic goes only to loopback. Each user opens one session on one of the two
 nodes (alternating) and sends questions back to back until the time is up,
-each turn read to its `message.done`. A turn's `message.done` acknowledges every
-message of the session up to its seq. After the run (and one sweep interval)
-we count those messages in PostgreSQL: `lost` must be 0.
+each turn read to its `message.done`. Each `message.done` acknowledges one
+stored message: its (session, seq, hash) is collected, exactly. After the run
+(and one sweep interval) each acknowledged triple is looked up in PostgreSQL:
+`lost` (absent, or another hash at that seq) must be 0. A missing seq 3 can no
+longer hide behind a stored seq 4, as a per-session row count let it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._redis import percentile
-from bench._stack import post_turn, servers, stores, token, workers
+from bench._stack import cpu_seconds, post_turn, servers, stores, token, workers
 from bench.sse_load import QUESTIONS
 
 
@@ -35,7 +37,7 @@ class Run:
     ttfe: list[float] = field(default_factory=list)
     total: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
-    acked: dict[str, int] = field(default_factory=dict)  # sid -> highest acknowledged seq
+    acked: set[tuple[str, int, str]] = field(default_factory=set)  # (sid, seq, hash)
     turns: int = 0
 
 
@@ -60,7 +62,8 @@ async def user_loop(client: httpx.AsyncClient, bases: list[str], i: int, until: 
         run.turns += 1
         run.ttfe.append(turn.ttfe_ms)
         run.total.append(turn.total_ms)
-        run.acked[sid] = int(turn.done["message"]["seq"])  # type: ignore[index]
+        message: dict[str, object] = turn.done["message"]  # type: ignore[assignment]
+        run.acked.add((sid, int(message["seq"]), str(message["hash"])))  # type: ignore[call-overload]
 
 
 async def drive(bases: list[str], users: int, seconds: float) -> tuple[Run, float]:
@@ -76,14 +79,15 @@ async def drive(bases: list[str], users: int, seconds: float) -> tuple[Run, floa
         return run, time.monotonic() - started
 
 
-def count_lost(database_url: str, acked: dict[str, int]) -> tuple[int, int]:
+def count_lost(database_url: str, acked: set[tuple[str, int, str]]) -> tuple[int, int]:
+    """(acknowledged, lost): each acknowledged (sid, seq, hash) must be a row of
+    `messages` with that very hash."""
+    sids = sorted({sid for sid, _, _ in acked})
     with psycopg.connect(database_url) as conn:
-        rows = dict(conn.execute(
-            "SELECT session_id, count(*) FROM messages WHERE session_id = ANY(%s) "
-            "GROUP BY session_id", (list(acked),)).fetchall())
-    expected = sum(seq + 1 for seq in acked.values())
-    found = sum(min(int(rows.get(sid, 0)), seq + 1) for sid, seq in acked.items())
-    return expected, expected - found
+        stored = {(sid, int(seq), str(h)) for sid, seq, h in conn.execute(
+            "SELECT session_id, seq, hash FROM messages WHERE session_id = ANY(%s)",
+            (sids,)).fetchall()}
+    return len(acked), len(acked - stored)
 
 
 def main() -> None:
@@ -93,18 +97,22 @@ def main() -> None:
     p.add_argument("--pace-ms", type=int, default=20)
     args = p.parse_args()
     env = {"OFFLINE_TOKEN_DELAY_MS": str(args.pace_ms), "RATE_LIMIT_MESSAGES": "100000",
-           "SWEEP_INTERVAL_SECONDS": "5"}
-    with stores() as settings, servers(settings, 2, **env) as bases, \
+           "RATE_LIMIT_SESSIONS": "100000", "SWEEP_INTERVAL_SECONDS": "5"}
+    pids: list[int] = []
+    with stores() as settings, servers(settings, 2, pids=pids, **env) as bases, \
             workers(settings, 2, **env):
+        cpu_before = cpu_seconds(pids)
         run, wall = asyncio.run(drive(bases, args.users, args.seconds))
+        cpu = cpu_seconds(pids) - cpu_before
         time.sleep(12)  # one sweep interval (5 s) + the 5 s quiet period, for anything left
         expected, lost = count_lost(settings.database_url or "", run.acked)
     print(f"{args.users} users for {args.seconds:.0f} s, 2 app processes + 2 workers, one Redis "
           f"and one PostgreSQL, offline provider at {args.pace_ms} ms/token, loopback, 2 cores\n")
-    print("| turns | turns/s | first event p50 ms | p99 ms | turn p50 ms | p99 ms | errors "
-          "| messages acknowledged | lost |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| {run.turns} | {run.turns / wall:.1f} | {percentile(run.ttfe, 50):.0f} "
+    print("| turns | turns/s | app CPU ms/turn | first event p50 ms | p99 ms | turn p50 ms "
+          "| p99 ms | errors | acknowledged (sid, seq) | lost |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| {run.turns} | {run.turns / wall:.1f} | {cpu * 1000 / max(run.turns, 1):.1f} "
+          f"| {percentile(run.ttfe, 50):.0f} "
           f"| {percentile(run.ttfe, 99):.0f} | {percentile(run.total, 50):.0f} "
           f"| {percentile(run.total, 99):.0f} | {sum(run.errors.values())} | {expected} "
           f"| {lost} |")

@@ -4,9 +4,18 @@
 
 Each simulated user creates a session and sends one question; the offline
 provider calls kb_search and streams a cited answer at a fixed token pace. We
-print turns/s, time to first event (p50/p99), errors, and the app's own
-overhead per turn as the server measured it in `message.done` (wall time minus
-model time minus tool time: event logging, appends, persistence, SSE).
+print turns/s, time to first event (p50/p99), errors, the app's CPU per turn
+(from /proc), and where a turn's time goes, each column named for what it is:
+
+- client turn: POST sent to the stream closed, as the client sees it (this
+  includes the persistence to PostgreSQL, which ends the stream);
+- model: the server's `timing.model_ms`, waiting on the (paced) provider;
+- tool calls: the server's `timing.tool_ms`, the whole `kb_search` call:
+  query embedding, cache lookup, the tool on a miss, the cache store;
+- rest: client turn minus model, tool calls and memory recall: auth, session
+  load, appends, event log, persistence, SSE writes, loopback and parsing;
+- server before done: the server's own `overhead_ms`, taken when it builds
+  `message.done` (before persistence and the SSE writes, so narrower than rest).
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._redis import percentile
-from bench._stack import post_turn, servers, stores, token
+from bench._stack import cpu_seconds, post_turn, servers, stores, token
 
 QUESTIONS = [
     "How does AOF persistence work?", "What is an HNSW index?", "How do rq workers retry jobs?",
@@ -35,6 +44,10 @@ QUESTIONS = [
 @dataclass
 class Result:
     ttfe: list[float] = field(default_factory=list)
+    client: list[float] = field(default_factory=list)
+    model: list[float] = field(default_factory=list)
+    tools: list[float] = field(default_factory=list)
+    rest: list[float] = field(default_factory=list)
     overhead: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     turns: int = 0
@@ -53,7 +66,13 @@ async def chat(client: httpx.AsyncClient, base: str, i: int, out: Result) -> Non
         return
     assert turn.done is not None and turn.ttfe_ms is not None
     out.ttfe.append(turn.ttfe_ms)
-    out.overhead.append(turn.done["timing"]["overhead_ms"])  # type: ignore[index]
+    timing: dict[str, float] = turn.done["timing"]  # type: ignore[assignment]
+    out.client.append(turn.total_ms)
+    out.model.append(timing["model_ms"])
+    out.tools.append(timing["tool_ms"])
+    out.rest.append(turn.total_ms - timing["model_ms"] - timing["tool_ms"]
+                    - timing.get("recall_ms", 0.0))
+    out.overhead.append(timing["overhead_ms"])
     out.turns += 1
 
 
@@ -73,27 +92,35 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="runs per level, samples pooled")
     args = p.parse_args()
     rows = []
-    with stores() as settings, servers(settings, OFFLINE_TOKEN_DELAY_MS=str(args.pace_ms)) as urls:
+    pids: list[int] = []
+    env = {"OFFLINE_TOKEN_DELAY_MS": str(args.pace_ms), "RATE_LIMIT_SESSIONS": "100000"}
+    with stores() as settings, servers(settings, 1, pids=pids, **env) as urls:
         asyncio.run(run_level(urls[0], 5))  # warm up: model load, first connections
         for n in args.concurrency:
             pooled, walls = Result(), 0.0
+            cpu_before = cpu_seconds(pids)
             for _ in range(args.rounds):
                 out, wall = asyncio.run(run_level(urls[0], n))
-                pooled.ttfe += out.ttfe
-                pooled.overhead += out.overhead
-                pooled.errors += out.errors
+                for name in ("ttfe", "client", "model", "tools", "rest", "overhead", "errors"):
+                    getattr(pooled, name).extend(getattr(out, name))
                 pooled.turns += out.turns
                 walls += wall
-            rows.append((n, pooled, walls))
+            rows.append((n, pooled, walls, cpu_seconds(pids) - cpu_before))
     print(f"one uvicorn process, offline provider at {args.pace_ms} ms/token, loopback, 2 cores, "
           f"{args.rounds} rounds per level\n")
-    print("| concurrent chats | turns | turns/s | first event p50 ms | first event p99 ms "
-          "| errors | overhead p50 ms | overhead p99 ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n, out, wall in rows:
-        print(f"| {n} | {out.turns} | {out.turns / wall:.1f} | {percentile(out.ttfe, 50):.1f} "
-              f"| {percentile(out.ttfe, 99):.1f} | {len(out.errors)} "
-              f"| {percentile(out.overhead, 50):.2f} | {percentile(out.overhead, 99):.2f} |")
+    print("| concurrent chats | turns | turns/s | app CPU ms/turn | first event p50 / p99 ms "
+          "| errors | client turn p50 / p99 ms | model p50 ms | tool calls p50 ms "
+          "| rest p50 / p99 ms | server before done p50 / p99 ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def pair(xs: list[float]) -> str:
+        return f"{percentile(xs, 50):.1f} / {percentile(xs, 99):.1f}"
+
+    for n, out, wall, cpu in rows:
+        print(f"| {n} | {out.turns} | {out.turns / wall:.1f} "
+              f"| {cpu * 1000 / max(out.turns, 1):.1f} | {pair(out.ttfe)} | {len(out.errors)} "
+              f"| {pair(out.client)} | {percentile(out.model, 50):.1f} "
+              f"| {percentile(out.tools, 50):.1f} | {pair(out.rest)} | {pair(out.overhead)} |")
         if out.errors:
             print(f"  errors at {n}: {sorted(set(out.errors))}")
 

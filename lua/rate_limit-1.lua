@@ -1,7 +1,7 @@
 --[[
-  rate_limit: sliding-window limit on one user's message posts.
+  rate_limit: sliding-window limit on one user's message posts (or session creations).
 
-  KEYS[1]  ratelimit:{<uid>}  sorted set  member per accepted post, scored by its time (ms)
+  KEYS[1]  ratelimit:{<uid>}[:sessions]  sorted set  member per accepted request, scored by its time (ms)
 
   ARGV[1]  now (ms since epoch, passed in so tests are deterministic)
   ARGV[2]  window (ms)

@@ -66,7 +66,7 @@ def test_up_starts_everything_stops_it_on_ctrl_c_and_a_second_run_keeps_the_data
         body = _wait_ready(f"http://127.0.0.1:{app_port}/readyz", proc)
         assert body["ready"] is True and all(body["checks"].values())  # type: ignore[attr-defined]
         r = redis.Redis(port=redis_port)
-        assert {b"idx:cache", b"idx:kb", b"idx:memory"} <= set(r.execute_command("FT._LIST"))
+        assert {b"idx:cache", b"idx:kb", b"idx:memory"} <= set(r.execute_command("FT._LIST"))  # type: ignore[no-untyped-call]
         deadline = time.monotonic() + 30
         while not r.smembers("rq:workers") and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -124,3 +124,56 @@ def test_index_info_lists_every_index(settings: Settings) -> None:
     )
     assert res.returncode == 0, res.stderr
     assert set(json.loads(res.stdout)) == {"idx:cache", "idx:kb", "idx:memory"}
+
+
+def test_commands_next_to_a_running_up_use_its_stores_whatever_port_they_were_given(
+    scratch_dir: Path,
+) -> None:
+    data, redis_port, app_port = scratch_dir / "data", free_port(), free_port()
+    up_env = _env(DATA_DIR=str(data), EMBEDDED_REDIS_PORT=str(redis_port), PORT=str(app_port),
+                  AUTH_SECRET="cli-test-secret-long-enough-for-hs256")
+    # The user forgot the port `make run` was given: nothing listens on this one.
+    bare = _env(DATA_DIR=str(data), EMBEDDED_REDIS_PORT=str(free_port()))
+    doc = scratch_dir / "note.md"
+    doc.write_text("# Quokkas\n\nThe quokka of Rottnest Island smiles for photographs.\n")
+    proc = subprocess.Popen([*BACKBONE, "up"], env=up_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_ready(f"http://127.0.0.1:{app_port}/readyz", proc)
+        recorded = json.loads((data / "running-stack.json").read_text())
+        assert recorded["pid"] == proc.pid and f":{redis_port}/" in recorded["redis_url"]
+
+        doctor = subprocess.run([*BACKBONE, "doctor"], capture_output=True, text=True,
+                                timeout=120, env=bare)
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        report = json.loads(doctor.stdout)
+        assert f":{redis_port}/" in report["redis"]["url"]
+        assert f"pid {proc.pid}" in report["stack"]
+
+        ingest = subprocess.run([*BACKBONE, "ingest", "--quiet", str(doc)], capture_output=True,
+                                text=True, timeout=300, env=bare)
+        assert ingest.returncode == 0, ingest.stdout + ingest.stderr
+        assert "using the running `backbone up`" in ingest.stderr
+        assert "1 ingested" in ingest.stdout
+        r = redis.Redis(port=redis_port)
+        assert any(b"Rottnest" in (r.hget(k, "text") or b"") for k in r.scan_iter("kb:*"))
+        r.close()
+
+        for argv in (["index", "info"], ["cache", "stats"]):
+            res = subprocess.run([*BACKBONE, *argv], capture_output=True, text=True,
+                                 timeout=120, env=bare)
+            assert res.returncode == 0, (argv, res.stderr)
+            assert f"pid {proc.pid}" in res.stderr
+
+        second = subprocess.run([*BACKBONE, "up"], capture_output=True, text=True, timeout=120,
+                                env=bare)
+        assert second.returncode == 2 and "already runs" in second.stderr
+        # The commands above stopped nothing of the running stack.
+        assert httpx.get(f"http://127.0.0.1:{app_port}/readyz", timeout=5).status_code == 200
+    finally:
+        out = _stop(proc)
+    assert proc.returncode == 0, out
+    assert not (data / "running-stack.json").exists()
+    after = subprocess.run([*BACKBONE, "doctor"], capture_output=True, text=True, timeout=60,
+                           env=bare)
+    assert after.returncode == 1 and "no running `backbone up`" in json.loads(after.stdout)["stack"]

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from app import running_stack
 from app.bootstrap import prepare
-from app.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedStack, free_port
+from app.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedStack, free_port, running_urls
 from app.errors import EmbeddedStartError, MissingModules
 from app.settings import Settings
 from app.stores import check_modules, redis_client
@@ -28,8 +32,8 @@ def test_embedded_redis_starts_with_the_search_and_json_modules(tmp_path: Path) 
         client = redis_client(url)
         versions = check_modules(client)
         assert versions["search"] >= 20600 and versions["ReJSON"] >= 20400
-        client.execute_command("JSON.SET", "probe", "$", "[]")
-        assert client.execute_command("JSON.ARRAPPEND", "probe", ".", '{"a":1}') == 1
+        client.execute_command("JSON.SET", "probe", "$", "[]")  # type: ignore[no-untyped-call]
+        assert client.execute_command("JSON.ARRAPPEND", "probe", ".", '{"a":1}') == 1  # type: ignore[no-untyped-call]
         client.close()
     finally:
         server.stop()
@@ -125,3 +129,52 @@ def test_the_stack_starts_only_what_the_settings_leave_unset(settings: Settings)
     stack = EmbeddedStack(settings)
     assert stack.redis is None and stack.postgres is None
     assert stack.start() == settings
+
+
+def _unset_stores(settings: Settings, data_dir: Path) -> Settings:
+    return dataclasses.replace(settings, redis_url=None, database_url=None, data_dir=data_dir,
+                               embedded_redis_port=free_port())
+
+
+def test_attach_uses_a_recorded_live_stack_and_starts_nothing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    running_stack.record(dataclasses.replace(settings, data_dir=tmp_path))  # pid: this process
+    mine = _unset_stores(settings, tmp_path)
+    stack = EmbeddedStack(mine)
+    resolved = stack.start(attach=True)
+    assert (resolved.redis_url, resolved.database_url) == (settings.redis_url,
+                                                           settings.database_url)
+    assert stack.redis is None and stack.postgres is None, "nothing of its own to stop"
+    assert f"pid {os.getpid()}" in stack.describe()
+    assert _port_is_free(mine.embedded_redis_port)
+    stack.stop()
+    client = redis_client(settings.redis_url or "")
+    assert client.ping(), "the recorded stack keeps running"
+    client.close()
+    with pytest.raises(EmbeddedStartError, match="already runs"):
+        EmbeddedStack(mine).start()  # a second `up` on the same folder
+
+
+def test_a_record_whose_up_process_is_gone_is_ignored(settings: Settings, tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    running_stack.record(dataclasses.replace(settings, data_dir=tmp_path), pid=dead.pid)
+    assert running_stack.find(tmp_path) is None
+    mine = _unset_stores(settings, tmp_path)
+    assert running_urls(mine)[0] is None, "no Redis of this folder on its port"
+    server = EmbeddedRedis(tmp_path / "redis", mine.embedded_redis_port)
+    try:
+        assert server.start(attach=True) == server.url  # starts its own
+        assert not server.attached
+    finally:
+        server.stop()
+
+
+def test_forget_removes_only_this_processs_record(settings: Settings, tmp_path: Path) -> None:
+    running_stack.record(dataclasses.replace(settings, data_dir=tmp_path), pid=1)
+    running_stack.forget(tmp_path)
+    assert (tmp_path / running_stack.FILE_NAME).exists(), "another up's record stays"
+    running_stack.record(dataclasses.replace(settings, data_dir=tmp_path))
+    running_stack.forget(tmp_path)
+    assert not (tmp_path / running_stack.FILE_NAME).exists()

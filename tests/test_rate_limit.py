@@ -52,3 +52,40 @@ def test_a_user_over_the_limit_gets_429_with_retry_after_and_nothing_is_appended
                       json={"content": "hello"}) as res:
             assert res.status_code == 200, "one user's limit never throttles another"
             res.read()
+
+
+def test_creating_sessions_past_the_limit_gets_429_with_retry_after_and_creates_nothing(
+    settings: Settings, token_for: Headers, user: str
+) -> None:
+    tight = dataclasses.replace(settings, rate_limit_sessions=3)
+    with TestClient(create_app(tight)) as c:
+        h = token_for(user)
+        made = [c.post("/v1/sessions", headers=h) for _ in range(3)]
+        assert [res.status_code for res in made] == [201, 201, 201]
+        refused = c.post("/v1/sessions", headers=h)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(refused.headers["retry-after"]) <= tight.rate_limit_window_seconds
+        listed = c.get("/v1/sessions", headers=h).json()["sessions"]
+        assert sorted(s["id"] for s in listed) == sorted(res.json()["id"] for res in made)
+
+        other = token_for(f"{user}-other")
+        assert c.post("/v1/sessions", headers=other).status_code == 201, (
+            "one user's limit never throttles another"
+        )
+
+
+def test_session_creations_and_message_posts_count_in_separate_windows(
+    settings: Settings, token_for: Headers, user: str
+) -> None:
+    tight = dataclasses.replace(
+        settings, rate_limit_sessions=1, rate_limit_messages=1, offline_token_delay_ms=0
+    )
+    with TestClient(create_app(tight)) as c:
+        h = token_for(user)
+        sid = c.post("/v1/sessions", headers=h).json()["id"]
+        with c.stream("POST", f"/v1/sessions/{sid}/messages", headers=h,
+                      json={"content": "hello"}) as res:
+            assert res.status_code == 200, "creating a session spent no message allowance"
+            res.read()
+        assert c.post("/v1/sessions", headers=h).status_code == 429

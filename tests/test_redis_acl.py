@@ -4,7 +4,10 @@ runs the whole app and its workers, and nothing else."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -40,6 +43,27 @@ def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
 
 
 @pytest.fixture
+def admin(acl_redis: int) -> Iterator[redis.Redis]:
+    conn = redis.Redis(port=acl_redis, username="admin", password=_password("admin"))
+    yield conn
+    conn.close()
+
+
+def _denied(admin: redis.Redis) -> list[str]:
+    """What ACL LOG saw the limited user refused, except the MODULE LIST that
+    app/stores.py tries first on purpose (it then probes each module)."""
+    entries = admin.execute_command("ACL", "LOG")  # type: ignore[no-untyped-call]
+    found = []
+    for e in entries:
+        row = {k.decode() if isinstance(k, bytes) else k: v for k, v in
+               (e.items() if isinstance(e, dict) else zip(e[::2], e[1::2], strict=True))}
+        text = {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in row.items()}
+        if text["username"] == "backbone" and text["object"] != "module|list":
+            found.append(f"{text['reason']}: {text['object']}")
+    return found
+
+
+@pytest.fixture
 def limited(settings: Settings, acl_redis: int, monkeypatch: pytest.MonkeyPatch) -> Settings:
     url = f"redis://backbone:{_password('backbone')}@127.0.0.1:{acl_redis}/0"
     monkeypatch.setenv("REDIS_URL", url)  # the jobs read it, as in a worker
@@ -50,8 +74,9 @@ def limited(settings: Settings, acl_redis: int, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_the_app_and_its_jobs_run_as_the_limited_user(
-    limited: Settings, token_for: Headers, user: str
+    limited: Settings, admin: redis.Redis, token_for: Headers, user: str
 ) -> None:
+    admin.execute_command("ACL", "LOG", "RESET")  # type: ignore[no-untyped-call]
     with TestClient(create_app(limited)) as c:
         assert c.get("/readyz").json()["checks"]["redis_modules"] is True
         h = token_for(user)
@@ -68,18 +93,59 @@ def test_the_app_and_its_jobs_run_as_the_limited_user(
         SimpleWorker([q], connection=conn).work(burst=True)
         assert q.failed_job_registry.count == 0, f"a {name} job failed under the ACL"
     conn.close()
+    assert _denied(admin) == [], "the app or a job ran a command the ACL refuses"
+
+
+def test_a_real_forking_worker_with_its_scheduler_runs_as_the_limited_user(
+    limited: Settings, admin: redis.Redis, project_root: Path
+) -> None:
+    conn = redis.Redis.from_url(limited.redis_url or "")
+    Queue("persist", connection=conn).enqueue("workers.jobs.sweep_unpersisted", 0.0)
+    admin.execute_command("ACL", "LOG", "RESET")  # type: ignore[no-untyped-call]
+    env = {**os.environ, "REDIS_URL": limited.redis_url or "",
+           "DATABASE_URL": limited.database_url or "", "AUTH_SECRET": limited.auth_secret or "",
+           "PYTHONPATH": str(project_root)}
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "worker", "--burst"], env=env,
+                          cwd=project_root, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "NOPERM" not in proc.stderr, proc.stderr[-2000:]
+    assert Queue("persist", connection=conn).failed_job_registry.count == 0
+    conn.close()
+    assert _denied(admin) == [], "rq's worker or scheduler ran a command the ACL refuses"
+
+
+SID = "0" * 32
+
+
+@pytest.mark.parametrize("command", [
+    ("JSON.TYPE", f"session:{{{SID}}}"), ("EXISTS", f"session:{{{SID}}}:deleted"),
+    ("ZCARD", "ratelimit:{someone}:sessions"), ("FT._LIST",), ("SCAN", "0", "MATCH", "cache:*"),
+    ("HGETALL", "cache-stats:kb_search"), ("LLEN", "rq:queue:memory"),
+])
+def test_the_limited_user_may_run_what_the_app_runs_on_its_own_keys(
+    limited: Settings, command: tuple[str, ...]
+) -> None:
+    conn = redis.Redis.from_url(limited.redis_url or "")
+    # raises NoPermissionError if the ACL refuses it
+    conn.execute_command(*command)  # type: ignore[no-untyped-call]
+    conn.close()
 
 
 @pytest.mark.parametrize("command", [
     ("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "GET", "dir"), ("KEYS", "*"),
     ("SET", "elsewhere", "1"), ("ACL", "SETUSER", "intruder", "on"), ("SHUTDOWN",),
+    # not dangerous, but nothing in the app or its workers runs them:
+    ("CLIENT", "LIST"), ("APPEND", "rq:a", "x"), ("SCRIPT", "FLUSH"), ("HDEL", "cache:x:ab", "f"),
+    ("JSON.DEL", f"session:{{{SID}}}"), ("FT.AGGREGATE", "idx:kb", "*"), ("SORT", "rq:workers"),
+    ("RENAME", "rq:a", "rq:b"), ("PUBLISH", "elsewhere", "x"), ("GET", "sessionX"),
 ])
 def test_the_limited_user_is_refused_everything_else(
     limited: Settings, command: tuple[str, ...]
 ) -> None:
     conn = redis.Redis.from_url(limited.redis_url or "")
     with pytest.raises(redis.exceptions.NoPermissionError):
-        conn.execute_command(*command)
+        conn.execute_command(*command)  # type: ignore[no-untyped-call]
     conn.close()
 
 
