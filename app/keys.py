@@ -9,6 +9,7 @@
 | `persist-sweep-tick`                 | string      | SWEEP_INTERVAL_SECONDS     | one sweep enqueued per interval         |
 | `memory-task-lock:{<sid>}`           | string      | MEMORY_LOCK_TTL_SECONDS    | owner token of the one extractor        |
 | `memory-last-extracted:{<sid>}`      | string      | MEMORY_TTL_SECONDS         | SHA-256 of the last mined message       |
+| `memory-last-extracted:{<sid>}:seq`  | string      | MEMORY_TTL_SECONDS         | seq of that message (cursor order)      |
 | `memory-summary:{<sid>}`             | string      | MEMORY_TTL_SECONDS         | rolling prose summary                   |
 | `events:{<sid>}:<turn>`              | stream      | 10 min                     | one turn's SSE events, for resumption   |
 | `ratelimit:{<uid>}`                  | sorted set  | window                     | message-post times (sliding window)     |
@@ -97,6 +98,12 @@ def memory_cursor(sid: str) -> str:
     return f"memory-last-extracted:{{{check_session_id(sid)}}}"
 
 
+def memory_cursor_seq(sid: str) -> str:
+    """The cursor message's seq, beside the cursor: `advance_cursor` compares seqs, so
+    the cursor only moves to a later message. Same prefix as the cursor (ACL patterns)."""
+    return f"{memory_cursor(sid)}:seq"
+
+
 def memory_summary(sid: str) -> str:
     return f"memory-summary:{{{check_session_id(sid)}}}"
 
@@ -148,5 +155,6 @@ def session_keys(sid: str) -> list[str]:
         session_user(sid),
         memory_lock(sid),
         memory_cursor(sid),
+        memory_cursor_seq(sid),
         memory_summary(sid),
     ]

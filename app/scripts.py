@@ -212,12 +212,16 @@ def release_lock(sid: str, token: str) -> Call[int]:
 
 
 def advance_cursor(
-    sid: str, token: str, expected: str | None, new: str, summary: str, ttl: int
+    sid: str, token: str, expected: str | None, new: str, summary: str, ttl: int,
+    *, expected_seq: int | None, new_seq: int,
 ) -> Call[int]:
-    """1 advanced | 0 lock lost | -1 cursor moved meanwhile | -2 not forward."""
+    """1 advanced | 0 lock lost | -1 cursor moved meanwhile | -2 not forward
+    (`new_seq` is not after the current cursor's seq: stored, else `expected_seq`)."""
     return _call(
         "advance_cursor",
-        [keys.memory_cursor(sid), keys.memory_lock(sid), keys.memory_summary(sid)],
-        [token, expected or "", new, summary, ttl],
+        [keys.memory_cursor(sid), keys.memory_lock(sid), keys.memory_summary(sid),
+         keys.memory_cursor_seq(sid)],
+        [token, expected or "", new, summary, ttl,
+         -1 if expected_seq is None else expected_seq, new_seq],
         _int,
     )

@@ -77,7 +77,8 @@ def test_a_session_deleted_during_its_turn_never_comes_back(
     h = token_for(user)
     came_back: list[tuple[str, dict[str, Any]]] = []
     endings: dict[str, int] = {}
-    with app_process(stores_env, OFFLINE_TOKEN_DELAY_MS="30") as (base, _):
+    with app_process(stores_env, OFFLINE_TOKEN_DELAY_MS="30",
+                     RATE_LIMIT_MESSAGES="100000") as (base, _):
         for attempt in range(ATTEMPTS):
             sid = httpx.post(f"{base}/v1/sessions", headers=h).json()["id"]
             events = _turn_then_delete(base, sid, h, DELETE_AFTER[attempt % len(DELETE_AFTER)])

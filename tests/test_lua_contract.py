@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 from redis.crc import key_slot
@@ -49,12 +50,12 @@ def test_a_call_with_the_wrong_number_of_keys_is_refused() -> None:
 
 def test_keys_of_each_multi_key_script_share_one_cluster_slot() -> None:
     sid = keys.new_session_id()
-    calls = [
+    calls: list[scripts.Call[Any]] = [
         scripts.create_session(sid, "u", 60),
         scripts.append_messages(sid, "u", 0, ["{}"], 60),
         scripts.read_session(sid, 60),
         scripts.restore_session(sid, "u", "[]", 60),
-        scripts.advance_cursor(sid, "t", None, "ab", "s", 60),
+        scripts.advance_cursor(sid, "t", None, "ab", "s", 60, expected_seq=None, new_seq=1),
     ]
     for call in calls:
         slots = {key_slot(k.encode()) for k in call.keys}

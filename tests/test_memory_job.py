@@ -200,7 +200,8 @@ def test_a_stale_token_can_neither_advance_the_cursor_nor_release_the_lock(
     assert scripts.run(r, scripts.acquire_lock(sid, "stale", 50)) == 1
     time.sleep(0.1)
     assert scripts.run(r, scripts.acquire_lock(sid, "fresh", 10_000)) == 1
-    assert scripts.run(r, scripts.advance_cursor(sid, "stale", None, "ab" * 32, "s", 60)) == 0
+    assert scripts.run(r, scripts.advance_cursor(
+        sid, "stale", None, "ab" * 32, "s", 60, expected_seq=None, new_seq=1)) == 0
     assert scripts.run(r, scripts.extend_lock(sid, "stale", 10_000)) == 0
     assert scripts.run(r, scripts.release_lock(sid, "stale")) == 0
     assert r.get(keys.memory_lock(sid)) == b"fresh"
@@ -327,3 +328,36 @@ def test_the_job_runs_under_a_real_backbone_worker_burst(
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert memories(pg, user) == [("location", "lives in Lisbon")]
     assert cursor(r, sid) is not None
+
+
+def test_the_cursor_never_moves_backwards(
+    r: redis.Redis, pg: psycopg.Connection[Any], user: str
+) -> None:
+    sid = new_session(r, pg, user)
+    history = [*turn(sid, 0, 0), *turn(sid, 2, 1)]
+    append(r, pg, sid, history)
+    assert scripts.run(r, scripts.acquire_lock(sid, "t", 10_000)) == 1
+
+    def advance(expected: Message | None, new: Message) -> int:
+        return scripts.run(r, scripts.advance_cursor(
+            sid, "t", expected["hash"] if expected else None, new["hash"], "s", 60,
+            expected_seq=int(expected["seq"]) if expected else None, new_seq=int(new["seq"])))
+
+    assert advance(None, history[2]) == 1
+    assert r.get(keys.memory_cursor_seq(sid)) == b"2"
+    # Back to an earlier message, or to the same one: refused, the cursor stays.
+    assert advance(history[2], history[1]) == -2
+    assert advance(history[2], history[2]) == -2
+    assert cursor(r, sid) == history[2]["hash"]
+    # A cursor without a stored seq (written before seqs were kept): the caller's seq orders it.
+    r.delete(keys.memory_cursor_seq(sid))
+    assert advance(history[2], history[0]) == -2
+    assert advance(history[2], history[3]) == 1
+    assert cursor(r, sid) == history[3]["hash"] and r.get(keys.memory_cursor_seq(sid)) == b"3"
+    assert scripts.run(r, scripts.release_lock(sid, "t")) == 1
+
+
+def test_a_delete_removes_the_cursor_seq_with_the_cursor() -> None:
+    sid = keys.new_session_id()
+    assert keys.memory_cursor_seq(sid) in keys.session_keys(sid)
+    assert keys.memory_cursor_seq(sid).startswith(keys.memory_cursor(sid))

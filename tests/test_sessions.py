@@ -158,9 +158,10 @@ def _sweep(r: redis.Redis, grace: float = 0.0) -> dict[str, int]:
     q = Queue("persist", connection=r)
     job = q.enqueue("workers.jobs.sweep_unpersisted", grace)
     SimpleWorker([q], connection=r).work(burst=True)
-    job.refresh()
+    job.refresh()  # type: ignore[no-untyped-call]
     assert job.is_finished, job.latest_result()
-    result: dict[str, int] = job.return_value()
+    result = job.return_value()
+    assert isinstance(result, dict)
     return result
 
 

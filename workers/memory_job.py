@@ -10,7 +10,8 @@
 4. `extend_lock` right before writing: 0 means the lock expired and another worker
    may own the session now, so stop without writing anything;
 5. store the facts (idempotent: `app.memory.store`), roll the summary forward and
-   `advance_cursor` (compare-and-set, lock holder only), then mirror cursor and
+   `advance_cursor` (compare-and-set, lock holder only, and only to a message with
+   a later seq than the cursor's: an order, not just "different"), then mirror cursor and
    summary into PostgreSQL `sessions` while still holding the lock;
 6. release the lock (only our own token) whatever happened.
 
@@ -116,6 +117,12 @@ def select_delta(
     return [m for m in history if int(m["seq"]) > cursor_seq]
 
 
+def _seq_in(history: Sequence[Message], cursor: str | None) -> int | None:
+    if cursor is None:
+        return None
+    return next((int(m["seq"]) for m in history if m.get("hash") == cursor), None)
+
+
 def _cursor_seq(pg: psycopg.Connection[Any], sid: str, cursor: str) -> int | None:
     row = pg.execute(
         "SELECT seq FROM messages WHERE session_id = %s AND hash = %s", (sid, cursor)
@@ -169,9 +176,10 @@ def run_extraction(
         owner, history = read_history(client, pg, sid)
         if owner is None:
             return {"skipped": "no_session"}
-        delta = select_delta(history, cursor)
-        if delta is None and cursor is not None:
-            delta = select_delta(history, cursor, _cursor_seq(pg, sid, cursor))
+        cursor_seq = _seq_in(history, cursor)
+        if cursor_seq is None and cursor is not None:
+            cursor_seq = _cursor_seq(pg, sid, cursor)
+        delta = select_delta(history, cursor, cursor_seq)
         if delta is None:
             # The cursor names a message neither store has: mine everything again,
             # which the idempotent store turns into no new rows for what was mined.
@@ -187,7 +195,8 @@ def run_extraction(
         code = scripts.run(
             client,
             scripts.advance_cursor(
-                sid, token, expected, delta[-1]["hash"], new_summary, settings.memory_ttl_seconds
+                sid, token, expected, delta[-1]["hash"], new_summary, settings.memory_ttl_seconds,
+                expected_seq=cursor_seq, new_seq=int(delta[-1]["seq"]),
             ),
         )
         collapsed = 0
