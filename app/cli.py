@@ -25,7 +25,7 @@ from typing import Any
 
 from app import indexes, migrations, running_stack
 from app.auth import issue_token, with_secret
-from app.bootstrap import prepare
+from app.bootstrap import eviction_warning, prepare
 from app.embedded import EmbeddedStack, running_urls
 from app.errors import BackboneError
 from app.settings import Settings
@@ -216,6 +216,7 @@ def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
             redis_report["server"] = client.info("server").get("redis_version")
             redis_report["modules"] = check_modules(client)
             redis_report["indexes"] = indexes.status(client)
+            redis_report["eviction_warning"] = eviction_warning(client)
             ok = ok and all(i["exists"] for i in redis_report["indexes"].values())  # type: ignore[attr-defined]
         except Exception as e:
             ok = False

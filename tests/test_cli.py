@@ -103,6 +103,8 @@ def test_doctor_reports_modules_indexes_and_migrations_and_exits_zero(settings: 
     assert report["ok"] is True
     assert {"search", "ReJSON"} <= set(report["redis"]["modules"])
     assert all(i["exists"] for i in report["redis"]["indexes"].values())
+    # The embedded Redis runs noeviction: nothing can evict unpersisted history.
+    assert report["redis"]["eviction_warning"] is None
     assert report["postgres"]["migrations_pending"] == []
 
 
