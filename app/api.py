@@ -21,21 +21,25 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app import cache_routes, chat_routes, health, memory_routes, session_routes, web
+from app import health, web
+from app.cache import routes as cache_routes
+from app.cache.audit_queue import audit_enqueuer
+from app.cache.semantic import SemanticCache
+from app.chat import routes as chat_routes
+from app.chat.tool_router import ToolRouter
+from app.chat.turn import TurnDeps
 from app.embeddings import shared_embedder
 from app.errors import BackboneError, RateLimited, translate
 from app.llm import make_provider
+from app.memory import routes as memory_routes
+from app.memory.queue import make_after_turn
 from app.memory.recall import make_recall
-from app.orchestrator import TurnDeps
-from app.semantic_cache import SemanticCache
-from app.sessions import Sessions
+from app.sessions import routes as session_routes
+from app.sessions.store import Sessions
 from app.settings import Settings
 from app.state import AppState
-from app.stores import async_redis_client, redis_client
-from app.tool_router import ToolRouter
+from app.stores.clients import async_redis_client, redis_client
 from app.tools import make_tools
-from workers.audit import audit_enqueuer
-from workers.memory_job import make_after_turn
 
 log = logging.getLogger("backbone.api")
 SHUTDOWN_GRACE = 10.0

@@ -16,8 +16,8 @@ import jwt
 from starlette.requests import Request
 
 from app.errors import Unauthorized
-from app.keys import USER_ID
 from app.settings import Settings
+from app.stores.keys import USER_ID
 
 ALGORITHM = "HS256"
 DEFAULT_TTL_SECONDS = 30 * 86400

@@ -23,13 +23,14 @@ from collections.abc import Callable, Iterator
 from importlib import metadata
 from typing import Any
 
-from app import indexes, migrations, running_stack
 from app.auth import issue_token, with_secret
-from app.bootstrap import eviction_warning, prepare
-from app.embedded import EmbeddedStack, running_urls
 from app.errors import BackboneError
 from app.settings import Settings
-from app.stores import check_modules, pg_connect, redis_client
+from app.stack import running as running_stack
+from app.stack.bootstrap import eviction_warning, prepare
+from app.stack.embedded import EmbeddedStack, running_urls
+from app.stores import indexes, migrations
+from app.stores.clients import check_modules, pg_connect, redis_client
 
 Command = Callable[[Settings, argparse.Namespace], int]
 LOCAL_USER = "local"
@@ -86,7 +87,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    from app.supervisor import ProcessChild, Supervisor, store_children
+    from app.stack.supervisor import ProcessChild, Supervisor, store_children
 
     # A SIGTERM (systemd, a supervisor, `kill`) stops everything like Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -119,7 +120,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
 
 def _ingest_sample_if_empty(settings: Settings) -> None:
     from app.embeddings import shared_embedder
-    from app.ingest import ingest_paths, kb_is_empty, sample_corpus_dir
+    from app.kb.ingest import ingest_paths, kb_is_empty, sample_corpus_dir
 
     client = redis_client(settings.redis_url or "")
     try:
@@ -267,7 +268,7 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from app.embeddings import shared_embedder
-    from app.ingest import ingest_paths
+    from app.kb.ingest import ingest_paths
 
     with _stores(settings) as resolved:
         prepare(resolved, _dims(resolved))
@@ -288,8 +289,8 @@ def cmd_cache(settings: Settings, args: argparse.Namespace) -> int:
 
     from psycopg_pool import AsyncConnectionPool
 
-    from app.cache_stats import cache_stats, clear_cache
-    from app.stores import async_redis_client
+    from app.cache.stats import cache_stats, clear_cache
+    from app.stores.clients import async_redis_client
 
     resolved = _running(settings)
     if args.action == "clear":

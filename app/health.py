@@ -15,9 +15,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from app import indexes, migrations
 from app.state import AppState, app_state
-from app.stores import REQUIRED_MODULES, async_module_versions
+from app.stores import indexes, migrations
+from app.stores.clients import REQUIRED_MODULES, async_module_versions
 
 CHECK_TIMEOUT = 2.0
 

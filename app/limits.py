@@ -11,9 +11,9 @@ from typing import Any
 import redis.asyncio as aredis
 from starlette.requests import Request
 
-from app import keys, scripts
 from app.errors import PayloadTooLarge, RateLimited, Unprocessable
 from app.settings import Settings
+from app.stores import keys, scripts
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_MESSAGE_CHARS = 16_000

@@ -13,9 +13,9 @@ import redis.asyncio as aredis
 from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
 
+from app.chat.turn import TurnDeps
 from app.embeddings import Embedder
-from app.orchestrator import TurnDeps
-from app.sessions import Sessions
+from app.sessions.store import Sessions
 from app.settings import Settings
 
 

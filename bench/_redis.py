@@ -10,7 +10,7 @@ from pathlib import Path
 
 import redis
 
-from app.embedded import EmbeddedRedis, free_port
+from app.stack.embedded import EmbeddedRedis, free_port
 
 
 @contextlib.contextmanager

@@ -19,11 +19,11 @@ import httpx
 import redis
 
 from app.auth import issue_token
-from app.bootstrap import prepare
-from app.embedded import EmbeddedStack, free_port
 from app.embeddings import shared_embedder
-from app.ingest import ingest_paths, sample_corpus_dir
+from app.kb.ingest import ingest_paths, sample_corpus_dir
 from app.settings import Settings
+from app.stack.bootstrap import prepare
+from app.stack.embedded import EmbeddedStack, free_port
 
 SECRET = "bench-secret-bench-secret-bench-secret!!"
 

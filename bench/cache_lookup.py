@@ -28,12 +28,12 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from app.cache.semantic import EF_RUNTIME, SemanticCache
 from app.embeddings import Vector, shared_embedder
-from app.indexes import schema
 from app.llm.base import ToolSpec
-from app.semantic_cache import EF_RUNTIME, SemanticCache
 from app.settings import Settings
-from app.stores import async_redis_client
+from app.stores.clients import async_redis_client
+from app.stores.indexes import schema
 from app.tools.base import QUERY_PARAMETERS, CachePolicy, ToolContext, ToolResult
 from app.tools.kb_search import parse_search_reply
 from bench._redis import bench_redis, percentile

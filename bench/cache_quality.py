@@ -122,9 +122,9 @@ def nearest_in_redis(
     """Store each split's `a` side under its own tool tag, KNN-1 every `b` against it."""
     from tqdm import tqdm
 
-    from app import indexes, keys
-    from app.embedded import EmbeddedRedis, free_port
-    from app.stores import redis_client
+    from app.stack.embedded import EmbeddedRedis, free_port
+    from app.stores import indexes, keys
+    from app.stores.clients import redis_client
 
     out: dict[str, list[Lookup]] = {}
     with tempfile.TemporaryDirectory(prefix="cache-quality-") as tmp:
@@ -204,7 +204,7 @@ class Labels:
     (union-find on canonical text), a non-duplicate label separates two groups."""
 
     def __init__(self, pairs: Sequence[Pair]) -> None:
-        from app.cache_decision import canonical_text
+        from app.cache.decision import canonical_text
 
         self._canon = canonical_text
         self._parent: dict[str, str] = {}
@@ -240,7 +240,7 @@ CHECKS = ("check_numbers", "check_negation", "check_names")
 
 def features(lookups: Sequence[Lookup], labels: Labels | None) -> Features:
     """With labels: a candidate other than the partner is judged by the file's labels."""
-    from app import cache_decision as cd
+    from app.cache import decision as cd
 
     only = {c: cd.HitPolicy(**{k: k == c for k in CHECKS}) for c in CHECKS}
     rows = []
@@ -265,7 +265,7 @@ def features(lookups: Sequence[Lookup], labels: Labels | None) -> Features:
 
 def effective(f: Features, weight: float) -> npt.NDArray[np.float64]:
     """1 - combined_score for every row: the decision's score cut on the distance scale."""
-    from app.cache_decision import combined_score
+    from app.cache.decision import combined_score
 
     out = 1.0 - combined_score(f.distance, f.lexical, weight)  # type: ignore[arg-type]
     return np.asarray(out, dtype=np.float64)
@@ -273,7 +273,7 @@ def effective(f: Features, weight: float) -> npt.NDArray[np.float64]:
 
 def hits(f: Features, policy: object) -> npt.NDArray[np.bool_]:
     """`decide` for every row at once (the test suite checks they agree)."""
-    from app.cache_decision import HitPolicy
+    from app.cache.decision import HitPolicy
 
     assert isinstance(policy, HitPolicy)
     ok = f.distance <= policy.max_distance
@@ -342,7 +342,7 @@ def fit(f: Features, target: float) -> tuple[object, Figures]:
 
 
 def _cut(f: Features, weight: float, max_distance: float, target: float) -> object:
-    from app.cache_decision import HitPolicy
+    from app.cache.decision import HitPolicy
 
     eligible = f.distance <= max_distance
     for k in CHECKS:
@@ -355,7 +355,7 @@ def _cut(f: Features, weight: float, max_distance: float, target: float) -> obje
 def table(f: Features, policy: object) -> list[str]:
     """Plain distance vs the full decision at the same t: score >= 1 - t, with the
     distance ceiling raised by the most the lexical term can add."""
-    from app.cache_decision import HitPolicy
+    from app.cache.decision import HitPolicy
 
     assert isinstance(policy, HitPolicy)
     lines = [
@@ -444,7 +444,7 @@ def contributions(f: Features, policy: object) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from app import cache_decision as cd
+    from app.cache import decision as cd
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=int, default=15_000, help="pairs in each split")

@@ -34,12 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psycopg
 import redis
 
-from app import keys, messages, scripts
-from app.bootstrap import prepare
-from app.embedded import EmbeddedStack, free_port
 from app.embeddings import shared_embedder
 from app.memory import RuleExtractor
+from app.sessions import messages
 from app.settings import Settings
+from app.stack.bootstrap import prepare
+from app.stack.embedded import EmbeddedStack, free_port
+from app.stores import keys, scripts
 from bench._redis import bench_redis, percentile
 from workers.memory_job import run_extraction
 

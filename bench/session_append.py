@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app import keys, messages, scripts
+from app.sessions import messages
+from app.stores import keys, scripts
 from bench._redis import bench_redis, percentile
 
 SIZES = (10, 100, 1_000, 5_000)

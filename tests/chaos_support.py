@@ -33,9 +33,9 @@ import httpx
 import psycopg
 import redis
 
-from app import keys
 from app.auth import issue_token
-from app.embedded import free_port
+from app.stack.embedded import free_port
+from app.stores import keys
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WRITERS = 20

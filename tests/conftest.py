@@ -23,11 +23,11 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.testclient import TestClient
 
 from app.api import create_app
-from app.bootstrap import prepare
-from app.embedded import EmbeddedStack, free_port
-from app.sessions import Sessions
+from app.sessions.store import Sessions
 from app.settings import Settings
-from app.stores import async_redis_client, redis_client
+from app.stack.bootstrap import prepare
+from app.stack.embedded import EmbeddedStack, free_port
+from app.stores.clients import async_redis_client, redis_client
 
 
 @contextlib.contextmanager

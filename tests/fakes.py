@@ -37,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from app.embedded import free_port
+from app.stack.embedded import free_port
 
 
 @dataclass

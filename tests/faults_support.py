@@ -40,10 +40,10 @@ from rq import Queue, SimpleWorker
 from rq.job import JobStatus
 from sse import Frame, frames
 
-from app.bootstrap import prepare
-from app.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedStack, free_port
 from app.settings import Settings
-from app.stores import redis_client
+from app.stack.bootstrap import prepare
+from app.stack.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedStack, free_port
+from app.stores.clients import redis_client
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -253,7 +253,7 @@ def count(events: list[Frame], name: str) -> int:
 
 
 def redis_history(client: Redis, sid: str) -> list[dict[str, Any]]:
-    from app import keys
+    from app.stores import keys
 
     raw = client.execute_command("JSON.GET", keys.session(sid), ".")  # type: ignore[no-untyped-call]
     return [] if raw is None else list(json.loads(raw))

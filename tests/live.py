@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import httpx
 
-from app.embedded import free_port
 from app.settings import Settings
+from app.stack.embedded import free_port
 
 
 @contextlib.contextmanager

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from app.bootstrap import eviction_warning, prepare
 from app.settings import Settings
+from app.stack.bootstrap import eviction_warning, prepare
 
 
 @pytest.fixture

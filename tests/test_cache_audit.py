@@ -15,13 +15,14 @@ import redis
 from rq import Queue, SimpleWorker
 from test_semantic_cache import CountingTool, ask
 
-from app import keys
-from app.cache_decision import AdaptiveThreshold
-from app.semantic_cache import threshold_key
+from app.cache.audit_queue import audit_enqueuer
+from app.cache.decision import AdaptiveThreshold
+from app.cache.semantic import threshold_key
 from app.settings import Settings
+from app.stores import keys
 from app.tools.base import ToolResult
 from workers import audit
-from workers.audit import audit_enqueuer, overlap
+from workers.audit import overlap
 
 QUESTIONS = ["How do I reset my password?", "How can I reset my password?"]
 
@@ -112,3 +113,13 @@ def test_overlap_compares_item_ids_and_falls_back_to_words_for_plain_text() -> N
     assert overlap(url, url) == 1.0
     assert overlap(ToolResult("Paris is the capital"), ToolResult("the capital is Paris")) == 1.0
     assert overlap(ToolResult("Paris"), ToolResult("Berlin")) == 0.0
+
+
+def test_the_audit_job_path_the_app_enqueues_resolves_to_the_job() -> None:
+    # The app names the job by path (it never imports workers): the path must resolve.
+    from rq.utils import import_attribute
+
+    from app.cache import audit_queue
+    from workers.audit import audit_cache_entry
+
+    assert import_attribute(audit_queue.JOB) is audit_cache_entry

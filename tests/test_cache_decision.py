@@ -9,7 +9,7 @@ from types import ModuleType
 
 import pytest
 
-from app.cache_decision import (
+from app.cache.decision import (
     FITTED_MAX_DISTANCE,
     AdaptiveThreshold,
     HitPolicy,

@@ -32,18 +32,18 @@ from redisvl.index import SearchIndex
 from redisvl.schema import IndexSchema
 from test_semantic_cache import CountingEmbedder, CountingTool
 
-from app import indexes, keys
-from app.embedded import EmbeddedRedis, free_port
+from app.cache.semantic import SemanticCache, entry_key
+from app.chat.tool_router import Routed, ToolRouter
 from app.embeddings import Embedder, shared_embedder
-from app.ingest import doc_id, ingest_paths
+from app.kb.ingest import doc_id, ingest_paths
 from app.llm.base import ToolCall
 from app.memory.facts import Fact
 from app.memory.recall import recall
 from app.memory.store import MemoryStore, memory_id
-from app.semantic_cache import SemanticCache, entry_key
 from app.settings import Settings
-from app.stores import async_redis_client, redis_client
-from app.tool_router import Routed, ToolRouter
+from app.stack.embedded import EmbeddedRedis, free_port
+from app.stores import indexes, keys
+from app.stores.clients import async_redis_client, redis_client
 from app.tools import KbSearch
 from app.tools.base import ToolContext, ToolResult
 from app.tools.kb_search import escape_tag, parse_search_reply

@@ -16,7 +16,7 @@ from waits import settle
 
 from app.api import create_app
 from app.embeddings import shared_embedder
-from app.ingest import ingest_paths
+from app.kb.ingest import ingest_paths
 from app.settings import Settings
 
 Headers = Callable[[str], dict[str, str]]

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import redis
 
-from app.embedded import free_port
 from app.settings import Settings
+from app.stack.embedded import free_port
 
 BACKBONE = [sys.executable, "-m", "app.cli"]
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import redis
 
-from app import keys, messages
-from app.sessions import Sessions
+from app.sessions import messages
+from app.sessions.store import Sessions
 from app.settings import Settings
+from app.stores import keys
 from workers.memory_job import extract_memories
 
 pytestmark = pytest.mark.anyio

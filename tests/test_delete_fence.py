@@ -18,12 +18,13 @@ from live import app_process
 from sse import frames
 from waits import wait_until
 
-from app import history_db, keys, messages, scripts
 from app.embeddings import shared_embedder
 from app.errors import NotFound
 from app.memory import RuleExtractor
-from app.sessions import Sessions
+from app.sessions import history_db, messages
+from app.sessions.store import Sessions
 from app.settings import Settings
+from app.stores import keys, scripts
 from workers import jobs
 from workers.memory_job import run_extraction
 

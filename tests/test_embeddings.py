@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app import onnx_export
-from app.embeddings import Embedder, Vector, default_model_path, shared_embedder
+from app.embeddings import Embedder, Vector, default_model_path, onnx_export, shared_embedder
 from app.errors import SettingsError
 from app.settings import Settings
 

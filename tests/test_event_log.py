@@ -11,11 +11,11 @@ import redis
 from sse import frames
 from starlette.testclient import TestClient
 
-from app import keys
 from app.api import create_app
-from app.event_log import EventLog
+from app.chat.event_log import EventLog
 from app.settings import Settings
-from app.stores import async_redis_client
+from app.stores import keys
+from app.stores.clients import async_redis_client
 
 pytestmark = pytest.mark.anyio
 Headers = Callable[[str], dict[str, str]]

@@ -43,11 +43,12 @@ from rq.registry import StartedJobRegistry
 from sse import Frame, frames
 from starlette.testclient import TestClient
 
-from app import keys, messages, scripts
 from app.api import create_app
-from app.sessions import PERSIST_WAIT_SECONDS
+from app.memory.queue import enqueue_extraction, job_ids
+from app.sessions import messages
+from app.sessions.store import PERSIST_WAIT_SECONDS
 from app.settings import Settings
-from workers.memory_job import enqueue_extraction, job_ids
+from app.stores import keys, scripts
 
 Headers = Callable[[str], dict[str, str]]
 

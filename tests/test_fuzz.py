@@ -26,8 +26,10 @@ from sse import Frame, frames
 from starlette.testclient import TestClient
 from waits import settle
 
-from app import keys, limits, messages
+from app import limits
+from app.sessions import messages
 from app.settings import Settings
+from app.stores import keys
 
 Headers = Callable[[str], dict[str, str]]
 Snapshot = dict[str, Any]
@@ -466,8 +468,8 @@ def test_resuming_after_the_terminal_event_is_404_at_once_instead_of_hanging(
 async def test_a_live_replay_waits_longer_than_the_redis_socket_timeout(
     settings: Settings, r: redis.Redis,
 ) -> None:
-    from app import event_log
-    from app.stores import async_redis_client
+    from app.chat import event_log
+    from app.stores.clients import async_redis_client
 
     sid = keys.new_session_id()
     r.xadd(keys.events(sid, 0), {"event": "message.delta", "data": "{}"}, id="1-0")

@@ -6,10 +6,11 @@ import pytest
 import redis
 from starlette.testclient import TestClient
 
-from app import api, indexes
+from app import api
 from app.api import create_app
 from app.embeddings import Embedder
 from app.settings import Settings
+from app.stores import indexes
 from tests.waits import wait_until
 
 

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from app import keys
 from app.embeddings import shared_embedder
 from app.errors import BadRequest, NotFound
-from app.ingest import (
+from app.kb.ingest import (
     CHUNK_CHARS,
     chunk_text,
     doc_id,
@@ -20,6 +19,7 @@ from app.ingest import (
     sample_corpus_dir,
     title_of,
 )
+from app.stores import keys
 
 SECTION = (
     "Tide pools on the north shore of Varnholm fill twice a day. "

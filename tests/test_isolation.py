@@ -33,7 +33,7 @@ from test_fuzz import _turn, assert_error_body, snapshot
 from app import api
 from app.auth import issue_token
 from app.embeddings import shared_embedder
-from app.ingest import ingest_paths
+from app.kb.ingest import ingest_paths
 from app.memory.facts import Fact
 from app.memory.store import MemoryStore
 from app.settings import Settings

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 from redis.crc import key_slot
 
-from app import keys
 from app.errors import BadRequest
+from app.stores import keys
 
 
 @pytest.mark.parametrize(

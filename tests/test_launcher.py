@@ -12,12 +12,18 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from app import running_stack
-from app.bootstrap import prepare
-from app.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedStack, free_port, running_urls
 from app.errors import EmbeddedStartError, MissingModules
 from app.settings import Settings
-from app.stores import check_modules, redis_client
+from app.stack import running as running_stack
+from app.stack.bootstrap import prepare
+from app.stack.embedded import (
+    EmbeddedPostgres,
+    EmbeddedRedis,
+    EmbeddedStack,
+    free_port,
+    running_urls,
+)
+from app.stores.clients import check_modules, redis_client
 
 
 def _port_is_free(port: int) -> bool:

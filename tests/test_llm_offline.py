@@ -10,7 +10,7 @@ from typing import Any
 import redis
 
 from app.embeddings import shared_embedder
-from app.ingest import ingest_paths
+from app.kb.ingest import ingest_paths
 from app.llm import (
     OfflineProvider,
     ProviderEvent,
@@ -21,7 +21,7 @@ from app.llm import (
     make_provider,
 )
 from app.settings import Settings
-from app.stores import async_redis_client
+from app.stores.clients import async_redis_client
 from app.tools import KbSearch, ToolContext, ToolResult
 from app.tools.passages import format_passages
 

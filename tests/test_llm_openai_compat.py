@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 from fakes import Failure, FakeOpenAI, Stream, text_reply, tool_call_reply, usage_chunk
 
-from app.embedded import free_port
 from app.llm import (
     OpenAICompatProvider,
     ProviderError,
@@ -20,6 +19,7 @@ from app.llm import (
     make_provider,
 )
 from app.settings import Settings
+from app.stack.embedded import free_port
 
 KB = ToolSpec("kb_search", "Search the knowledge base.", {"type": "object", "properties": {}})
 HELLO = [{"role": "user", "content": "hello"}]

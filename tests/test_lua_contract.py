@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from redis.crc import key_slot
 
-from app import keys, scripts
+from app.stores import keys, scripts
 
 SCRIPTS = sorted(scripts.load_all().values(), key=lambda s: s.name)
 

@@ -16,19 +16,18 @@ import pytest
 import redis
 from rq import Queue, SimpleWorker
 from rq.job import JobStatus
+from rq.utils import import_attribute
 
-from app import keys, scripts
 from app.embeddings import shared_embedder
-from app.memory import Fact, RuleExtractor
-from app.messages import Message, build, canonical_json
+from app.memory import Fact, RuleExtractor, queue
+from app.memory.queue import enqueue_extraction, job_ids
+from app.sessions.messages import Message, build, canonical_json
 from app.settings import Settings
-from workers import memory_job
+from app.stores import keys, scripts
 from workers.memory_job import (
     collapse_mined,
     collapsible,
-    enqueue_extraction,
     extract_memories,
-    job_ids,
     run_extraction,
     select_delta,
 )
@@ -309,7 +308,8 @@ def test_the_job_runs_in_process_under_a_simple_worker(
                                   "unchanged": 0, "advanced": True, "collapsed": 0}
     assert enqueue_extraction(r, sid)  # a finished job frees its id for the next turn
     SimpleWorker([q], connection=r).work(burst=True)
-    assert memory_job.JOB == "workers.memory_job.extract_memories"
+    # The app names the job by path (it never imports workers): the path must resolve.
+    assert import_attribute(queue.JOB) is extract_memories
 
 
 @pytest.mark.slow

@@ -11,14 +11,14 @@ import pytest
 import redis
 from starlette.testclient import TestClient
 
-from app import keys
 from app.api import create_app
 from app.embeddings import Embedder, shared_embedder
 from app.memory import Fact
 from app.memory.recall import make_recall, recall
 from app.memory.store import MemoryStore, memory_id, nearest
 from app.settings import Settings
-from app.stores import async_redis_client
+from app.stores import keys
+from app.stores.clients import async_redis_client
 
 Headers = Callable[[str], dict[str, str]]
 

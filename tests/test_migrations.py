@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import threading
 
-from app import migrations
 from app.settings import Settings
-from app.stores import pg_connect
+from app.stores import migrations
+from app.stores.clients import pg_connect
 
 
 def test_migrating_an_up_to_date_database_applies_nothing(settings: Settings) -> None:

@@ -8,9 +8,9 @@ from collections.abc import Callable
 import redis
 from starlette.testclient import TestClient
 
-from app import scripts
 from app.api import create_app
 from app.settings import Settings
+from app.stores import scripts
 
 Headers = Callable[[str], dict[str, str]]
 

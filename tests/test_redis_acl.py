@@ -19,9 +19,9 @@ from starlette.testclient import TestClient
 from waits import wait_until
 
 from app.api import create_app
-from app.bootstrap import prepare
-from app.embedded import EmbeddedRedis, free_port
 from app.settings import Settings
+from app.stack.bootstrap import prepare
+from app.stack.embedded import EmbeddedRedis, free_port
 
 Headers = Callable[[str], dict[str, str]]
 ACL = Path(__file__).resolve().parent.parent / "deploy" / "redis" / "users.acl"

@@ -13,11 +13,11 @@ from live import app_process
 from sse import Frame, frames
 
 from app.embeddings import shared_embedder
-from app.ingest import ingest_paths
+from app.kb.ingest import ingest_paths
 from app.settings import Settings
 
 Headers = Callable[[str], dict[str, str]]
-CORPUS = Path(__file__).resolve().parent.parent / "app" / "corpus"
+CORPUS = Path(__file__).resolve().parent.parent / "app" / "kb" / "corpus"
 
 
 def _read_some(base: str, sid: str, h: dict[str, str], n: int) -> list[Frame]:

@@ -16,14 +16,14 @@ from typing import Any
 import redis
 from fakes import FakeSearxng, searx_result
 
-from app import keys
-from app.cache_stats import cache_stats, clear_cache
+from app.cache.semantic import SemanticCache, threshold_key
+from app.cache.stats import cache_stats, clear_cache
+from app.chat.tool_router import Routed, ToolRouter
 from app.embeddings import Embedder, Vector, shared_embedder
 from app.llm.base import ToolCall, ToolSpec
-from app.semantic_cache import SemanticCache, threshold_key
 from app.settings import Settings
-from app.stores import async_redis_client
-from app.tool_router import Routed, ToolRouter
+from app.stores import keys
+from app.stores.clients import async_redis_client
 from app.tools import WebSearch
 from app.tools.base import (
     QUERY_PARAMETERS,

@@ -11,9 +11,9 @@ import jwt
 import pytest
 from starlette.testclient import TestClient
 
-from app import keys
 from app.api import create_app
 from app.settings import Settings
+from app.stores import keys
 
 Headers = Callable[[str], dict[str, str]]
 

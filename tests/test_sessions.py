@@ -14,10 +14,11 @@ import pytest
 import redis
 from rq import Queue, SimpleWorker
 
-from app import keys, messages
 from app.errors import Conflict, Forbidden, NotFound
-from app.sessions import Sessions
+from app.sessions import messages
+from app.sessions.store import Sessions
 from app.settings import Settings
+from app.stores import keys
 
 pytestmark = pytest.mark.anyio
 
@@ -168,9 +169,9 @@ def _sweep(r: redis.Redis, grace: float = 0.0) -> dict[str, int]:
 KILLED_APP = textwrap.dedent("""
     import asyncio, os, signal, sys
     from psycopg_pool import AsyncConnectionPool
-    from app import messages
-    from app.sessions import Sessions
-    from app.stores import async_redis_client
+    from app.sessions import messages
+    from app.sessions.store import Sessions
+    from app.stores.clients import async_redis_client
 
     async def main() -> None:
         redis_url, db_url, user = sys.argv[1:4]
@@ -213,7 +214,7 @@ def test_an_app_killed_between_append_and_persist_loses_nothing_once_the_sweep_r
 async def test_the_sweep_keeps_a_session_written_again_after_it_read_it(
     session_store: Sessions, user: str, r: redis.Redis
 ) -> None:
-    from app import scripts
+    from app.stores import scripts
 
     sid = await session_store.create(user)
     await _turn(session_store, sid, user, 1)

@@ -12,12 +12,12 @@ import pytest
 import redis
 from fakes import Failure, FakeSearxng, searx_result
 
-from app.cache_decision import FITTED_MAX_DISTANCE
-from app.embedded import free_port
+from app.cache.decision import FITTED_MAX_DISTANCE
 from app.embeddings import shared_embedder
-from app.ingest import doc_id, ingest_paths
+from app.kb.ingest import doc_id, ingest_paths
 from app.settings import Settings
-from app.stores import async_redis_client
+from app.stack.embedded import free_port
+from app.stores.clients import async_redis_client
 from app.tools import KbSearch, ToolContext, ToolResult, WebSearch, make_tools
 from app.tools.base import MAX_QUERY_CHARS
 from app.tools.kb_search import escape_tag

@@ -20,10 +20,10 @@ from live import app_process
 from websockets.sync.client import ClientConnection, connect
 
 from app.auth import issue_token
-from app.embedded import free_port
 from app.embeddings import shared_embedder
-from app.ingest import ingest_paths
+from app.kb.ingest import ingest_paths
 from app.settings import Settings
+from app.stack.embedded import free_port
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -70,7 +70,7 @@ def browser_page(settings: Settings) -> Iterator[tuple[Page, str]]:
     exe = _chromium()
     client = redis.Redis.from_url(settings.redis_url or "")
     ingest_paths(client, shared_embedder(),
-                 [Path(__file__).resolve().parent.parent / "app" / "corpus"], progress=False)
+                 [Path(__file__).resolve().parent.parent / "app" / "kb" / "corpus"], progress=False)
     client.close()
     with app_process(settings, OFFLINE_TOKEN_DELAY_MS="5") as (base, _), \
             tempfile.TemporaryDirectory() as profile:

@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 import redis
 
-from app import keys
+from app.stores import keys
 
 
 def settle(r: redis.Redis, pg: psycopg.Connection[Any], sid: str) -> None:

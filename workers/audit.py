@@ -1,7 +1,7 @@
 """The semantic-cache audit: re-run a served entry's tool and judge the cached result.
 
 `SemanticCache` samples RETRIEVAL_CACHE_AUDIT_RATE of its hits and hands them
-to `audit_enqueuer`, which puts `audit_cache_entry` on the `audit` queue. The
+to `app.cache.audit_queue.audit_enqueuer`, which puts `audit_cache_entry` on the `audit` queue. The
 job runs the real tool for the same caller and arguments, and compares the
 identities of the results (item ids or URLs; content words for plain text).
 It then, for that tool:
@@ -21,43 +21,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, cast
 
 import psycopg
 import redis
-from rq import Queue
 
-from app.cache_decision import AdaptiveThreshold, content_words
-from app.cache_stats import record_audit
+from app.cache.decision import AdaptiveThreshold, content_words
+from app.cache.semantic import decode_result, threshold_key, threshold_state
+from app.cache.stats import record_audit
 from app.embeddings import shared_embedder
-from app.semantic_cache import decode_result, threshold_key, threshold_state
 from app.settings import Settings
-from app.stores import async_redis_client, redis_client
+from app.stores.clients import async_redis_client, redis_client
 from app.tools import make_tools
 from app.tools.base import CachePolicy, ToolContext, ToolResult
 
 log = logging.getLogger("backbone.audit")
 
-AUDIT_QUEUE = "audit"
-JOB = "workers.audit.audit_cache_entry"
 
 _INSERT = """
 INSERT INTO cache_audits (entry_key, tool, distance, overlap, invalidated)
 VALUES (%s, %s, %s, %s, %s)
 """
-
-
-def audit_enqueuer(connection: redis.Redis) -> Callable[[dict[str, Any]], None]:
-    """The `enqueue_audit` callable for SemanticCache: one rq enqueue on a sync client."""
-    q = Queue(AUDIT_QUEUE, connection=connection)
-
-    def enqueue(payload: dict[str, Any]) -> None:
-        q.enqueue_call(
-            JOB, kwargs=payload, timeout=120, result_ttl=600, failure_ttl=86400
-        )
-
-    return enqueue
 
 
 def _identities(result: ToolResult) -> set[str]:

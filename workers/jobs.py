@@ -29,10 +29,11 @@ from typing import Any, cast
 
 from psycopg import AsyncConnection
 
-from app import history_db, keys, scripts
 from app.errors import NotFound
+from app.sessions import history_db
 from app.settings import Settings
-from app.stores import async_redis_client
+from app.stores import keys, scripts
+from app.stores.clients import async_redis_client
 
 log = logging.getLogger("backbone.jobs")
 

@@ -30,9 +30,9 @@ from types import FrameType
 import redis
 from rq import Queue, Worker
 
-from app import keys
 from app.settings import Settings
-from app.stores import redis_client
+from app.stores import keys
+from app.stores.clients import redis_client
 
 QUEUES = ("persist", "memory", "audit")
 # rq's own retry while dequeuing doubles up to this; its default (60 s) would keep
@@ -142,8 +142,8 @@ def run_worker(settings: Settings, *, burst: bool = False, dims: int | None = No
     Waits for Redis first, then prepares the stores (`app.bootstrap.prepare`), so a
     worker started while Redis is down waits for it instead of exiting.
     """
-    from app.bootstrap import prepare
     from app.embeddings import warm
+    from app.stack.bootstrap import prepare
 
     # Jobs read Settings.from_env() in the work horse: hand them the resolved stores.
     os.environ["REDIS_URL"] = settings.redis_url or ""

@@ -14,9 +14,9 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 import redis.asyncio as aredis
 
-from app import keys
 from app.embeddings import Embedder
-from app.scope_guard import admitted
+from app.stores import keys
+from app.stores.scope_guard import admitted
 from app.tools.kb_search import escape_tag, parse_search_reply
 
 # With all-MiniLM-L6-v2 a question about a stored fact sits at 0.65-0.8 from it

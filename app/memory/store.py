@@ -34,10 +34,10 @@ import psycopg
 import redis
 from redis.typing import EncodableT, FieldT
 
-from app import keys
 from app.embeddings import Embedder, Vector
 from app.memory.facts import Fact
-from app.scope_guard import admitted
+from app.stores import keys
+from app.stores.scope_guard import admitted
 from app.tools.kb_search import escape_tag, parse_search_reply
 
 # Measured with all-MiniLM-L6-v2: a refinement of the same fact sits near 0.1 ("is allergic

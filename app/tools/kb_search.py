@@ -20,11 +20,11 @@ import numpy as np
 import redis.asyncio as aredis
 import redis.exceptions as rexc
 
-from app import keys
-from app.cache_decision import FITTED_MAX_DISTANCE
+from app.cache.decision import FITTED_MAX_DISTANCE
 from app.embeddings import Embedder, Vector
 from app.llm.base import ToolSpec
-from app.scope_guard import admitted
+from app.stores import keys
+from app.stores.scope_guard import admitted
 from app.tools.base import (
     QUERY_PARAMETERS,
     ArgumentError,

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from app.cache_decision import FITTED_MAX_DISTANCE
+from app.cache.decision import FITTED_MAX_DISTANCE
 from app.embeddings import Vector
 from app.llm.base import ToolSpec
 from app.tools.base import (

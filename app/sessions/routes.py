@@ -11,9 +11,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app import keys, limits
+from app import limits
 from app.auth import authenticated_user
 from app.state import AppState, app_state
+from app.stores import keys
 
 
 def caller(request: Request) -> tuple[AppState, str]:

@@ -2,7 +2,7 @@
 
 The query is embedded once per call, off the event loop, and that vector
 serves the cache lookup, the retrieval and the cache store. The semantic cache
-(`app.semantic_cache`) plugs in through the `Cache` protocol; without one,
+(`app.cache.semantic`) plugs in through the `Cache` protocol (`app.cache.protocol`); without one,
 every call runs its tool. A call never raises: an unknown tool, bad arguments,
 a timeout or a failing service all come back as an error result, so the turn
 continues.
@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
 
+from app.cache.protocol import Cache
 from app.embeddings import Embedder, Vector
 from app.llm.base import ToolCall, ToolSpec
 from app.tools.base import Tool, ToolContext, ToolResult
@@ -30,28 +30,6 @@ class Routed:
     elapsed_ms: float = 0.0
     tool_ms: float = 0.0  # time inside the tool itself (0 on a cache hit)
     saved_ms: float | None = None  # on a hit: how long the tool took when it ran
-
-
-@dataclass(frozen=True)
-class CacheHit:
-    result: ToolResult
-    distance: float
-    entry: str
-    tool_ms: float
-
-
-class Cache(Protocol):
-    async def lookup(
-        self, tool: Tool, arguments: dict[str, Any], query: str, vector: Vector | None,
-        ctx: ToolContext,
-    ) -> CacheHit | None: ...
-
-    async def store(
-        self, tool: Tool, arguments: dict[str, Any], query: str, vector: Vector | None,
-        ctx: ToolContext, result: ToolResult, tool_ms: float,
-    ) -> None: ...
-
-    def needs_vector(self, tool: Tool, arguments: dict[str, Any], query: str) -> bool: ...
 
 
 class ToolRouter:

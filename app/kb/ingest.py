@@ -22,9 +22,9 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
-from app import keys
 from app.embeddings import Embedder, Vector
 from app.errors import BadRequest, NotFound
+from app.stores import keys
 from app.tools.kb_search import parse_search_reply
 
 CHUNK_CHARS = 800

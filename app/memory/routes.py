@@ -12,10 +12,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app import keys
 from app.errors import BadRequest, NotFound
 from app.memory.store import MEMORY_ID
-from app.session_routes import caller
+from app.sessions.routes import caller
+from app.stores import keys
 
 LIST_LIMIT = 500
 

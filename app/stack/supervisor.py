@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Protocol
 
-from app.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedStack
+from app.stack.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedStack
 
 log = logging.getLogger("backbone.supervisor")
 

@@ -6,8 +6,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from app.cache_stats import cache_stats
-from app.session_routes import caller
+from app.cache.stats import cache_stats
+from app.sessions.routes import caller
 
 
 async def stats(request: Request) -> JSONResponse:

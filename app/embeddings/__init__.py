@@ -102,7 +102,7 @@ class _OnnxRunner:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        from app.onnx_export import ensure_onnx
+        from app.embeddings.onnx_export import ensure_onnx
 
         folder = _local_folder(model)
         pooling = folder / "1_Pooling" / "config.json"

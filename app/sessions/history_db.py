@@ -20,7 +20,7 @@ from typing import Any
 from psycopg import AsyncConnection
 
 from app.errors import NotFound
-from app.messages import Message, canonical_json
+from app.sessions.messages import Message, canonical_json
 
 TITLE_CHARS = 80
 # Namespace of the per-session advisory locks (two-int form: apart from the

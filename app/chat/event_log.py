@@ -33,8 +33,8 @@ from typing import Any, NamedTuple
 
 import redis.asyncio as aredis
 
-from app import keys
 from app.errors import BadRequest, NotFound
+from app.stores import keys
 
 log = logging.getLogger("backbone.events")
 TTL_SECONDS = 600

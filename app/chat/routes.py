@@ -25,12 +25,15 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.routing import Route
 
-from app import event_log, limits, messages, scripts
+from app import limits
+from app.chat import event_log
+from app.chat.event_log import Event, EventLog
+from app.chat.turn import Turn
 from app.errors import BadRequest, RateLimited
-from app.event_log import Event, EventLog
-from app.orchestrator import Turn
-from app.session_routes import caller, session_id
+from app.sessions import messages
+from app.sessions.routes import caller, session_id
 from app.state import AppState
+from app.stores import scripts
 
 PING_SECONDS = 15
 HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}

@@ -30,9 +30,10 @@ from typing import Any
 import redis.asyncio as aredis
 from psycopg_pool import AsyncConnectionPool
 
-from app import history_db, keys, scripts
 from app.errors import Conflict, Forbidden, NotFound
-from app.messages import Message, canonical_json, renumber
+from app.sessions import history_db
+from app.sessions.messages import Message, canonical_json, renumber
+from app.stores import keys, scripts
 
 APPEND_ATTEMPTS = 64
 # Jittered backoff after a lost race, so many writers converge instead of colliding in lockstep.

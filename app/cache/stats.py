@@ -16,9 +16,9 @@ import redis
 import redis.asyncio as aredis
 from psycopg_pool import AsyncConnectionPool
 
-from app import keys
-from app.cache_decision import AdaptiveThreshold
-from app.semantic_cache import threshold_key
+from app.cache.decision import AdaptiveThreshold
+from app.cache.semantic import threshold_key
+from app.stores import keys
 
 log = logging.getLogger("backbone.cache")
 

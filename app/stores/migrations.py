@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "postgres"
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "schemas" / "postgres"
 FILE_NAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
 # Any fixed 64-bit number, the same in every process.
 ADVISORY_LOCK_ID = 0x6B62_6F6E_6500

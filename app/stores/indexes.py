@@ -27,7 +27,7 @@ from redisvl.schema import IndexSchema
 
 log = logging.getLogger("backbone.indexes")
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 NAMES = ("cache", "kb", "memory")
 # Per field type, the attributes that change what a query matches or what a key holds.
 _COMPARED: dict[str, tuple[str, ...]] = {

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import redis
 
-from app import indexes, migrations, scripts
 from app.settings import Settings
-from app.stores import check_modules, pg_connect, redis_client
+from app.stores import indexes, migrations, scripts
+from app.stores.clients import check_modules, pg_connect, redis_client
 
 log = logging.getLogger("backbone.bootstrap")
 

@@ -23,9 +23,9 @@ import redis
 import redis.asyncio as aredis
 from redis.exceptions import NoScriptError
 
-from app import keys
+from app.stores import keys
 
-LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
+LUA_DIR = Path(__file__).resolve().parents[2] / "lua"
 FILE_NAME = re.compile(r"^(?P<name>[a-z][a-z_]*)-(?P<numkeys>\d+)\.lua$")
 
 T = TypeVar("T")

@@ -32,13 +32,15 @@ from typing import Any
 
 import anyio
 
-from app import context, keys, messages
+from app.chat import context
+from app.chat.event_log import Event, EventLog
+from app.chat.tool_router import Routed, ToolRouter
 from app.errors import BackboneError, NotFound, translate
-from app.event_log import Event, EventLog
 from app.llm.base import Provider, StreamEnd, TextDelta, ToolCall, ToolCallRequest
-from app.messages import Message
-from app.sessions import Sessions
-from app.tool_router import Routed, ToolRouter
+from app.sessions import messages
+from app.sessions.messages import Message
+from app.sessions.store import Sessions
+from app.stores import keys
 from app.tools.base import ToolContext
 
 log = logging.getLogger("backbone.turn")

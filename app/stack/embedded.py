@@ -32,9 +32,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from app import running_stack
 from app.errors import EmbeddedStartError
 from app.settings import Settings
+from app.stack import running as running_stack
 
 REDIS_MODULES = ("redisearch.so", "rejson.so")
 

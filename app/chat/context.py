@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from app.messages import Message
+from app.sessions.messages import Message
 
 CONTEXT_TOKEN_BUDGET = 3000
 SYSTEM_PROMPT = (

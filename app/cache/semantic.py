@@ -19,7 +19,7 @@ logged miss, never a hit. The threshold starts at the tool's
 (`AdaptiveThreshold`, stored in `cache-threshold:<tool>`).
 
 A sampled share of hits (RETRIEVAL_CACHE_AUDIT_RATE) is handed to
-`enqueue_audit` (see `workers.audit.audit_enqueuer`); the job re-runs the tool
+`enqueue_audit` (see `app.cache.audit_queue.audit_enqueuer`); the job re-runs the tool
 and invalidates entries whose results drifted. Cache trouble never fails a
 call: a Redis error on lookup is a miss, on store is a skipped store.
 """
@@ -41,12 +41,12 @@ import numpy as np
 import redis.asyncio as aredis
 import redis.exceptions as rexc
 
-from app import keys
-from app.cache_decision import AdaptiveThreshold, HitPolicy, canonical_text, decide
+from app.cache.decision import AdaptiveThreshold, HitPolicy, canonical_text, decide
+from app.cache.protocol import CacheHit
 from app.embeddings import Embedder, Vector, shared_embedder
-from app.scope_guard import admitted
 from app.settings import Settings
-from app.tool_router import CacheHit
+from app.stores import keys
+from app.stores.scope_guard import admitted
 from app.tools.base import CachePolicy, Tool, ToolContext, ToolResult
 from app.tools.kb_search import escape_tag, parse_search_reply
 

@@ -1,0 +1,1 @@
+"""The semantic cache in front of tools: lookup/store, hit decision, stats, routes."""

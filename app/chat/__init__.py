@@ -1,0 +1,1 @@
+"""One chat turn: the turn, the tool router, the event log, context, routes."""

@@ -1,0 +1,1 @@
+"""The knowledge base: ingesting documents (and the sample corpus) into idx:kb."""

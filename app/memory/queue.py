@@ -1,0 +1,82 @@
+"""How the app enqueues memory extraction (the job itself is `workers.memory_job`).
+
+One waiting job per session. The job id is `memory-extract-<sid>`; while that
+one runs, a follow-up goes under `memory-extract-<sid>-next`, so a turn that
+ends during extraction is mined right after it rather than at the next turn.
+The job is named by its import path, so the app never imports `workers`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import redis
+from rq import Queue, Retry
+from rq.exceptions import DuplicateJobError
+from rq.job import JobStatus
+
+from app.sessions.messages import Message
+from app.stores import keys
+from app.stores.clients import redis_client
+
+log = logging.getLogger("backbone.memory")
+
+QUEUE = "memory"
+JOB = "workers.memory_job.extract_memories"
+RETRIES = 2  # safe: the job is idempotent (lock, compare-and-set cursor, idempotent store)
+_WAITING = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED}
+
+
+def job_ids(sid: str) -> tuple[str, str]:
+    keys.check_session_id(sid)
+    return f"memory-extract-{sid}", f"memory-extract-{sid}-next"
+
+
+def enqueue_extraction(client: redis.Redis, sid: str, *, queue: str = QUEUE) -> bool:
+    """Enqueue one extraction for `sid` unless one is already waiting; True if enqueued."""
+    q = Queue(queue, connection=client)
+    slots = []
+    for jid in job_ids(sid):
+        job = q.fetch_job(jid)
+        status = job.get_status(refresh=False) if job is not None else None
+        if status in _WAITING:
+            return False
+        slots.append((jid, job, status))
+    for jid, job, status in slots:
+        if status == JobStatus.STARTED:
+            continue
+        if job is not None:
+            job.delete()  # finished, failed or stopped: free its id
+        try:
+            # Retry: a job whose worker died is re-run once rq finds it abandoned
+            # (StartedJobRegistry.cleanup), instead of landing in the failed registry.
+            q.enqueue_call(JOB, args=(sid,), job_id=jid, unique=True, timeout=600,
+                           result_ttl=300, failure_ttl=86400, retry=Retry(max=RETRIES))
+        except DuplicateJobError:
+            return False  # another node enqueued it between our read and our write
+        return True
+    return False  # both slots running: the next turn enqueues again
+
+
+class AfterTurnEnqueue:
+    """The orchestrator's after-turn hook: enqueue extraction off the event loop."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.client = redis_client(redis_url)
+
+    async def __call__(self, sid: str, user: str, stored: list[Message]) -> None:
+        if not stored:
+            return
+        try:
+            await asyncio.to_thread(enqueue_extraction, self.client, sid)
+        except redis.RedisError as e:
+            # Losing one enqueue loses nothing: the next turn's job mines this delta too.
+            log.warning("could not enqueue memory extraction for %s: %s", sid, e)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def make_after_turn(redis_url: str) -> AfterTurnEnqueue:
+    return AfterTurnEnqueue(redis_url)

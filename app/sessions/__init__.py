@@ -1,0 +1,1 @@
+"""Live sessions: the Redis copy, the PostgreSQL truth, messages, routes."""

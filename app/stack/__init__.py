@@ -1,0 +1,1 @@
+"""The local stack's processes: the embedded launcher, bootstrap, the supervisor."""

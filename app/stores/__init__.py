@@ -1,0 +1,1 @@
+"""Redis and PostgreSQL access: clients, keys, Lua scripts, indexes, migrations."""
