@@ -14,6 +14,8 @@ COPY lua lua
 COPY schemas schemas
 # Editable, so the package finds lua/ and schemas/ beside it.
 RUN pip install --no-cache-dir -e .
+# Export the ONNX model now, so a container's first start does not spend ~10 s on it.
+RUN python -c "from app.embeddings import shared_embedder; shared_embedder().warm()"
 
 EXPOSE 8000 9181
 CMD ["backbone", "serve"]
