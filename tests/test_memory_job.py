@@ -176,7 +176,7 @@ def test_a_worker_killed_mid_job_leaves_a_lock_that_expires_and_another_worker_f
     append(r, pg, sid, turn(sid, 0, 0))
     dying = (
         "import os, signal, redis\n"
-        "from app import scripts\n"
+        "from app.stores import scripts\n"
         f"c = redis.Redis.from_url({stores_env.redis_url!r})\n"
         f"assert scripts.run(c, scripts.acquire_lock({sid!r}, 'doomed', 2000)) == 1\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
