@@ -43,7 +43,7 @@ def _traces(r: redis.Redis, pg: psycopg.Connection[Any], sid: str) -> dict[str, 
     live += [k.decode() for k in r.scan_iter(match=f"events:{{{sid}}}:*")]
     if live:
         found["redis"] = live
-    if r.zscore(keys.UNPERSISTED, sid) is not None:
+    if r.zscore(keys.unpersisted(sid), sid) is not None:
         found["unpersisted"] = True
     for table, column in (("sessions", "id"), ("messages", "session_id")):
         row = pg.execute(f"SELECT count(*) FROM {table} WHERE {column} = %s", (sid,)).fetchone()
