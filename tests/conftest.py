@@ -8,7 +8,7 @@ Two topologies for the session plane: `single` (everything on the one Redis,
 the default) and `cluster` (SESSION_REDIS_URL on an embedded 3-primary,
 3-replica Redis Cluster, started once, on first use). A module runs on both with
 
-    pytestmark = pytest.mark.parametrize("topology", TOPOLOGIES, indirect=True, scope="module")
+    pytestmark = BOTH_TOPOLOGIES
 
 and reaches session keys through `sr` (the session-plane client), search keys
 through `r`.
@@ -60,6 +60,8 @@ def scratch_dir() -> Iterator[Path]:
 
 
 TOPOLOGIES = ["single", "cluster"]
+# `pytestmark = BOTH_TOPOLOGIES`: the module runs once per session-plane topology.
+BOTH_TOPOLOGIES = pytest.mark.parametrize("topology", TOPOLOGIES, indirect=True, scope="module")
 
 
 @pytest.fixture(scope="session")

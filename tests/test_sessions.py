@@ -19,11 +19,11 @@ from app.sessions import messages
 from app.sessions.store import Sessions
 from app.settings import Settings
 from app.stores import keys
-from tests.conftest import TOPOLOGIES
+from tests.conftest import BOTH_TOPOLOGIES
 
 pytestmark = [
     pytest.mark.anyio,
-    pytest.mark.parametrize("topology", TOPOLOGIES, indirect=True, scope="module"),
+    BOTH_TOPOLOGIES,
 ]
 
 
