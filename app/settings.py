@@ -68,8 +68,7 @@ def embedding_backend(env: Mapping[str, str] | None = None) -> str:
     return value
 
 
-def _session_cluster(env: Mapping[str, str]) -> bool:
-    cluster = _bool(env, "SESSION_REDIS_CLUSTER")
+def _session_cluster(env: Mapping[str, str], cluster: bool) -> bool:
     if cluster and _str(env, "SESSION_REDIS_URL") is None:
         raise SettingsError("SESSION_REDIS_CLUSTER=1 needs SESSION_REDIS_URL (a cluster node)")
     return cluster
@@ -116,7 +115,7 @@ class Settings:
         return cls(
             redis_url=_str(e, "REDIS_URL"),
             session_redis_url=_str(e, "SESSION_REDIS_URL"),
-            session_redis_cluster=_session_cluster(e),
+            session_redis_cluster=_session_cluster(e, _bool(e, "SESSION_REDIS_CLUSTER")),
             database_url=_str(e, "DATABASE_URL"),
             data_dir=data_dir.resolve(),
             embedded_redis_port=_int(e, "EMBEDDED_REDIS_PORT", 6380, minimum=1),
