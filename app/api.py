@@ -38,7 +38,7 @@ from app.sessions import routes as session_routes
 from app.sessions.store import Sessions
 from app.settings import Settings
 from app.state import AppState
-from app.stores.clients import async_redis_client, redis_client
+from app.stores.clients import async_redis_client, async_session_redis_client, redis_client
 from app.tools import make_tools
 
 log = logging.getLogger("backbone.api")
@@ -104,7 +104,9 @@ def create_app(settings: Settings) -> Starlette:
         # to ONNX) while the server already answers /healthz; /readyz says 503 until
         # it is done, so no first turn pays seconds of recall_ms for it.
         warming = asyncio.create_task(embedder.awarm())
-        sessions = Sessions(redis, pg, settings.session_ttl_seconds)
+        # The session plane: the same client unless SESSION_REDIS_URL is set.
+        session_redis = async_session_redis_client(settings, main=redis)
+        sessions = Sessions(session_redis, pg, settings.session_ttl_seconds)
         audit_conn = redis_client(settings.redis_url or "")
         cache = SemanticCache(redis, settings, audit_enqueuer(audit_conn), embedder=embedder)
         router = ToolRouter(
@@ -130,6 +132,8 @@ def create_app(settings: Settings) -> Starlette:
             extraction.close()
             audit_conn.close()
             await pg.close()
+            if session_redis is not redis:
+                await session_redis.aclose()
             await redis.aclose()
 
     return Starlette(

@@ -49,6 +49,13 @@ def _float(env: Mapping[str, str], name: str, default: float, *, lo: float, hi: 
     return value
 
 
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    raw = (_str(env, name, "0") or "0").lower()
+    if raw not in ("0", "1", "true", "false", "yes", "no"):
+        raise SettingsError(f"{name} must be 1 or 0, got {raw!r}")
+    return raw in ("1", "true", "yes")
+
+
 EMBEDDING_BACKENDS = ("onnx", "torch")
 
 
@@ -61,11 +68,20 @@ def embedding_backend(env: Mapping[str, str] | None = None) -> str:
     return value
 
 
+def _session_cluster(env: Mapping[str, str], cluster: bool) -> bool:
+    if cluster and _str(env, "SESSION_REDIS_URL") is None:
+        raise SettingsError("SESSION_REDIS_CLUSTER=1 needs SESSION_REDIS_URL (a cluster node)")
+    return cluster
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the app and the workers read from the environment."""
 
     redis_url: str | None = None
+    # The session plane (per-session and per-user keys); None: the one Redis above.
+    session_redis_url: str | None = None
+    session_redis_cluster: bool = False
     database_url: str | None = None
     data_dir: Path = PROJECT_ROOT / ".data"
     embedded_redis_port: int = 6380
@@ -98,6 +114,8 @@ class Settings:
         data_dir = Path(_str(e, "DATA_DIR", str(PROJECT_ROOT / ".data")) or ".data")
         return cls(
             redis_url=_str(e, "REDIS_URL"),
+            session_redis_url=_str(e, "SESSION_REDIS_URL"),
+            session_redis_cluster=_session_cluster(e, _bool(e, "SESSION_REDIS_CLUSTER")),
             database_url=_str(e, "DATABASE_URL"),
             data_dir=data_dir.resolve(),
             embedded_redis_port=_int(e, "EMBEDDED_REDIS_PORT", 6380, minimum=1),

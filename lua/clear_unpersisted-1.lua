@@ -2,7 +2,7 @@
   clear_unpersisted: take a session off the unpersisted set, unless it was
   written again after the sweep read it.
 
-  KEYS[1]  sessions:unpersisted  sorted set  sid -> ms it became dirty
+  KEYS[1]  sessions:unpersisted:{<n>}  sorted set  sid -> ms it became dirty
 
   ARGV[1]  session id
   ARGV[2]  the score the sweep read

@@ -3,6 +3,15 @@
 `REDIS_URL` / `DATABASE_URL` win when set; otherwise the embedded launcher the
 app itself uses starts both under a temporary folder on a free port. Tests
 isolate by fresh ids and key prefixes, never by DB number or FLUSHALL.
+
+Two topologies for the session plane: `single` (everything on the one Redis,
+the default) and `cluster` (SESSION_REDIS_URL on an embedded 3-primary,
+3-replica Redis Cluster, started once, on first use). A module runs on both with
+
+    pytestmark = BOTH_TOPOLOGIES
+
+and reaches session keys through `sr` (the session-plane client), search keys
+through `r`.
 """
 
 from __future__ import annotations
@@ -26,8 +35,9 @@ from app.api import create_app
 from app.sessions.store import Sessions
 from app.settings import Settings
 from app.stack.bootstrap import prepare
+from app.stack.cluster import EmbeddedCluster
 from app.stack.embedded import EmbeddedStack, free_port
-from app.stores.clients import async_redis_client, redis_client
+from app.stores.clients import async_session_redis_client, redis_client, session_redis_client
 
 
 @contextlib.contextmanager
@@ -49,10 +59,44 @@ def scratch_dir() -> Iterator[Path]:
         yield path
 
 
+TOPOLOGIES = ["single", "cluster"]
+# `pytestmark = BOTH_TOPOLOGIES`: the module runs once per session-plane topology.
+BOTH_TOPOLOGIES = pytest.mark.parametrize("topology", TOPOLOGIES, indirect=True, scope="module")
+
+
 @pytest.fixture(scope="session")
-def settings() -> Iterator[Settings]:
+def stack_settings() -> Iterator[Settings]:
     with scratch("session") as data_dir:
         yield from _stack(data_dir)
+
+
+@pytest.fixture(scope="session")
+def session_cluster() -> Iterator[EmbeddedCluster]:
+    """The embedded cluster, shared by every cluster-topology module."""
+    with scratch("cluster") as data_dir:
+        cluster = EmbeddedCluster(data_dir)
+        cluster.start()
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def topology(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "single"))
+
+
+@pytest.fixture(scope="module")
+def settings(
+    stack_settings: Settings, topology: str, request: pytest.FixtureRequest
+) -> Settings:
+    if topology == "single":
+        return stack_settings
+    cluster: EmbeddedCluster = request.getfixturevalue("session_cluster")
+    return dataclasses.replace(
+        stack_settings, session_redis_url=cluster.url, session_redis_cluster=True
+    )
 
 
 def _stack(data_dir: Path) -> Iterator[Settings]:
@@ -74,6 +118,14 @@ def _stack(data_dir: Path) -> Iterator[Settings]:
 @pytest.fixture
 def r(settings: Settings) -> Iterator[redis.Redis]:
     client = redis_client(settings.redis_url or "")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def sr(settings: Settings) -> Iterator[redis.Redis]:
+    """The session-plane client (a cluster client on the cluster topology)."""
+    client = session_redis_client(settings)
     yield client
     client.close()
 
@@ -110,13 +162,16 @@ def stores_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """Jobs read their settings from the environment, as in a real worker."""
     monkeypatch.setenv("REDIS_URL", settings.redis_url or "")
     monkeypatch.setenv("DATABASE_URL", settings.database_url or "")
+    if settings.session_redis_url:
+        monkeypatch.setenv("SESSION_REDIS_URL", settings.session_redis_url)
+        monkeypatch.setenv("SESSION_REDIS_CLUSTER", "1" if settings.session_redis_cluster else "0")
     return settings
 
 
 @pytest.fixture
 async def session_store(settings: Settings) -> AsyncIterator[Sessions]:
     """The app's session store on its own async clients."""
-    client = async_redis_client(settings.redis_url or "")
+    client = async_session_redis_client(settings)
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         settings.database_url or "", min_size=1, max_size=8, open=False,
         kwargs={"autocommit": True},

@@ -24,6 +24,8 @@ def app_process(settings: Settings, **env: str) -> Iterator[tuple[str, subproces
         **os.environ,
         "REDIS_URL": settings.redis_url or "",
         "DATABASE_URL": settings.database_url or "",
+        "SESSION_REDIS_URL": settings.session_redis_url or "",
+        "SESSION_REDIS_CLUSTER": "1" if settings.session_redis_cluster else "0",
         "AUTH_SECRET": settings.auth_secret or "",
         "PORT": str(port),
         "LOG_LEVEL": "WARNING",

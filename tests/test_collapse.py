@@ -58,10 +58,10 @@ async def test_nothing_is_collapsed_while_the_session_has_unpersisted_writes(
     stores_env: Settings, session_store: Sessions, r: redis.Redis, user: str
 ) -> None:
     sid = await _long_session(session_store, user, 40)
-    r.zadd(keys.UNPERSISTED, {sid: 1})  # as if a turn's persist had failed
+    r.zadd(keys.unpersisted(sid), {sid: 1})  # as if a turn's persist had failed
     try:
         result = extract_memories(sid)
         assert result["advanced"] and result["collapsed"] == 0
         assert len((await session_store.load(sid, user)).messages) == 40
     finally:
-        r.zrem(keys.UNPERSISTED, sid)
+        r.zrem(keys.unpersisted(sid), sid)

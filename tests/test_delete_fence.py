@@ -25,25 +25,26 @@ from app.sessions import history_db, messages
 from app.sessions.store import Sessions
 from app.settings import Settings
 from app.stores import keys, scripts
+from tests.conftest import BOTH_TOPOLOGIES
 from workers import jobs
 from workers.memory_job import run_extraction
 
 Headers = Callable[[str], dict[str, str]]
+pytestmark = [pytest.mark.anyio, BOTH_TOPOLOGIES]
 # How many live deletes the loop tries; raise it to measure (README: the figure).
-pytestmark = pytest.mark.anyio
 ATTEMPTS = int(os.environ.get("DELETE_FENCE_ATTEMPTS", "8"))
 # Frames read before the DELETE: none yet, after the tool result, mid-answer, after the end.
 DELETE_AFTER = (0, 2, 6, 10_000)
 
 
-def _traces(r: redis.Redis, pg: psycopg.Connection[Any], sid: str) -> dict[str, Any]:
+def _traces(sr: redis.Redis, pg: psycopg.Connection[Any], sid: str) -> dict[str, Any]:
     """Everything of a session either store still holds (empty when it is gone)."""
     found: dict[str, Any] = {}
-    live = [k for k in keys.session_keys(sid) if r.exists(k)]
-    live += [k.decode() for k in r.scan_iter(match=f"events:{{{sid}}}:*")]
+    live = [k for k in keys.session_keys(sid) if sr.exists(k)]
+    live += [k.decode() for k in sr.scan_iter(match=f"events:{{{sid}}}:*")]
     if live:
         found["redis"] = live
-    if r.zscore(keys.UNPERSISTED, sid) is not None:
+    if sr.zscore(keys.unpersisted(sid), sid) is not None:
         found["unpersisted"] = True
     for table, column in (("sessions", "id"), ("messages", "session_id")):
         row = pg.execute(f"SELECT count(*) FROM {table} WHERE {column} = %s", (sid,)).fetchone()
@@ -72,7 +73,7 @@ def _turn_then_delete(base: str, sid: str, h: dict[str, str], after: int) -> lis
 
 
 def test_a_session_deleted_during_its_turn_never_comes_back(
-    stores_env: Settings, token_for: Headers, user: str, r: redis.Redis,
+    stores_env: Settings, token_for: Headers, user: str, r: redis.Redis, sr: redis.Redis,
     pg: psycopg.Connection[Any],
 ) -> None:
     h = token_for(user)
@@ -90,10 +91,10 @@ def test_a_session_deleted_during_its_turn_never_comes_back(
                 endings[last] = endings.get(last, 0) + 1
             # The turn's task ends after its stream: its persist is refused, and it
             # drops its own event stream last.
-            wait_until(lambda sid=sid: not list(r.scan_iter(match=f"events:{{{sid}}}:*")),
+            wait_until(lambda sid=sid: not list(sr.scan_iter(match=f"events:{{{sid}}}:*")),
                        "the turn to finish")
             asyncio.run(jobs._sweep(stores_env, 0.0))
-            traces = _traces(r, pg, sid)
+            traces = _traces(sr, pg, sid)
             if httpx.get(f"{base}/v1/sessions/{sid}", headers=h).status_code != 404:
                 traces["get"] = "not 404"
             listed = httpx.get(f"{base}/v1/sessions", headers=h).json()["sessions"]
@@ -102,7 +103,8 @@ def test_a_session_deleted_during_its_turn_never_comes_back(
             if traces:
                 came_back.append((sid, traces))
             extracted = run_extraction(r, pg, sid, stores_env, RuleExtractor(),
-                                       shared_embedder(stores_env.embedding_model))
+                                       shared_embedder(stores_env.embedding_model),
+                                       sessions=sr)
             assert extracted == {"skipped": "deleted"}
     print(f"\ndeleted sessions that come back: {len(came_back)} of {ATTEMPTS}; endings {endings}")
     assert came_back == []
@@ -137,32 +139,32 @@ def _msg(sid: str, seq: int, text: str) -> messages.Message:
 
 @pytest.mark.anyio
 async def test_a_restore_that_read_postgresql_before_the_delete_writes_nothing(
-    session_store: Sessions, user: str, r: redis.Redis, pg: psycopg.Connection[Any]
+    session_store: Sessions, user: str, sr: redis.Redis, pg: psycopg.Connection[Any]
 ) -> None:
     sid = await session_store.create(user)
     await session_store.persist(sid, user, await session_store.append(
         sid, user, [_msg(sid, 0, "hello")], 0))
-    r.delete(keys.session(sid), keys.session_user(sid))  # evicted: the next load restores
+    sr.delete(keys.session(sid), keys.session_user(sid))  # evicted: the next load restores
     async with session_store.pg.connection() as conn:  # the restore's read...
         text = await history_db.history_json(conn, sid)
     await session_store.delete(sid, user)  # ...then the delete...
     wrote = await scripts.arun(session_store.redis,  # ...then the restore's write
                                scripts.restore_session(sid, user, text, 60))
     assert wrote == -1
-    assert _traces(r, pg, sid) == {}
+    assert _traces(sr, pg, sid) == {}
     with pytest.raises(NotFound):
         await session_store.load(sid, user)
 
 
 @pytest.mark.anyio
 async def test_restores_racing_a_delete_leave_nothing(
-    session_store: Sessions, user: str, r: redis.Redis, pg: psycopg.Connection[Any]
+    session_store: Sessions, user: str, sr: redis.Redis, pg: psycopg.Connection[Any]
 ) -> None:
     for _ in range(10):
         sid = await session_store.create(user)
         await session_store.persist(sid, user, await session_store.append(
             sid, user, [_msg(sid, 0, "hello")], 0))
-        r.delete(keys.session(sid), keys.session_user(sid))
+        sr.delete(keys.session(sid), keys.session_user(sid))
         results = await asyncio.gather(
             *(session_store.load(sid, user) for _ in range(6)),
             session_store.delete(sid, user),
@@ -171,29 +173,29 @@ async def test_restores_racing_a_delete_leave_nothing(
         )
         errors = [x for x in results if isinstance(x, BaseException)]
         assert all(isinstance(x, NotFound) for x in errors), errors
-        assert _traces(r, pg, sid) == {}
+        assert _traces(sr, pg, sid) == {}
 
 
 @pytest.mark.anyio
 async def test_a_sweep_that_read_redis_before_the_delete_persists_nothing(
-    session_store: Sessions, user: str, r: redis.Redis, pg: psycopg.Connection[Any]
+    session_store: Sessions, user: str, sr: redis.Redis, pg: psycopg.Connection[Any]
 ) -> None:
     sid = await session_store.create(user)
     await session_store.append(sid, user, [_msg(sid, 0, "never persisted")], 0)
-    owner = r.get(keys.session_user(sid))  # the sweep's read...
-    history = r.execute_command("JSON.GET", keys.session(sid), ".")  # type: ignore[no-untyped-call]
+    owner = sr.get(keys.session_user(sid))  # the sweep's read...
+    history = sr.execute_command("JSON.GET", keys.session(sid), ".")  # type: ignore[no-untyped-call]
     await session_store.delete(sid, user)  # ...the delete...
     async with session_store.pg.connection() as conn:  # ...the sweep's persist
         outcome = await jobs._persist_one(conn, sid, 0.0, owner, history, 0)
         assert outcome == ("deleted", 0)
         with pytest.raises(NotFound):
             await history_db.persist(conn, sid, user, json.loads(history))
-    assert _traces(r, pg, sid) == {}
+    assert _traces(sr, pg, sid) == {}
 
 
 @pytest.mark.anyio
 async def test_sweeps_racing_deletes_leave_nothing_of_the_deleted_sessions(
-    stores_env: Settings, session_store: Sessions, user: str, r: redis.Redis,
+    stores_env: Settings, session_store: Sessions, user: str, sr: redis.Redis,
     pg: psycopg.Connection[Any],
 ) -> None:
     sids = [await session_store.create(user) for _ in range(40)]
@@ -205,7 +207,7 @@ async def test_sweeps_racing_deletes_leave_nothing_of_the_deleted_sessions(
     counts = await sweep
     await jobs._sweep(stores_env, 0.0)
     assert counts["failed"] == 0
-    assert [sid for sid in doomed if _traces(r, pg, sid)] == []
+    assert [sid for sid in doomed if _traces(sr, pg, sid)] == []
     for sid in sids[1::2]:  # the others are persisted whole
         assert (await session_store.full_history(sid, user)).messages[0]["content"] == (
             "unpersisted")
@@ -215,12 +217,12 @@ async def test_sweeps_racing_deletes_leave_nothing_of_the_deleted_sessions(
 
 @pytest.mark.anyio
 async def test_an_append_to_a_deleted_session_is_refused_and_leaves_no_mark(
-    session_store: Sessions, user: str, r: redis.Redis, pg: psycopg.Connection[Any]
+    session_store: Sessions, user: str, sr: redis.Redis, pg: psycopg.Connection[Any]
 ) -> None:
     sid = await session_store.create(user)
     await session_store.delete(sid, user)
     with pytest.raises(NotFound) as info:
         await session_store.append(sid, user, [_msg(sid, 0, "too late")], 0)
     assert info.value.code == "session_deleted"
-    assert _traces(r, pg, sid) == {}
-    assert r.exists(keys.session_deleted(sid))
+    assert _traces(sr, pg, sid) == {}
+    assert sr.exists(keys.session_deleted(sid))

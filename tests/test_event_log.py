@@ -15,9 +15,10 @@ from app.api import create_app
 from app.chat.event_log import EventLog
 from app.settings import Settings
 from app.stores import keys
-from app.stores.clients import async_redis_client
+from app.stores.clients import async_session_redis_client
+from tests.conftest import BOTH_TOPOLOGIES
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, BOTH_TOPOLOGIES]
 Headers = Callable[[str], dict[str, str]]
 
 
@@ -28,35 +29,35 @@ def app_client(settings: Settings) -> Iterator[TestClient]:
 
 
 async def test_a_failed_event_write_fails_only_its_flush_and_later_events_are_written(
-    settings: Settings, r: redis.Redis
+    settings: Settings, sr: redis.Redis
 ) -> None:
     sid = keys.new_session_id()
-    client = async_redis_client(settings.redis_url or "")
+    client = async_session_redis_client(settings)
     try:
         log = EventLog(client, sid, 0)
-        r.set(log.key, "not a stream")  # XADD answers WRONGTYPE: this batch fails
+        sr.set(log.key, "not a stream")  # XADD answers WRONGTYPE: this batch fails
         log.emit("message.delta", {"text": "lost"})
         with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
             await log.flush()
-        r.delete(log.key)
+        sr.delete(log.key)
         log.emit("message.delta", {"text": "kept"})
         log.emit("message.done", {"message": {}})
         await log.flush()  # tried afresh: no error left over from the failed batch
-        entries: Any = r.xrange(log.key)
+        entries: Any = sr.xrange(log.key)
         stored = [f[b"event"].decode() for _, f in entries]
         assert stored == ["message.delta", "message.done"]
         await log.flush()  # nothing pending, nothing failed since: returns
     finally:
-        r.delete(keys.events(sid, 0))
+        sr.delete(keys.events(sid, 0))
         await client.aclose()
 
 
 def test_a_turn_whose_event_writes_fail_still_ends_with_message_done_matching_the_history(
-    app_client: TestClient, r: redis.Redis, token_for: Headers, user: str
+    app_client: TestClient, sr: redis.Redis, token_for: Headers, user: str
 ) -> None:
     h = token_for(user)
     sid = app_client.post("/v1/sessions", headers=h).json()["id"]
-    r.set(keys.events(sid, 0), "not a stream", ex=60)  # every event write of turn 0 fails
+    sr.set(keys.events(sid, 0), "not a stream", ex=60)  # every event write of turn 0 fails
     res = app_client.post(f"/v1/sessions/{sid}/messages", headers=h,
                           json={"content": "What is Redis?"})
     got = frames(res.text.splitlines())
@@ -64,4 +65,4 @@ def test_a_turn_whose_event_writes_fail_still_ends_with_message_done_matching_th
     history = app_client.get(f"/v1/sessions/{sid}", headers=h).json()["messages"]
     assert history[-1]["role"] == "assistant"
     assert history[-1]["hash"] == got[-1].data["message"]["hash"]
-    r.delete(keys.events(sid, 0))
+    sr.delete(keys.events(sid, 0))

@@ -151,7 +151,7 @@ def test_redis_killed_mid_stream_ends_the_turn_with_an_error_and_recovers_withou
     _assert_whole(sid, history)
 
     client_r = stack.client()
-    assert client_r.zscore(keys.UNPERSISTED, sid) is not None  # the failed persist left its mark
+    assert client_r.zscore(keys.unpersisted(sid), sid) is not None  # the failed persist left its mark
     client_r.close()
     assert run_sweep(stack.settings, monkeypatch)["failed"] == 0
     assert pg_history(stack.settings.database_url or "", sid) == history
@@ -184,7 +184,7 @@ def test_postgres_down_when_a_turn_completes_still_sends_message_done_and_the_sw
             again = events.rest()
         assert again[-1].event == "message.done" and count(again, "error") == 0
         assert time.monotonic() - started < PERSIST_WAIT_SECONDS + 8
-        assert r.zscore(keys.UNPERSISTED, sid) is not None  # left for the sweep
+        assert r.zscore(keys.unpersisted(sid), sid) is not None  # left for the sweep
 
         down = client.get(f"{app.url}/readyz")
         assert down.status_code == 503 and down.json()["checks"]["postgres"] is False
@@ -198,13 +198,13 @@ def test_postgres_down_when_a_turn_completes_still_sends_message_done_and_the_sw
             assert events.rest()[-1].event == "message.done"
         wait_for(lambda: len(pg_history(db, sid)) >= 4 and pg_history(db, sid)[-1]["seq"] == 11,
                  10, "the third turn's own persist")
-        assert r.zscore(keys.UNPERSISTED, sid) is not None
+        assert r.zscore(keys.unpersisted(sid), sid) is not None
 
     stored = redis_history(r, sid)
     assert [m["role"] for m in stored] == ["user", "assistant", "tool", "assistant"] * 3
     counts = run_sweep(stack.settings, monkeypatch)
     assert counts["sessions"] == 1 and counts["failed"] == 0 and counts["messages"] >= 4
-    assert r.zscore(keys.UNPERSISTED, sid) is None
+    assert r.zscore(keys.unpersisted(sid), sid) is None
     assert run_sweep(stack.settings, monkeypatch)["messages"] == 0
     r.close()
     # Every message exactly once, in order.
@@ -246,13 +246,13 @@ def test_an_app_killed_mid_stream_leaves_only_whole_messages_that_the_sweep_pers
     else:
         assert roles == ["user", "assistant", "tool"]
     _assert_whole(sid, history)
-    assert r.zscore(keys.UNPERSISTED, sid) is not None
+    assert r.zscore(keys.unpersisted(sid), sid) is not None
     # The turn never reached its persist: PostgreSQL knows the session, not its messages.
     assert pg_history(stack.settings.database_url or "", sid) == []
 
     assert run_sweep(stack.settings, monkeypatch)["failed"] == 0
     assert pg_history(stack.settings.database_url or "", sid) == history
-    assert r.zscore(keys.UNPERSISTED, sid) is None
+    assert r.zscore(keys.unpersisted(sid), sid) is None
     r.close()
 
 

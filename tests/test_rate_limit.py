@@ -11,15 +11,17 @@ from starlette.testclient import TestClient
 from app.api import create_app
 from app.settings import Settings
 from app.stores import scripts
+from tests.conftest import BOTH_TOPOLOGIES
 
+pytestmark = BOTH_TOPOLOGIES
 Headers = Callable[[str], dict[str, str]]
 
 
 def test_the_window_admits_the_limit_then_refuses_until_the_oldest_post_ages_out(
-    r: redis.Redis, user: str
+    sr: redis.Redis, user: str
 ) -> None:
     def post(now: int, n: int) -> tuple[int, int]:
-        return scripts.run(r, scripts.rate_limit(user, now, 60_000, 3, f"m{n}"))
+        return scripts.run(sr, scripts.rate_limit(user, now, 60_000, 3, f"m{n}"))
 
     assert [post(1_000, 1), post(2_000, 2), post(3_000, 3)] == [(1, 2), (1, 1), (1, 0)]
     assert post(10_000, 4) == (0, 51_000)  # the post at 1 s frees its slot at 61 s

@@ -15,7 +15,9 @@ from sse import Frame, frames
 from app.embeddings import shared_embedder
 from app.kb.ingest import ingest_paths
 from app.settings import Settings
+from tests.conftest import BOTH_TOPOLOGIES
 
+pytestmark = BOTH_TOPOLOGIES
 Headers = Callable[[str], dict[str, str]]
 CORPUS = Path(__file__).resolve().parent.parent / "app" / "kb" / "corpus"
 

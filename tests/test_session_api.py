@@ -14,7 +14,9 @@ from starlette.testclient import TestClient
 from app.api import create_app
 from app.settings import Settings
 from app.stores import keys
+from tests.conftest import BOTH_TOPOLOGIES
 
+pytestmark = BOTH_TOPOLOGIES
 Headers = Callable[[str], dict[str, str]]
 
 

@@ -19,8 +19,12 @@ from app.sessions import messages
 from app.sessions.store import Sessions
 from app.settings import Settings
 from app.stores import keys
+from tests.conftest import BOTH_TOPOLOGIES
 
-pytestmark = pytest.mark.anyio
+pytestmark = [
+    pytest.mark.anyio,
+    BOTH_TOPOLOGIES,
+]
 
 
 
@@ -73,47 +77,47 @@ async def test_another_user_can_neither_append_nor_read(session_store: Sessions,
 
 
 async def test_reads_and_writes_renew_the_ttl_of_history_and_owner(
-    session_store: Sessions, user: str, r: redis.Redis
+    session_store: Sessions, user: str, sr: redis.Redis
 ) -> None:
     sid = await session_store.create(user)
-    r.expire(keys.session(sid), 100)
-    r.expire(keys.session_user(sid), 100)
+    sr.expire(keys.session(sid), 100)
+    sr.expire(keys.session_user(sid), 100)
     await _turn(session_store, sid, user, 1)
-    assert r.ttl(keys.session(sid)) > 1000 and r.ttl(keys.session_user(sid)) > 1000
-    r.expire(keys.session(sid), 100)
-    r.expire(keys.session_user(sid), 100)
+    assert sr.ttl(keys.session(sid)) > 1000 and sr.ttl(keys.session_user(sid)) > 1000
+    sr.expire(keys.session(sid), 100)
+    sr.expire(keys.session_user(sid), 100)
     await session_store.load(sid, user)
-    assert r.ttl(keys.session(sid)) > 1000 and r.ttl(keys.session_user(sid)) > 1000
+    assert sr.ttl(keys.session(sid)) > 1000 and sr.ttl(keys.session_user(sid)) > 1000
 
 
 async def test_expiry_then_access_restores_an_identical_history(
-    session_store: Sessions, user: str, r: redis.Redis
+    session_store: Sessions, user: str, sr: redis.Redis
 ) -> None:
     sid = await session_store.create(user)
     stored = await _turn(session_store, sid, user, 5)
     await session_store.persist(sid, user, stored)
     before = (await session_store.load(sid, user)).messages
-    r.pexpire(keys.session(sid), 1)
-    r.pexpire(keys.session_user(sid), 1)
+    sr.pexpire(keys.session(sid), 1)
+    sr.pexpire(keys.session_user(sid), 1)
     await asyncio.sleep(0.05)
-    assert not r.exists(keys.session(sid))
+    assert not sr.exists(keys.session(sid))
 
     after = await session_store.load(sid, user)
     assert after.restored
     assert after.messages == before
     assert all(messages.is_intact(sid, m) for m in after.messages)
-    assert r.ttl(keys.session(sid)) > 1000
+    assert sr.ttl(keys.session(sid)) > 1000
     # And the restored copy takes further appends.
     await _turn(session_store, sid, user, 1, start=5)
     assert len((await session_store.load(sid, user)).messages) == 6
 
 
 async def test_racing_restores_write_once(
-    session_store: Sessions, user: str, r: redis.Redis
+    session_store: Sessions, user: str, sr: redis.Redis
 ) -> None:
     sid = await session_store.create(user)
     await session_store.persist(sid, user, await _turn(session_store, sid, user, 3))
-    r.delete(keys.session(sid), keys.session_user(sid))
+    sr.delete(keys.session(sid), keys.session_user(sid))
     loads = await asyncio.gather(*(session_store.load(sid, user) for _ in range(12)))
     assert sum(1 for x in loads if x.restored) == 1
     assert all(x.messages == loads[0].messages for x in loads)
@@ -121,14 +125,14 @@ async def test_racing_restores_write_once(
 
 
 async def test_a_restore_for_another_user_is_refused_and_writes_nothing(
-    session_store: Sessions, user: str, r: redis.Redis
+    session_store: Sessions, user: str, sr: redis.Redis
 ) -> None:
     sid = await session_store.create(user)
     await session_store.persist(sid, user, await _turn(session_store, sid, user, 1))
-    r.delete(keys.session(sid), keys.session_user(sid))
+    sr.delete(keys.session(sid), keys.session_user(sid))
     with pytest.raises(Forbidden):
         await session_store.load(sid, "mallory")
-    assert not r.exists(keys.session(sid))
+    assert not sr.exists(keys.session(sid))
 
 
 async def test_an_unknown_session_is_not_found(session_store: Sessions, user: str) -> None:
@@ -171,13 +175,16 @@ KILLED_APP = textwrap.dedent("""
     from psycopg_pool import AsyncConnectionPool
     from app.sessions import messages
     from app.sessions.store import Sessions
-    from app.stores.clients import async_redis_client
+    from app.settings import Settings
+    from app.stores.clients import async_session_redis_client
 
     async def main() -> None:
         redis_url, db_url, user = sys.argv[1:4]
         pool = AsyncConnectionPool(db_url, open=False, kwargs={"autocommit": True})
         await pool.open()
-        session_store = Sessions(async_redis_client(redis_url), pool, 86400)
+        # SESSION_REDIS_URL / SESSION_REDIS_CLUSTER come from the environment.
+        settings = Settings.from_env().with_urls(redis_url, db_url)
+        session_store = Sessions(async_session_redis_client(settings), pool, 86400)
         sid = await session_store.create(user)
         batch = [messages.build(sid, i, "user", f"acknowledged {i}") for i in range(4)]
         await session_store.append(sid, user, batch, 0)
@@ -189,7 +196,7 @@ KILLED_APP = textwrap.dedent("""
 
 
 def test_an_app_killed_between_append_and_persist_loses_nothing_once_the_sweep_runs(
-    stores_env: Settings, r: redis.Redis, user: str
+    stores_env: Settings, r: redis.Redis, sr: redis.Redis, user: str
 ) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", KILLED_APP, stores_env.redis_url or "",
@@ -198,7 +205,7 @@ def test_an_app_killed_between_append_and_persist_loses_nothing_once_the_sweep_r
     )
     assert proc.returncode == -9, proc.stderr
     sid = proc.stdout.strip()
-    assert r.zscore(keys.UNPERSISTED, sid) is not None
+    assert sr.zscore(keys.unpersisted(sid), sid) is not None
 
     counts = _sweep(r)
     assert counts["failed"] == 0
@@ -207,47 +214,47 @@ def test_an_app_killed_between_append_and_persist_loses_nothing_once_the_sweep_r
             "SELECT seq, content FROM messages WHERE session_id = %s ORDER BY seq", (sid,)
         ).fetchall()
     assert rows == [(i, f"acknowledged {i}") for i in range(4)]
-    assert r.zscore(keys.UNPERSISTED, sid) is None
+    assert sr.zscore(keys.unpersisted(sid), sid) is None
     assert _sweep(r)["messages"] == 0  # a second sweep finds nothing new
 
 
 async def test_the_sweep_keeps_a_session_written_again_after_it_read_it(
-    session_store: Sessions, user: str, r: redis.Redis
+    session_store: Sessions, user: str, sr: redis.Redis
 ) -> None:
     from app.stores import scripts
 
     sid = await session_store.create(user)
     await _turn(session_store, sid, user, 1)
-    seen = r.zscore(keys.UNPERSISTED, sid)
+    seen = sr.zscore(keys.unpersisted(sid), sid)
     assert seen is not None
     await _turn(session_store, sid, user, 1, start=1)  # a newer write moves the score
-    assert scripts.run(r, scripts.clear_unpersisted(sid, seen)) == 0
-    assert r.zscore(keys.UNPERSISTED, sid) is not None
+    assert scripts.run(sr, scripts.clear_unpersisted(sid, seen)) == 0
+    assert sr.zscore(keys.unpersisted(sid), sid) is not None
 
 
 async def test_the_sweep_leaves_a_session_still_being_written(
-    stores_env: Settings, session_store: Sessions, user: str, r: redis.Redis
+    stores_env: Settings, session_store: Sessions, user: str, sr: redis.Redis
 ) -> None:
     sid = await session_store.create(user)
     await _turn(session_store, sid, user, 1)
     from workers.jobs import _sweep as sweep_now
 
     await sweep_now(stores_env, 60.0)  # the session has not been quiet for 60 s yet
-    assert r.zscore(keys.UNPERSISTED, sid) is not None
+    assert sr.zscore(keys.unpersisted(sid), sid) is not None
 
 
 async def test_delete_removes_both_stores_and_the_memory_keys(
-    session_store: Sessions, user: str, r: redis.Redis, settings: Settings
+    session_store: Sessions, user: str, sr: redis.Redis, settings: Settings
 ) -> None:
     sid = await session_store.create(user)
     await session_store.persist(sid, user, await _turn(session_store, sid, user, 2))
     for k in (keys.memory_cursor(sid), keys.memory_summary(sid), keys.memory_lock(sid)):
-        r.set(k, "x")
+        sr.set(k, "x")
     with pytest.raises(Forbidden):
         await session_store.delete(sid, "mallory")
     await session_store.delete(sid, user)
-    assert not any(r.exists(k) for k in keys.session_keys(sid))
-    assert r.zscore(keys.UNPERSISTED, sid) is None
+    assert not any(sr.exists(k) for k in keys.session_keys(sid))
+    assert sr.zscore(keys.unpersisted(sid), sid) is None
     with psycopg.connect(settings.database_url or "") as conn:
         assert conn.execute("SELECT count(*) FROM messages WHERE session_id = %s",
                             (sid,)).fetchone() == (0,)
@@ -256,36 +263,36 @@ async def test_delete_removes_both_stores_and_the_memory_keys(
 
 
 async def test_the_sweep_counts_and_logs_a_session_that_left_redis_before_it_was_persisted(
-    stores_env: Settings, session_store: Sessions, user: str, r: redis.Redis,
+    stores_env: Settings, session_store: Sessions, user: str, sr: redis.Redis,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from workers.jobs import _sweep as sweep_now
 
     sid = await session_store.create(user)
     await _turn(session_store, sid, user, 2)  # acknowledged, never persisted
-    r.delete(keys.session(sid), keys.session_user(sid))  # TTL lapsed, or evicted
+    sr.delete(keys.session(sid), keys.session_user(sid))  # TTL lapsed, or evicted
     with caplog.at_level("WARNING", logger="backbone.jobs"):
         counts = await sweep_now(stores_env, 0.0)
     assert counts["lost"] >= 1
     assert any(sid in rec.getMessage() and rec.levelname == "WARNING" for rec in caplog.records)
-    assert r.zscore(keys.UNPERSISTED, sid) is None
+    assert sr.zscore(keys.unpersisted(sid), sid) is None
 
 
 async def test_the_sweep_does_not_call_lost_a_session_persisted_before_its_copy_expired(
-    stores_env: Settings, session_store: Sessions, user: str, r: redis.Redis
+    stores_env: Settings, session_store: Sessions, user: str, sr: redis.Redis
 ) -> None:
     from workers.jobs import _sweep as sweep_now
 
     sid = await session_store.create(user)
     await session_store.persist(sid, user, await _turn(session_store, sid, user, 2))
-    r.zadd(keys.UNPERSISTED, {sid: 1000.0})  # a mark whose clear failed, long ago
-    r.delete(keys.session(sid), keys.session_user(sid))
+    sr.zadd(keys.unpersisted(sid), {sid: 1000.0})  # a mark whose clear failed, long ago
+    sr.delete(keys.session(sid), keys.session_user(sid))
     counts = await sweep_now(stores_env, 0.0)
-    assert counts["gone"] >= 1 and r.zscore(keys.UNPERSISTED, sid) is None
+    assert counts["gone"] >= 1 and sr.zscore(keys.unpersisted(sid), sid) is None
 
 
 async def test_one_sweep_drains_a_backlog_larger_than_its_batch(
-    stores_env: Settings, session_store: Sessions, user: str, r: redis.Redis,
+    stores_env: Settings, session_store: Sessions, user: str, sr: redis.Redis,
     settings: Settings,
 ) -> None:
     from workers.jobs import _sweep as sweep_now
@@ -295,7 +302,7 @@ async def test_one_sweep_drains_a_backlog_larger_than_its_batch(
         await _turn(session_store, sid, user, 2)
     counts = await sweep_now(stores_env, 0.0, batch_size=5)
     assert counts["batches"] >= 5 and counts["failed"] == 0
-    assert [sid for sid in sids if r.zscore(keys.UNPERSISTED, sid) is not None] == []
+    assert [sid for sid in sids if sr.zscore(keys.unpersisted(sid), sid) is not None] == []
     with psycopg.connect(settings.database_url or "") as conn:
         row = conn.execute("SELECT count(*) FROM messages WHERE session_id = ANY(%s)",
                            (sids,)).fetchone()
@@ -303,13 +310,13 @@ async def test_one_sweep_drains_a_backlog_larger_than_its_batch(
 
 
 async def test_a_sweep_out_of_time_leaves_the_rest_for_the_next_run(
-    stores_env: Settings, session_store: Sessions, user: str, r: redis.Redis
+    stores_env: Settings, session_store: Sessions, user: str, sr: redis.Redis
 ) -> None:
     from workers.jobs import _sweep as sweep_now
 
     sid = await session_store.create(user)
     await _turn(session_store, sid, user, 1)
     assert (await sweep_now(stores_env, 0.0, budget_seconds=0.0))["batches"] == 0
-    assert r.zscore(keys.UNPERSISTED, sid) is not None
+    assert sr.zscore(keys.unpersisted(sid), sid) is not None
     await sweep_now(stores_env, 0.0)
-    assert r.zscore(keys.UNPERSISTED, sid) is None
+    assert sr.zscore(keys.unpersisted(sid), sid) is None

@@ -18,7 +18,7 @@ def settle(r: redis.Redis, pg: psycopg.Connection[Any], sid: str) -> None:
         live = r.execute_command("JSON.ARRLEN", keys.session(sid), "$") or [0]  # type: ignore[no-untyped-call]
         stored = pg.execute("SELECT count(*) FROM messages WHERE session_id = %s",
                             (sid,)).fetchone()
-        if r.zscore(keys.UNPERSISTED, sid) is None and stored == (live[0],):
+        if r.zscore(keys.unpersisted(sid), sid) is None and stored == (live[0],):
             return
         time.sleep(0.02)
     raise AssertionError(f"session {sid} was not persisted within 15 s")

@@ -5,10 +5,12 @@ PostgreSQL (the app died mid-stream, or PostgreSQL was down when a turn ended).
 It runs every SWEEP_INTERVAL_SECONDS; a session is swept once it has been quiet
 for SWEEP_GRACE_SECONDS, so a turn still streaming is left to its own persist.
 
-One run drains the backlog: batches of SWEEP_BATCH sessions (their Redis copies
-read in one round trip, each session persisted in its own transaction) until
-nothing quiet is left, or SWEEP_BUDGET_SECONDS have passed (the next run goes
-on), or a whole batch failed (PostgreSQL is down: retrying now only spins).
+The marks are sharded (`sessions:unpersisted:{<n>}`, app/stores/keys.py); a
+run walks every shard. One run drains the backlog: batches of SWEEP_BATCH
+sessions (their Redis copies read in one round trip, each session persisted
+in its own transaction) until nothing quiet is left, or SWEEP_BUDGET_SECONDS
+have passed (the next run goes on), or a whole batch failed (PostgreSQL is
+down: retrying now only spins).
 
 Every mark it clears is counted: `sessions` persisted, `deleted` (the session
 was deleted: the tombstone refuses it, nothing written), `gone` (the Redis copy
@@ -33,7 +35,7 @@ from app.errors import NotFound
 from app.sessions import history_db
 from app.settings import Settings
 from app.stores import keys, scripts
-from app.stores.clients import async_redis_client
+from app.stores.clients import async_session_redis_client
 
 log = logging.getLogger("backbone.jobs")
 
@@ -44,7 +46,7 @@ SWEEP_BUDGET_SECONDS = 120.0
 
 
 def sweep_unpersisted(grace_seconds: float = SWEEP_GRACE_SECONDS) -> dict[str, int]:
-    """Persist every quiet session in `sessions:unpersisted`; return counts."""
+    """Persist every quiet session in the `sessions:unpersisted` shards; return counts."""
     return asyncio.run(_sweep(Settings.from_env(), grace_seconds))
 
 
@@ -59,27 +61,35 @@ async def _sweep(
     budget_seconds: float = SWEEP_BUDGET_SECONDS,
     batch_size: int = SWEEP_BATCH,
 ) -> dict[str, int]:
-    redis = async_redis_client(settings.redis_url or "")
+    redis = async_session_redis_client(settings)
     counts = _counts()
     deadline = time.monotonic() + budget_seconds
     conn: AsyncConnection[Any] | None = None
     try:
         cutoff = (time.time() - grace_seconds) * 1000
-        while time.monotonic() < deadline:
-            # Failed sessions keep their mark and their (old) score: skip past them.
-            due = cast(list[tuple[bytes, float]], await redis.zrangebyscore(
-                keys.UNPERSISTED, "-inf", cutoff, start=counts["failed"], num=batch_size,
-                withscores=True,
-            ))
-            if not due:
+        pg_down = False
+        for shard in keys.unpersisted_shards():
+            if pg_down:
                 break
-            if conn is None:
-                conn = await AsyncConnection.connect(settings.database_url or "", autocommit=True)
-            failed_before = counts["failed"]
-            await _sweep_batch(redis, conn, due, counts)
-            counts["batches"] += 1
-            if counts["failed"] - failed_before == len(due) or len(due) < batch_size:
-                break
+            failed_here = 0
+            while time.monotonic() < deadline:
+                # Failed sessions keep their mark and their (old) score: skip past them.
+                due = cast(list[tuple[bytes, float]], await redis.zrangebyscore(
+                    shard, "-inf", cutoff, start=failed_here, num=batch_size, withscores=True,
+                ))
+                if not due:
+                    break
+                if conn is None:
+                    conn = await AsyncConnection.connect(settings.database_url or "",
+                                                         autocommit=True)
+                failed_before = counts["failed"]
+                await _sweep_batch(redis, conn, due, counts)
+                counts["batches"] += 1
+                failed_here += counts["failed"] - failed_before
+                # A whole batch failed: PostgreSQL is down, the other shards would too.
+                pg_down = counts["failed"] - failed_before == len(due)
+                if pg_down or len(due) < batch_size:
+                    break
     finally:
         if conn is not None:
             await conn.close()

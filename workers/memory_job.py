@@ -45,7 +45,7 @@ from app.memory.store import MemoryStore
 from app.sessions.messages import Message
 from app.settings import Settings
 from app.stores import keys, scripts
-from app.stores.clients import pg_connect, redis_client
+from app.stores.clients import pg_connect, redis_client, session_redis_client
 
 log = logging.getLogger("backbone.memory")
 
@@ -63,11 +63,15 @@ def extract_memories(sid: str) -> dict[str, Any]:
     """rq job: mine the messages of `sid` after its cursor; return counts."""
     settings = Settings.from_env()
     client = redis_client(settings.redis_url or "")
+    sessions = session_redis_client(settings) if settings.session_redis_url else client
     try:
         with pg_connect(settings.database_url or "", autocommit=True) as pg:
             embedder = shared_embedder(settings.embedding_model)
-            return run_extraction(client, pg, sid, settings, make_extractor(settings), embedder)
+            return run_extraction(client, pg, sid, settings, make_extractor(settings), embedder,
+                                  sessions=sessions)
     finally:
+        if sessions is not client:
+            sessions.close()
         client.close()
 
 
@@ -153,8 +157,14 @@ def run_extraction(
     embedder: Embedder,
     *,
     token: str | None = None,
+    sessions: redis.Redis | None = None,
 ) -> dict[str, Any]:
-    """The job's body with its dependencies passed in (tests and the benchmark)."""
+    """The job's body with its dependencies passed in (tests and the benchmark).
+
+    `client` is the search plane (long-term memories); `sessions` the session plane
+    (lock, cursor, summary, history), by default the same Redis."""
+    store_client = client
+    client = sessions or client
     keys.check_session_id(sid)
     token = token or secrets.token_hex(16)
     ttl_ms = settings.memory_lock_ttl_seconds * 1000
@@ -181,7 +191,7 @@ def run_extraction(
         facts = extractor.extract(delta, summary)
         if not scripts.run(client, scripts.extend_lock(sid, token, ttl_ms)):
             return {"skipped": "lock_lost", "delta": len(delta)}
-        stored = MemoryStore(client, pg, embedder).write(owner, sid, facts, delta[-1]["hash"])
+        stored = MemoryStore(store_client, pg, embedder).write(owner, sid, facts, delta[-1]["hash"])
         new_summary = update_summary(summary, delta, SUMMARY_CHARS)
         code = scripts.run(
             client,
@@ -233,7 +243,7 @@ def collapse_if_over_budget(
     """When the history no longer fits the context budget, collapse what was mined
     and is safely in PostgreSQL, keeping the messages the context still sends."""
     keep = len(context.recent(history))
-    if keep >= len(history) or client.zscore(keys.UNPERSISTED, sid) is not None:
+    if keep >= len(history) or client.zscore(keys.unpersisted(sid), sid) is not None:
         return 0  # fits, or PostgreSQL may lack some of it: never trim those
     # Seqs are unique per session: all of 0..last are persisted iff there are last+1.
     last = int(history[-keep - 1]["seq"])

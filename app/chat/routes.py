@@ -42,7 +42,7 @@ HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 async def check_rate(state: AppState, user: str) -> None:
     """429 with Retry-After once the user's sliding window is full (Lua, one round trip)."""
     s = state.settings
-    ok, value = await scripts.arun(state.redis, scripts.rate_limit(
+    ok, value = await scripts.arun(state.sessions.redis, scripts.rate_limit(
         user, int(time.time() * 1000), s.rate_limit_window_seconds * 1000,
         s.rate_limit_messages, secrets.token_hex(8),
     ))
@@ -67,7 +67,8 @@ async def post_message(request: Request) -> EventSourceResponse:
     history = [*loaded.messages, *stored]
     if stored[0]["seq"] != seq:  # another tab wrote meanwhile: re-read
         history = (await state.sessions.load(sid, user)).messages
-    turn = Turn(state.turn_deps, sid, user, history, EventLog(state.redis, sid, stored[0]["seq"]))
+    log_ = EventLog(state.sessions.redis, sid, stored[0]["seq"])
+    turn = Turn(state.turn_deps, sid, user, history, log_)
     queue: asyncio.Queue[Event | None] = asyncio.Queue()
 
     async def drive() -> None:
@@ -98,7 +99,7 @@ async def get_events(request: Request) -> EventSourceResponse:
         raise BadRequest("send Last-Event-ID or ?after=<event id>", code="invalid_event_id")
     turn, after = event_log.parse_event_id(raw)
     await state.sessions.load(sid, user)  # 404 / 403 before anything is streamed
-    events = event_log.replay(state.redis, sid, turn, after)
+    events = event_log.replay(state.sessions.redis, sid, turn, after)
     first = await anext(events)  # 404 when the turn's events are gone
 
     async def stream() -> AsyncIterator[dict[str, str]]:

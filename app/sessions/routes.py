@@ -28,7 +28,7 @@ def session_id(request: Request) -> str:
 
 async def create_session(request: Request) -> JSONResponse:
     state, user = caller(request)
-    await limits.check_session_rate(state.redis, state.settings, user)
+    await limits.check_session_rate(state.sessions.redis, state.settings, user)
     sid = await state.sessions.create(user)
     return JSONResponse({"id": sid}, status_code=201)
 

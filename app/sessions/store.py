@@ -4,7 +4,7 @@
   session always survives.
 - Append is the `append_messages` Lua script: owner check, optimistic length
   check, O(1) append, TTLs renewed. Before it, the session is marked in
-  `sessions:unpersisted`; the sweep (workers/jobs.py) persists whatever a dead
+  its shard of `sessions:unpersisted:{<n>}`; the sweep (workers/jobs.py) persists whatever a dead
   app left behind, so an acknowledged message is never only in Redis for long.
 - Load reads Redis; when the copy is gone (TTL, eviction, a Redis restart
   without persistence) it restores from PostgreSQL with `restore_session`,
@@ -34,6 +34,7 @@ from app.errors import Conflict, Forbidden, NotFound
 from app.sessions import history_db
 from app.sessions.messages import Message, canonical_json, renumber
 from app.stores import keys, scripts
+from app.stores.clients import is_cluster
 
 APPEND_ATTEMPTS = 64
 # Jittered backoff after a lost race, so many writers converge instead of colliding in lockstep.
@@ -45,7 +46,7 @@ PERSIST_WAIT_SECONDS = 5.0
 
 
 def _mark_unpersisted(sid: str, now_ms: float, pipe: Any) -> None:
-    pipe.zadd(keys.UNPERSISTED, {sid: now_ms})
+    pipe.zadd(keys.unpersisted(sid), {sid: now_ms})
 
 
 def _owned(owner: str | None, user: str) -> str:
@@ -66,9 +67,13 @@ class Loaded:
 
 @dataclass
 class Sessions:
-    redis: aredis.Redis
+    redis: aredis.Redis  # the session plane (app.stores.clients.async_session_redis_client)
     pg: AsyncConnectionPool[Any]
     ttl: int
+
+    @functools.cached_property
+    def cluster(self) -> bool:
+        return is_cluster(self.redis)
 
     async def create(self, user: str) -> str:
         sid = keys.new_session_id()
@@ -132,13 +137,17 @@ class Sessions:
             # that read an older score will not clear a newer write.
             # (One round trip: the mark goes first on the same connection.)
             mark = functools.partial(_mark_unpersisted, sid, time.time() * 1000)
-            code, current = await scripts.arun_after(
-                self.redis,
-                mark,
-                scripts.append_messages(
-                    sid, user, next_seq, [canonical_json(m) for m in batch], self.ttl
-                ),
+            append = scripts.append_messages(
+                sid, user, next_seq, [canonical_json(m) for m in batch], self.ttl
             )
+            if self.cluster:
+                # The mark's shard is on another node, and a cluster pipeline sends
+                # to its nodes concurrently: only a round trip of its own puts the
+                # mark before the append.
+                await self.redis.zadd(keys.unpersisted(sid), {sid: time.time() * 1000})
+                code, current = await scripts.arun(self.redis, append)
+            else:
+                code, current = await scripts.arun_after(self.redis, mark, append)
             if code == 1:
                 return batch
             if code == 0:
@@ -148,7 +157,7 @@ class Sessions:
                 raise Forbidden("this session belongs to another user")
             if code == -3:
                 # The mark above was made for a deleted session: take it back.
-                await self.redis.zrem(keys.UNPERSISTED, sid)
+                await self.redis.zrem(keys.unpersisted(sid), sid)
                 raise history_db.session_deleted_error()
             if not retry:
                 raise Conflict(f"the history moved on to seq {current}; reload and retry")
@@ -168,13 +177,13 @@ class Sessions:
         NotFound (code `session_deleted`) when the session was deleted meanwhile:
         nothing is written and its unpersisted mark is dropped.
         """
-        score = await self.redis.zscore(keys.UNPERSISTED, sid)
+        score = await self.redis.zscore(keys.unpersisted(sid), sid)
         batch = list(messages)
         async with self.pg.connection(timeout=PERSIST_WAIT_SECONDS) as conn:
             try:
                 inserted = await history_db.persist(conn, sid, user, batch)
             except NotFound:
-                await self.redis.zrem(keys.UNPERSISTED, sid)
+                await self.redis.zrem(keys.unpersisted(sid), sid)
                 raise
             # An earlier turn whose persist failed is only in Redis: keep the mark,
             # so the sweep (which writes the whole history) persists it.
@@ -201,7 +210,7 @@ class Sessions:
         _, turns_raw, _ = await fence.execute()
         turns = json.loads(turns_raw) if turns_raw else []
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zrem(keys.UNPERSISTED, sid)
+        pipe.zrem(keys.unpersisted(sid), sid)
         for turn in turns:  # a turn's events are keyed by its user message's seq
             pipe.delete(keys.events(sid, int(turn)))
         await pipe.execute()

@@ -6,13 +6,14 @@ sentence at start, instead of a stack trace from the first FT command.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import redis
 import redis.asyncio as aredis
 
 from app.errors import DatabaseUnavailable, MissingModules, RedisUnavailable
+from app.settings import Settings
 
 # MODULE LIST name -> (minimum version as the module reports it, what it gives us)
 REQUIRED_MODULES: dict[str, tuple[int, str]] = {
@@ -122,3 +123,42 @@ def pg_connect(url: str, **kw: Any) -> psycopg.Connection[Any]:
         return psycopg.connect(url, connect_timeout=5, **kw)
     except psycopg.OperationalError as e:
         raise DatabaseUnavailable(f"cannot reach PostgreSQL: {e}") from e
+
+
+# -- the session plane ----------------------------------------------------------
+#
+# Per-session and per-user keys go to SESSION_REDIS_URL when it is set (a single
+# node, or a Redis Cluster with SESSION_REDIS_CLUSTER=1), else to REDIS_URL. The
+# cluster clients are handed back typed as `Redis`: redis-py's RedisCluster has
+# the same command methods (and cluster pipelines) for everything the session
+# code calls, and every multi-key command and script there stays in one slot
+# (`{<sid>}` / `{<uid>}` hash tags; tests/test_cluster_slots.py).
+
+
+def session_redis_client(settings: Settings) -> redis.Redis:
+    """The sync session-plane client (workers, benches)."""
+    url = settings.session_redis_url or settings.redis_url or ""
+    if settings.session_redis_cluster:
+        return cast(redis.Redis, redis.RedisCluster.from_url(url, health_check_interval=30))
+    return redis_client(url)
+
+
+def async_session_redis_client(
+    settings: Settings, *, main: aredis.Redis | None = None
+) -> aredis.Redis:
+    """The async session-plane client; `main` (the REDIS_URL client) is reused when
+    the session plane is that same Redis."""
+    if settings.session_redis_url is None and main is not None:
+        return main
+    url = settings.session_redis_url or settings.redis_url or ""
+    if settings.session_redis_cluster:
+        # max_connections is per node here; the cluster client waits for a free one.
+        client = aredis.RedisCluster.from_url(
+            url, max_connections=MAX_CONNECTIONS, health_check_interval=30,
+        )
+        return cast(aredis.Redis, client)
+    return async_redis_client(url)
+
+
+def is_cluster(client: object) -> bool:
+    return isinstance(client, (redis.RedisCluster, aredis.RedisCluster))

@@ -5,7 +5,7 @@
 | `session:{<sid>}`                    | JSON array  | SESSION_TTL_SECONDS, renewed | the live history                      |
 | `session:{<sid>}:user`               | string      | same as the session        | the owning user id                      |
 | `session:{<sid>}:deleted`            | string      | SESSION_TTL_SECONDS        | fence: the session was deleted          |
-| `sessions:unpersisted`               | sorted set  | none                       | sid -> ms of its last unpersisted write |
+| `sessions:unpersisted:{<n>}`         | sorted set  | none                       | sid -> ms of its last unpersisted write (n = 0..15, from the sid) |
 | `persist-sweep-tick`                 | string      | SWEEP_INTERVAL_SECONDS     | one sweep enqueued per interval         |
 | `memory-task-lock:{<sid>}`           | string      | MEMORY_LOCK_TTL_SECONDS    | owner token of the one extractor        |
 | `memory-last-extracted:{<sid>}`      | string      | MEMORY_TTL_SECONDS         | SHA-256 of the last mined message       |
@@ -24,7 +24,10 @@
 | `rq:*`                               | rq's own    | rq's                       | queues, jobs, registries                |
 
 The `{<sid>}` hash tag puts every key of one session in the same cluster slot,
-so a Lua script may touch several of them. Session and user ids are validated
+so a Lua script may touch several of them. The unpersisted marks are split in
+UNPERSISTED_SHARDS sorted sets (the shard from the sid's first hex digit), so
+no single key is written by every append; on a cluster they spread over the
+primaries, and the sweep walks every shard. Session and user ids are validated
 here before they become part of a key: user text never reaches a key name.
 """
 
@@ -41,7 +44,7 @@ USER_ID = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 TOOL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 HEX = re.compile(r"^[0-9a-f]{1,64}$")
 
-UNPERSISTED = "sessions:unpersisted"
+UNPERSISTED_SHARDS = 16
 SWEEP_TICK = "persist-sweep-tick"
 INDEX_CACHE = "idx:cache"
 INDEX_KB = "idx:kb"
@@ -88,6 +91,21 @@ def session_deleted(sid: str) -> str:
     """The delete fence: append and restore refuse while it stands (PostgreSQL's
     `deleted_sessions` keeps the durable tombstone after it expires)."""
     return f"{session(sid)}:deleted"
+
+
+def unpersisted(sid: str) -> str:
+    """The shard of `sessions:unpersisted` that holds this session's mark."""
+    return unpersisted_shard(int(check_session_id(sid)[0], 16) % UNPERSISTED_SHARDS)
+
+
+def unpersisted_shard(n: int) -> str:
+    if not 0 <= n < UNPERSISTED_SHARDS:
+        raise ValueError(f"no unpersisted shard {n}")
+    return f"sessions:unpersisted:{{{n}}}"
+
+
+def unpersisted_shards() -> list[str]:
+    return [unpersisted_shard(n) for n in range(UNPERSISTED_SHARDS)]
 
 
 def memory_lock(sid: str) -> str:

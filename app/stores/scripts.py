@@ -180,7 +180,7 @@ def restore_session(sid: str, user: str, history_json: str, ttl: int) -> Call[in
 
 def clear_unpersisted(sid: str, score: float) -> Call[int]:
     """1 cleared | 0 the session was written again after the sweep read it."""
-    return _call("clear_unpersisted", [keys.UNPERSISTED], [sid, repr(score)], _int)
+    return _call("clear_unpersisted", [keys.unpersisted(sid)], [sid, repr(score)], _int)
 
 
 def rate_limit(
