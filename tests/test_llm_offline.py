@@ -62,7 +62,7 @@ def test_tool_results_become_a_cited_answer_streamed_word_by_word() -> None:
         {"id": "kb:c:2", "title": "Lua", "text": "Scripts run atomically."},
         {"id": "kb:d:3", "title": "Fourth", "text": "Not used."},
     ]
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "user", "content": "How does Redis persist?"},
         {"role": "assistant", "content": "", "tool_calls": []},
         tool_message("offline_1", format_passages('Knowledge-base passages for "x":', items)),
