@@ -151,7 +151,8 @@ def test_redis_killed_mid_stream_ends_the_turn_with_an_error_and_recovers_withou
     _assert_whole(sid, history)
 
     client_r = stack.client()
-    assert client_r.zscore(keys.unpersisted(sid), sid) is not None  # the failed persist left its mark
+    # the failed persist left its mark
+    assert client_r.zscore(keys.unpersisted(sid), sid) is not None
     client_r.close()
     assert run_sweep(stack.settings, monkeypatch)["failed"] == 0
     assert pg_history(stack.settings.database_url or "", sid) == history

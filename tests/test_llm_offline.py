@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
+from starlette.testclient import TestClient
 
+from app.chat.context import CONTEXT_TOKEN_BUDGET, estimate_tokens
 from app.embeddings import shared_embedder
 from app.kb.ingest import ingest_paths
 from app.llm import (
@@ -59,7 +62,7 @@ def test_tool_results_become_a_cited_answer_streamed_word_by_word() -> None:
         {"id": "kb:c:2", "title": "Lua", "text": "Scripts run atomically."},
         {"id": "kb:d:3", "title": "Fourth", "text": "Not used."},
     ]
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "user", "content": "How does Redis persist?"},
         {"role": "assistant", "content": "", "tool_calls": []},
         tool_message("offline_1", format_passages('Knowledge-base passages for "x":', items)),
@@ -149,3 +152,31 @@ def test_passages_from_one_document_share_one_source_entry() -> None:
     answer = text_of(step([{"role": "user", "content": "q"}, tool_message("c", content)], [KB]))
     assert answer.endswith("Sources: [1][2] Lua")
     assert "Keys go in KEYS. [2]" in answer and "continued from before" not in answer
+
+
+def test_the_same_trimmed_context_twice_gets_two_different_tool_call_ids() -> None:
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "Same length?"}]
+    first, second = step(messages, [KB])[0], step(messages, [KB])[0]
+    assert isinstance(first, ToolCallRequest) and isinstance(second, ToolCallRequest)
+    assert first.call.id != second.call.id and first.call.id.startswith("offline_")
+
+
+def test_tool_call_ids_stay_unique_over_a_long_session_whose_context_is_trimmed(
+    client: TestClient, token_for: Callable[[str], dict[str, str]], user: str
+) -> None:
+    h = token_for(user)
+    sid = client.post("/v1/sessions", headers=h).json()["id"]
+    # ~1500 tokens a question against a 3000-token budget: trimming starts on turn 2
+    filler = "Tell me about AOF persistence and fsync. " * 150
+    for n in range(8):
+        with client.stream(
+            "POST", f"/v1/sessions/{sid}/messages", headers=h, json={"content": f"{n} {filler}"}
+        ) as res:
+            assert res.status_code == 200
+            res.read()
+    history = client.get(f"/v1/sessions/{sid}", headers=h).json()["messages"]
+    assert sum(estimate_tokens(m.get("content") or "") for m in history) > 3 * CONTEXT_TOKEN_BUDGET
+    asked = [c["id"] for m in history for c in m.get("tool_calls") or []]
+    answered = [m["tool_call_id"] for m in history if m["role"] == "tool"]
+    assert len(asked) == 8 and len(set(asked)) == 8
+    assert answered == asked

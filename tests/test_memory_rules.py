@@ -58,6 +58,9 @@ TABLE: list[tuple[str, list[tuple[str, str]]]] = [
     ("I plan to run a marathon next year", [("plan", "plans to run a marathon next year")]),
     ("I'm going to Paris next week", [("plan", "plans to go to Paris next week")]),
     ("I'm going to need a taxi", []),
+    ("I am planning a trip to Kyoto", [("plan", "plans a trip to Kyoto")]),
+    ("I'm planning a trip to Kyoto in May.", [("plan", "plans a trip to Kyoto in May")]),
+    ("I plan a lot", []),
     ("Remember that my passport expires in June.", [("note", "their passport expires in June")]),
     ("Please remember my anniversary is on May 3", [("note", "their anniversary is on May 3")]),
     ("Do I like jazz?", []),
@@ -195,3 +198,16 @@ def test_a_proposal_in_the_delta_supersedes_the_summary() -> None:
     ]
     facts = RuleExtractor().extract(messages, OPTIONS_SUMMARY)
     assert facts == [Fact("plan", "wants to book the Hotel Astoria near the station")]
+
+
+def test_planning_a_trip_is_a_plan_as_much_as_planning_to_visit() -> None:
+    assert contents(said("I am planning a trip to Kyoto")) == ["plans a trip to Kyoto"]
+    assert contents(said("I plan to visit Kyoto")) == ["plans to visit Kyoto"]
+    assert said("My sister is planning a trip to Rome.") == []
+
+
+def test_a_sentence_inside_a_quote_is_reported_speech_not_the_users_own() -> None:
+    assert said('She told me "Go home. I live in Rome." She was joking.') == []
+    assert contents(said('He wrote \u201cCall me. I work at Acme.\u201d I live in Oslo.')) == [
+        "lives in Oslo"
+    ]

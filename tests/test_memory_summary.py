@@ -136,3 +136,22 @@ def test_the_latest_proposals_come_from_the_last_proposing_assistant_turn() -> N
 
 def test_a_summary_without_proposals_has_none() -> None:
     assert latest_proposals("User: I live in Lisbon.\nAssistant: Noted.") == []
+
+
+def test_a_quote_is_not_split_so_its_sentences_keep_their_speaker() -> None:
+    # The offline provider echoes the question; split, its tail read as the assistant's.
+    question = "I am planning a trip to Kyoto. Can you help?"
+    summary = update_summary("", [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": f'I cannot answer freely. You wrote: "{question}"'},
+    ])  # fmt: skip
+    lines = summary.splitlines()
+    assert "User: Can you help?" in lines and 'Assistant: Can you help?"' not in lines
+    assert f'Assistant: You wrote: "{question}"' in lines
+
+
+def test_a_sentence_ending_in_a_closing_quote_still_ends_there() -> None:
+    assert split_sentences('She said \u201cGo. Now.\u201d Then she left. Ok "fine." Bye.') == [
+        "She said \u201cGo. Now.\u201d", "Then she left.", 'Ok "fine."', "Bye.",
+    ]
+    assert split_sentences('An odd " mark. Then more.') == ['An odd " mark.', "Then more."]

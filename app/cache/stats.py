@@ -5,11 +5,17 @@ exact_hits, misses (written by `SemanticCache.lookup`), audits, invalidations,
 and overlap_sum as a float (written by the audit job). Percentiles of the audit
 overlap come from PostgreSQL's `cache_audits`, the durable record of every
 audit; when PostgreSQL is unreachable the report says None for them.
+
+`threshold` is the bound lookups use right now: the audited state in
+`cache-threshold:<tool>` once an audit has moved it, else the tool's policy
+value (what `SemanticCache` starts from), so the report never says None for a
+tool it knows.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -17,8 +23,11 @@ import redis.asyncio as aredis
 from psycopg_pool import AsyncConnectionPool
 
 from app.cache.decision import AdaptiveThreshold
-from app.cache.semantic import threshold_key
+from app.cache.semantic import threshold_key, threshold_state
 from app.stores import keys
+from app.tools.base import CachePolicy
+from app.tools.kb_search import KbSearch
+from app.tools.web_search import WebSearch
 
 log = logging.getLogger("backbone.cache")
 
@@ -31,6 +40,11 @@ _OVERLAP_SQL = """
 SELECT tool, avg(overlap), percentile_cont(0.1) WITHIN GROUP (ORDER BY overlap)
 FROM cache_audits GROUP BY tool
 """
+
+
+def builtin_policies() -> dict[str, CachePolicy]:
+    """tool name -> cache policy of the tools the app ships (class attributes, no I/O)."""
+    return {t.spec.name: t.policy for t in (KbSearch, WebSearch) if t.policy is not None}
 
 
 def _s(value: Any) -> str:
@@ -70,10 +84,14 @@ async def _overlaps(pg_pool: AsyncConnectionPool[Any] | None) -> dict[str, tuple
 
 
 async def cache_stats(
-    client: aredis.Redis, pg_pool: AsyncConnectionPool[Any] | None
+    client: aredis.Redis,
+    pg_pool: AsyncConnectionPool[Any] | None,
+    policies: Mapping[str, CachePolicy] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """tool -> lookups, hits, exact_hits, misses, hit_rate, audits, mean_overlap,
-    p10_overlap, invalidations, threshold (None until the first audit moves it)."""
+    p10_overlap, invalidations, threshold (the audited bound, else the policy's;
+    None only for a tool with neither). `policies` defaults to the shipped tools'."""
+    known = builtin_policies() if policies is None else policies
     tools = await _tools(client)
     pipe = client.pipeline(transaction=False)
     for tool in tools:
@@ -91,10 +109,13 @@ async def cache_stats(
         mean = overlap_sum / row["audits"] if row["audits"] else mean_pg
         row["mean_overlap"] = None if mean is None else round(mean, 4)
         row["p10_overlap"] = None if p10 is None else round(p10, 4)
-        state = replies[2 * i + 1]
-        row["threshold"] = (
-            round(AdaptiveThreshold.from_dict(state).max_distance, 4) if state else None
-        )
+        state, policy = replies[2 * i + 1], known.get(tool)
+        if state:
+            row["threshold"] = round(AdaptiveThreshold.from_dict(state).max_distance, 4)
+        elif policy is not None:
+            row["threshold"] = round(threshold_state({}, policy).max_distance, 4)
+        else:
+            row["threshold"] = None
         out[tool] = row
     return out
 

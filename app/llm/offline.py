@@ -4,13 +4,16 @@ It is not a language model. Given a user message and the kb_search tool, it asks
 for kb_search with the user's words; given tool results, it streams an answer
 stitched from the top passages with citations [1], [2] and a "Sources:" line.
 Anything else gets a plain statement that this is an offline stand-in.
-Token counts in `usage` are word counts.
+Token counts in `usage` are word counts. Tool-call ids are random, as a real
+model's are: the context is budget-trimmed, so anything counted from it repeats
+within a long session.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -61,7 +64,9 @@ class OfflineProvider:
         last = messages[-1] if messages else {}
         question = self._last_user_text(messages)
         if last.get("role") == "user" and any(t.name == "kb_search" for t in tools):
-            call = ToolCall(f"offline_{len(messages)}", "kb_search", {"query": question[:2000]})
+            call = ToolCall(
+                f"offline_{secrets.token_hex(8)}", "kb_search", {"query": question[:2000]}
+            )
             yield ToolCallRequest(call)
             yield StreamEnd("tool_calls", self._usage(prompt_tokens, 0))
             return

@@ -49,7 +49,9 @@ _CONTRACTIONS = [
     (re.compile(r"\bname's\b", re.IGNORECASE), "name is"),
     (re.compile(r"\blet's\b", re.IGNORECASE), "let us"),
 ]
-_BOUNDARY = re.compile(r"(?<=[.!?;])\s+|\s*\n+\s*")
+_QUOTE_MARK = re.compile(r'["\u201c\u201d]')
+# A sentence may end inside its closing quote: 'She said "go." I stayed.'
+_BOUNDARY = re.compile(r"(?:(?<=[.!?;])|(?<=[.!?;]\"))\s+|\s*\n+\s*")
 _ABBREVIATION = re.compile(
     r"(?:\b(?:st|dr|mr|mrs|ms|mt|jr|sr|vs|etc|approx|e\.g|i\.e|a\.m|p\.m)|(?:^|\s)[A-Z])\.$",
     re.IGNORECASE,
@@ -116,11 +118,45 @@ def normalise(text: str) -> str:
     return re.sub(r"[ \t]+", " ", text)
 
 
+def quoted_spans(line: str) -> list[tuple[int, int]]:
+    """(start, end) of each double-quoted passage of one line, quotes included.
+
+    Straight and curly quotes alike pair up in order; a quote left unpaired at
+    the end of the line opens nothing, so a stray mark never swallows the rest.
+    """
+    marks = [m.start() for m in _QUOTE_MARK.finditer(line)]
+    return [(marks[i], marks[i + 1] + 1) for i in range(0, len(marks) - 1, 2)]
+
+
+def split_outside_quotes(pattern: re.Pattern[str], text: str) -> list[str]:
+    """`pattern.split(text)`, except at matches inside a quoted passage.
+
+    A sentence quoted inside another ('You wrote: "I plan a trip. Any tips?"')
+    stays whole: split, its second half reads as the quoting speaker's own
+    sentence, and a reported "I live in Rome." as the user's own fact.
+    Quotes pair within a line (a newline always ends the passage).
+    """
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for line in text.split("\n"):
+        spans += [(start + a, start + b) for a, b in quoted_spans(line)]
+        start += len(line) + 1
+    pieces: list[str] = []
+    last = 0
+    for m in pattern.finditer(text):
+        if any(a < m.start() < b for a, b in spans):
+            continue
+        pieces.append(text[last:m.start()])
+        last = m.end()
+    pieces.append(text[last:])
+    return pieces
+
+
 def sentences(text: str) -> list[str]:
     """Sentences, each with its closing punctuation (a question keeps its "?")."""
     out: list[str] = []
     buffer = ""
-    for piece in _BOUNDARY.split(normalise(text)):
+    for piece in split_outside_quotes(_BOUNDARY, normalise(text)):
         buffer = f"{buffer} {piece}" if buffer else piece
         if not _ABBREVIATION.search(buffer):  # "I live in St. Louis" is one sentence
             out.append(buffer.strip())

@@ -140,6 +140,9 @@ RULES: list[tuple[re.Pattern[str], Rule]] = [
     (_rx(rf"^I am{ADV}\s+(?P<v>planning|going|hoping|intending)\s+(?P<to>to|on)\s+(?P<o>.+)"),
      _plan),
     (_rx(rf"^I{ADV}\s+(?P<v>plan|intend|hope)\s+(?P<to>to|on)\s+(?P<o>.+)"), _plan),
+    # "I'm planning a trip to Kyoto": the plan is the thing planned, not an infinitive.
+    (_rx(rf"^I(?: am)?{ADV}\s+(?:planning|plan)\s+(?P<o>(?:a|an|my|our)\s+"
+         r"(?!lot\b|bit\b|little\b|few\b|couple\b).+)"), _object("plan", "plans {}")),
 ]
 
 _NOTE = _rx(

@@ -6,6 +6,9 @@ speaker lets the rules extractor find the assistant's last proposal when the use
 later says "yes, book that one". Nothing is generated, so the summary never says
 anything the conversation did not.
 
+A quoted passage is never split ("You wrote: "I plan a trip. Any tips?""):
+its second half would be filed as the quoting speaker's own sentence.
+
 Each sentence is scored for how much it is worth keeping: numbers, names and
 places, facts the user states about themselves, requests, and the assistant's
 proposals score; greetings and thanks do not. When the old summary plus the new
@@ -20,11 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.memory.facts import message_text
+from app.memory.patterns import split_outside_quotes
 
 MAX_SENTENCE_CHARS = 280
 ROLES = {"user": "User", "assistant": "Assistant"}
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"\u201d]))\s+(?=[\"'(\[\u201c]?[A-Z0-9])")
 _NUMBERED = re.compile(r"^\s*(\d{1,2})[.)]\s+(?=\S)")
 _BULLET = re.compile(r"^\s*(?:[-*•]|#{1,6})\s+")
 _EMPHASIS = re.compile(r"\*\*|__|`")
@@ -78,7 +82,8 @@ def split_sentences(text: str) -> list[str]:
             # "Option N" lets "the second one" find its referent later.
             line = f"Option {numbered[1]}: {line[numbered.end():]}"
         line = _BULLET.sub("", line).strip()
-        out.extend(s.strip() for s in _SENTENCE_END.split(line) if s.strip())
+        pieces = split_outside_quotes(_SENTENCE_END, line)
+        out.extend(s.strip() for s in pieces if s.strip())
     return out
 
 
