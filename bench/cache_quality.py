@@ -6,11 +6,15 @@ What it does: loads `/work/shared/data/qqp-pairs/pairs.jsonl`, splits it
 deterministically into a FIT part and a REPORT part (N pairs each, default
 15,000; the split is by the stored question `a`, so one `a` never lands in
 both), embeds every question with `app.embeddings.shared_embedder()`, stores
-each split's `a` side as cache entries in a real Redis HNSW index (the
-project's `schemas/cache.yaml`, one throwaway `EmbeddedRedis` in a temp dir,
-each split under its own tool tag) and looks up every `b` with the same
-filtered KNN query production runs. The nearest stored `a` is then judged by
-plain distance and by `app.cache_decision.decide` with the default policy.
+each split's `a` side with `SemanticCache.store` (the project's
+`schemas/cache.yaml` index in one throwaway `EmbeddedRedis`, each split a tool
+of its own in the `user:bench` scope) and looks up every `b` with
+`SemanticCache.probe`, the code `lookup` runs: exact key, the scope-filtered
+KNN at the production `EF_RUNTIME`, the scope re-check, the tool's threshold
+state and `decide` on the two texts as asked. The default figures are what the
+cache served; the other policies of the tables replay `decide`'s rule (`hits`)
+on the same candidates, and the run stops if that replay and the cache ever
+disagree at the default.
 
 Definitions (per lookup of one `b`):
 
@@ -109,94 +113,120 @@ def embed(texts: Sequence[str], batch: int = 512) -> npt.NDArray[np.float32]:
 
 @dataclass(frozen=True)
 class Lookup:
-    """One `b` looked up: its nearest stored `a` and the cosine distance to it."""
+    """One `b` looked up: the stored `a` the cache judged, its distance, and (when the
+    lookup went through the cache) whether the cache served it and why."""
 
     pair: Pair
     nearest: str
     distance: float
+    served: bool | None = None
+    reason: str = ""
+
+
+# Every split is one tool in one `user` scope, so each lookup runs the scope filter.
+BENCH_USER = "bench"
+
+
+class SplitTool:
+    """One split as a cacheable tool: the cache reads only its name and policy. The
+    policy is the shipped tools' (`kb_search`: fitted bound, user scope), so the
+    threshold state starts where theirs does and `decide` gets `HitPolicy()`."""
+
+    def __init__(self, name: str) -> None:
+        from app.cache.decision import FITTED_MAX_DISTANCE
+        from app.llm.base import ToolSpec
+        from app.tools.base import QUERY_PARAMETERS, CachePolicy
+
+        self.spec = ToolSpec(name, "a bench split", QUERY_PARAMETERS)
+        self.policy = CachePolicy(FITTED_MAX_DISTANCE, 86_400, "user")
+
+    def query_text(self, arguments: dict[str, object]) -> str:
+        return str(arguments["query"])
+
+    async def run(self, arguments: dict[str, object], ctx: object,
+                  query_vector: object = None) -> object:
+        raise AssertionError("the bench never runs a split's tool")
+
+
+async def through_cache(
+    client: object,
+    settings: object,
+    splits: dict[str, list[Pair]],
+    vectors: dict[str, npt.NDArray[np.float32]],
+    user: str = BENCH_USER,
+    batch: int = 64,
+) -> dict[str, list[Lookup]]:
+    """Store each split's `a` side with `SemanticCache.store`, then look up every `b` with
+    `SemanticCache.probe`: the exact key, the scope-filtered KNN at the production
+    `EF_RUNTIME`, the scope re-check, the threshold state and `decide`, as `lookup`
+    runs them (lookup = probe + memo, counters, audit)."""
+    import asyncio
+
+    from tqdm import tqdm
+
+    from app.cache.semantic import SemanticCache
+    from app.tools.base import ToolContext, ToolResult
+
+    cache = SemanticCache(client, settings)  # type: ignore[arg-type]
+    ctx = ToolContext(user)
+    out: dict[str, list[Lookup]] = {}
+    for name, pairs in splits.items():
+        tool = SplitTool(name)
+        stored = sorted({p.a for p in pairs})
+        for start in tqdm(range(0, len(stored), batch), desc=f"store {name}", unit="batch"):
+            await asyncio.gather(*[
+                cache.store(tool, {"query": a}, a, vectors[a], ctx,  # type: ignore[arg-type]
+                            ToolResult(content=a), 0.0)
+                for a in stored[start : start + batch]
+            ])  # fmt: skip
+        found: list[Lookup] = []
+        for start in tqdm(range(0, len(pairs), batch), desc=f"lookup {name}", unit="batch"):
+            chunk = pairs[start : start + batch]
+            probes = await asyncio.gather(*[
+                cache.probe(tool, {"query": p.b}, p.b, vectors[p.b], ctx)  # type: ignore[arg-type]
+                for p in chunk
+            ])  # fmt: skip
+            for p, probe in zip(chunk, probes, strict=True):
+                assert probe is not None, "a split's lookups are always cacheable"
+                found.append(Lookup(
+                    p, probe.candidate or "", 2.0 if probe.distance is None else probe.distance,
+                    probe.hit is not None, probe.decision.reason))  # fmt: skip
+        out[name] = found
+    return out
 
 
 def nearest_in_redis(
     splits: dict[str, list[Pair]], vectors: dict[str, npt.NDArray[np.float32]]
 ) -> dict[str, list[Lookup]]:
-    """Store each split's `a` side under its own tool tag, KNN-1 every `b` against it."""
-    from tqdm import tqdm
+    """`through_cache` against a throwaway Redis Stack with the project's cache index."""
+    import asyncio
+    import dataclasses
 
+    from app.settings import Settings
     from app.stack.embedded import EmbeddedRedis, free_port
-    from app.stores import indexes, keys
-    from app.stores.clients import redis_client
+    from app.stores import indexes
+    from app.stores.clients import async_redis_client, redis_client
 
-    out: dict[str, list[Lookup]] = {}
     with tempfile.TemporaryDirectory(prefix="cache-quality-") as tmp:
         server = EmbeddedRedis(Path(tmp), free_port())
-        client = redis_client(server.start())
+        url = server.start()
+        client = redis_client(url)
         try:
-            index = indexes.index(client, "cache", dims=384)
-            index.create(overwrite=True)
-            for tool, pairs in splits.items():
-                stored = sorted({p.a for p in pairs})
-                pipe = client.pipeline(transaction=False)
-                now = time.time()
-                for text in tqdm(stored, desc=f"store {tool}", unit="entry"):
-                    digest = hashlib.sha256(text.encode()).hexdigest()
-                    pipe.hset(
-                        keys.cache_entry(tool, digest),
-                        mapping={
-                            "tool": tool,
-                            "scope": "bench",
-                            "query": text,
-                            "created_at": now,
-                            "embedding": vectors[text].tobytes(),
-                        },
-                    )
-                    if len(pipe) >= 500:
-                        pipe.execute()
-                pipe.execute()
-                while int(client.ft(index.name).info()["indexing"]):  # type: ignore[no-untyped-call]
-                    time.sleep(0.1)
-                out[tool] = _knn(client, index.name, tool, pairs, vectors)
+            indexes.index(client, "cache", dims=384).create(overwrite=True)
+            settings = dataclasses.replace(Settings.from_env(), redis_url=url,
+                                           retrieval_cache_audit_rate=0.0)
+
+            async def run() -> dict[str, list[Lookup]]:
+                aclient = async_redis_client(url)
+                try:
+                    return await through_cache(aclient, settings, splits, vectors)
+                finally:
+                    await aclient.aclose()
+
+            return asyncio.run(run())
         finally:
             client.close()
             server.stop()
-    return out
-
-
-def _knn(
-    client: object,
-    index: str,
-    tool: str,
-    pairs: Sequence[Pair],
-    vectors: dict[str, npt.NDArray[np.float32]],
-) -> list[Lookup]:
-    import redis
-    from tqdm import tqdm
-
-    assert isinstance(client, redis.Redis)
-    # The query the cache runs: nearest entry of this tool, with its text and distance.
-    query = f"(@tool:{{{tool}}})=>[KNN 1 @embedding $vec AS distance]"
-    found: list[Lookup] = []
-    for start in tqdm(range(0, len(pairs), 500), desc=f"lookup {tool}", unit="x500"):
-        chunk = pairs[start : start + 500]
-        pipe = client.pipeline(transaction=False)
-        for p in chunk:
-            pipe.execute_command(  # type: ignore[no-untyped-call]
-                "FT.SEARCH", index, query, "PARAMS", "2", "vec", vectors[p.b].tobytes(),
-                "RETURN", "2", "query", "distance", "LIMIT", "0", "1", "DIALECT", "2",
-            )
-        for p, reply in zip(chunk, pipe.execute(), strict=True):
-            fields = _first_hit(reply)
-            found.append(Lookup(p, fields[b"query"].decode(), float(fields[b"distance"])))
-    return found
-
-
-def _first_hit(reply: object) -> dict[bytes, bytes]:
-    """The fields of the first result of a raw FT.SEARCH reply, RESP3 or RESP2."""
-    if isinstance(reply, dict):
-        attrs: dict[bytes, bytes] = reply[b"results"][0][b"extra_attributes"]
-        return attrs
-    assert isinstance(reply, list)
-    flat = reply[2]
-    return dict(zip(flat[0::2], flat[1::2], strict=True))
 
 
 class Labels:
@@ -246,7 +276,8 @@ def features(lookups: Sequence[Lookup], labels: Labels | None) -> Features:
     rows = []
     for lk in lookups:
         q, c = lk.pair.b, lk.nearest
-        own = c == lk.pair.a
+        # Questions of equal canonical text share one entry (one key): the last one stored.
+        own = cd.canonical_text(c) == cd.canonical_text(lk.pair.a)
         correct = lk.pair.duplicate if own else labels is not None and labels.same(q, c)
         vetoes = [cd.second_check(q, c, only[k]) is not None for k in CHECKS]
         exact = cd.canonical_text(q) == cd.canonical_text(c)
@@ -466,6 +497,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     nearest_f = {tool: features(found[tool], labels) for tool in found}
     partner_f = {tool: features(partner[tool], None) for tool in partner}
+    # What the cache served, lookup by lookup. The tables below sweep other policies with
+    # `hits` over the same candidates; at the default it must be the cache's own answer.
+    served = {tool: np.array([lk.served for lk in found[tool]], dtype=bool) for tool in found}
+    for tool, f in nearest_f.items():
+        differ = int((hits(f, cd.HitPolicy()) != served[tool]).sum())
+        print(f"{tool}: the cache served {int(served[tool].sum())} of {len(served[tool])}; "
+              f"the bench's replay of HitPolicy() differs on {differ}")
+        if differ:
+            raise SystemExit("the bench no longer measures what the cache decides")
 
     policy: object = cd.HitPolicy()
     bound = cd.FIT_TARGET_FALSE_HITS
@@ -475,16 +515,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"  on FIT: precision | recall | false hits = {fig.row()}")
     assert isinstance(policy, cd.HitPolicy)
 
-    for name, feats in (("nearest stored question (Redis KNN)", nearest_f),
-                        ("own labelled partner only", partner_f)):
+    for name, feats in (("nearest stored question (SemanticCache.probe)", nearest_f),
+                        ("own labelled partner only (decide alone, no cache)", partner_f)):
         rep = feats["report"]
         print(f"\n### REPORT split, candidate = {name}: {len(rep.distance)} lookups, "
               f"{int(rep.duplicate.sum())} duplicates\n")
         print("\n".join(table(rep, policy)))
         print("\nrecall at equal false-hit rate (each side at its best setting under the bound):\n")
         print("\n".join(iso_table(rep, policy)))
-        chosen = figures(rep, hits(rep, policy))
-        print(f"\ndefault {policy}\n  decision: {chosen}\n  plain distance at the same "
+        live = name.startswith("nearest") and policy == cd.HitPolicy()
+        chosen = figures(rep, served["report"] if live else hits(rep, policy))
+        source = "served by SemanticCache" if live else "decide() replayed on the pair"
+        print(f"\ndefault {policy}\n  decision ({source}): {chosen}\n  plain distance at the same "
               f"false-hit rate: recall {at_bound(rep, chosen.false_hits):.4f}")
         print("\nwhat each piece adds: recall at equal false-hit rate, score cut refitted "
               "on this split\n")

@@ -16,7 +16,8 @@ from typing import Any
 import redis
 from fakes import FakeSearxng, searx_result
 
-from app.cache.semantic import SemanticCache, threshold_key
+from app.cache.decision import HitPolicy
+from app.cache.semantic import Probe, SemanticCache, threshold_key
 from app.cache.stats import cache_stats, clear_cache
 from app.chat.tool_router import Routed, ToolRouter
 from app.embeddings import Embedder, Vector, shared_embedder
@@ -80,7 +81,7 @@ Calls = list[tuple[str, str]]  # (user, question)
 def ask(
     settings: Settings, tool: Tool, calls: Calls,
     enqueue: Callable[[dict[str, Any]], None] | None = None,
-    embedder: CountingEmbedder | None = None,
+    embedder: CountingEmbedder | None = None, base_policy: HitPolicy | None = None,
 ) -> list[Routed]:
     """Route each (user, question) through one ToolRouter + SemanticCache, in order."""
     emb = embedder or CountingEmbedder()
@@ -88,7 +89,8 @@ def ask(
     async def main() -> list[Routed]:
         client = async_redis_client(settings.redis_url or "")
         try:
-            cache = SemanticCache(client, settings, enqueue, embedder=emb)
+            cache = SemanticCache(client, settings, enqueue, embedder=emb,
+                                  base_policy=base_policy)
             router = ToolRouter({tool.spec.name: tool}, emb, 30.0, cache=cache)
             out = []
             for i, (user, question) in enumerate(calls):
@@ -143,7 +145,7 @@ def test_a_question_that_differs_only_in_a_number_is_not_a_hit(
     assert tool.runs == 2
 
 
-def test_an_entry_carries_the_tools_ttl_and_its_query_vector_and_result(
+def test_an_entry_carries_the_tools_ttl_its_question_as_asked_its_vector_and_result(
     settings: Settings, r: redis.Redis, user: str
 ) -> None:
     tool = CountingTool(ttl=321)
@@ -152,7 +154,8 @@ def test_an_entry_carries_the_tools_ttl_and_its_query_vector_and_result(
     assert 0 < r.ttl(key) <= 321
     fields = r.hgetall(key)
     assert fields[b"scope"] == f"user:{user}".encode()
-    assert fields[b"query"] == b"how long does redis keep a key with a ttl"
+    # The question as asked; only the key hash is made from its canonical text.
+    assert fields[b"query"] == b"How long does Redis keep a key with a TTL?"
     assert len(fields[b"embedding"]) == 384 * 4
     assert b"result" in fields and float(fields[b"tool_ms"]) >= 0
 
@@ -254,3 +257,81 @@ def test_stats_count_lookups_and_hits_and_clear_removes_only_that_tools_entries(
     assert clear_cache(r, kept.spec.name) == 1
     r.delete(keys.cache_stats(tool.spec.name), keys.cache_stats(kept.spec.name))
     assert r.exists(threshold_key(tool.spec.name)) == 0
+
+
+def probe(
+    settings: Settings, tool: Tool, user: str, question: str, base_policy: HitPolicy | None = None
+) -> Probe | None:
+    """What the live lookup finds and decides for one question (the path the bench runs)."""
+
+    async def main() -> Probe | None:
+        client = async_redis_client(settings.redis_url or "")
+        try:
+            cache = SemanticCache(client, settings, base_policy=base_policy)
+            return await cache.probe(tool, {"query": question}, question, None, ToolContext(user))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+# Wide open distance and score cuts: only the second checks can stop a neighbour.
+OPEN = HitPolicy(max_distance=0.5, min_score=0.0)
+
+
+def test_a_swapped_country_is_vetoed_by_the_names_check_in_the_live_cache(
+    settings: Settings, user: str
+) -> None:
+    # With the cuts open, a lowercased stored question ("what is the capital of france")
+    # has no names to compare and was served: the veto needs the entry's capitals.
+    tool = CountingTool(max_distance=0.5)
+    first, second = ask(settings, tool, [
+        (user, "What is the capital of France?"),
+        (user, "What is the capital of Germany?"),
+    ], base_policy=OPEN)  # fmt: skip
+    assert not first.cached and not second.cached and tool.runs == 2
+    found = probe(settings, tool, user, "What is the capital of Spain?", OPEN)
+    assert found is not None and found.hit is None
+    assert found.candidate in {"What is the capital of France?", "What is the capital of Germany?"}
+    assert found.decision.reason == "entities differ"
+
+
+def test_the_same_question_with_dont_in_both_is_served_from_the_live_cache(
+    settings: Settings, user: str
+) -> None:
+    # Stored as "dont", the entry looked un-negated next to the query's "don't": vetoed.
+    tool = CountingTool()
+    first, second = ask(settings, tool, [
+        (user, "Why don't cats like water?"),
+        (user, "Why don't cats like water at all?"),
+    ])  # fmt: skip
+    assert not first.cached and second.cached and tool.runs == 1
+    assert second.distance is not None and 0 < second.distance <= 0.06
+
+
+def test_the_same_question_with_20000_in_both_is_served_from_the_live_cache(
+    settings: Settings, user: str
+) -> None:
+    # Stored as "20 000", the entry's numbers were {20, 0}, not the query's {20000}: vetoed.
+    tool = CountingTool()
+    first, second = ask(settings, tool, [
+        (user, "Which is the best laptop under 20,000 rupees?"),
+        (user, "What is the best laptop under 20,000 rupees?"),
+    ])  # fmt: skip
+    assert not first.cached and second.cached and tool.runs == 1
+    assert second.distance is not None and 0 < second.distance <= 0.06
+
+
+def test_a_probe_reports_the_candidate_it_judged_even_on_a_miss(
+    settings: Settings, user: str
+) -> None:
+    tool = CountingTool()
+    ask(settings, tool, [(user, "How many replicas does Redis need for 3 shards?")])
+    found = probe(settings, tool, user, "How many replicas does Redis need for 5 shards?")
+    assert found is not None and found.hit is None and not found.exact_entry
+    assert found.candidate == "How many replicas does Redis need for 3 shards?"
+    assert found.decision.reason == "numbers differ"
+    assert found.distance is not None and 0 < found.distance <= 0.06
+    exact = probe(settings, tool, user, "how many replicas does redis need for 3 shards")
+    assert exact is not None and exact.exact_entry and exact.hit is not None
+    assert exact.candidate == "How many replicas does Redis need for 3 shards?"

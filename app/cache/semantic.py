@@ -14,9 +14,17 @@ never served outside it: a `user`-scoped result reaches only that user, even
 for an identical question. Both paths then compare the entry's stored `scope`
 with the caller's, exactly (`app.scope_guard`): an entry of another scope, be
 it from a case-folding index or a key that names another scope's entry, is a
-logged miss, never a hit. The threshold starts at the tool's
+logged miss, never a hit. An entry keeps the question as it was asked
+(`query`; the canonical text only goes into the key hash), so `decide` always
+compares two texts as users wrote them: its names check needs the capitals, its
+negation and numbers checks the apostrophes and digit groups. The threshold starts at the tool's
 `CachePolicy.max_distance` and then moves with the audit outcomes
 (`AdaptiveThreshold`, stored in `cache-threshold:<tool>`).
+
+`SemanticCache.probe` is the whole "is this a hit" path (exact entry, filtered
+KNN, scope re-check, threshold state, `decide`) and says what it found either
+way; `lookup` is `probe` plus the memo, counters and audit. `bench/cache_quality.py`
+calls `store` and `probe` itself, so its figures are those of this code.
 
 A sampled share of hits (RETRIEVAL_CACHE_AUDIT_RATE) is handed to
 `enqueue_audit` (see `app.cache.audit_queue.audit_enqueuer`); the job re-runs the tool
@@ -35,13 +43,14 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import redis.asyncio as aredis
 import redis.exceptions as rexc
 
-from app.cache.decision import AdaptiveThreshold, HitPolicy, canonical_text, decide
+from app.cache.decision import AdaptiveThreshold, Decision, HitPolicy, canonical_text, decide
 from app.cache.protocol import CacheHit
 from app.embeddings import Embedder, Vector, shared_embedder
 from app.settings import Settings
@@ -53,7 +62,7 @@ from app.tools.kb_search import escape_tag, parse_search_reply
 log = logging.getLogger("backbone.cache")
 
 AuditEnqueuer = Callable[[dict[str, Any]], None]
-ENTRY_FIELDS = ("result", "tool_ms", "scope")
+ENTRY_FIELDS = ("result", "tool_ms", "scope", "query")
 KNN_FIELDS = ("query", "scope", "result", "tool_ms", "distance")
 # Entries this process stored or served exactly: `needs_vector` is sync and must not
 # wait on Redis, so it trusts this memo and `lookup` still checks the key itself.
@@ -96,6 +105,21 @@ def entry_key(tool: str, scope: str, arguments: Mapping[str, Any], query: str) -
     return keys.cache_entry(tool, digest)
 
 
+def knn_command(index: str, tool: str, scope: str, vector: Vector) -> tuple[Any, ...]:
+    """The nearest entry of one tool in one scope: the FT.SEARCH every lookup runs."""
+    blob = np.asarray(vector, dtype=np.float32).tobytes()
+    return (
+        "FT.SEARCH", index,
+        f"(@tool:{{{escape_tag(tool)}}} @scope:{{{escape_tag(scope)}}})"
+        "=>[KNN 1 @embedding $vec EF_RUNTIME $ef AS distance]",
+        "PARAMS", 4, "vec", blob, "ef", EF_RUNTIME,
+        "SORTBY", "distance", "ASC",
+        "RETURN", len(KNN_FIELDS), *KNN_FIELDS,
+        "LIMIT", 0, 1,
+        "DIALECT", 2,
+    )  # fmt: skip
+
+
 def initial_threshold(policy: CachePolicy) -> AdaptiveThreshold:
     """A fresh tool starts at its own policy's bound, with room to relax a little."""
     return AdaptiveThreshold(max_distance=policy.max_distance, ceiling=policy.max_distance + 0.04)
@@ -117,6 +141,22 @@ def decode_result(raw: str | bytes) -> ToolResult:
 
 def _s(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One lookup's finding, hit or not: the candidate entry the decision judged (None when
+    there was none), the distance, the decision, and the hit served (None on a miss)."""
+
+    key: str | None
+    candidate: str | None  # the entry's question, as its asker wrote it
+    distance: float | None
+    decision: Decision
+    hit: CacheHit | None
+    exact_entry: bool = False  # found by the exact key, not the KNN
+
+
+_NOTHING = Decision(False, 0.0, "no candidate")
 
 
 class SemanticCache:
@@ -162,37 +202,53 @@ class SemanticCache:
         self, tool: Tool, arguments: dict[str, Any], query: str, vector: Vector | None,
         ctx: ToolContext,
     ) -> CacheHit | None:
-        policy = tool.policy
-        scope = scope_value(policy, ctx) if policy is not None else None
         memo = self._memo_key(tool, arguments, query)
-        if policy is None or scope is None or memo is None:
+        if memo is None or tool.policy is None:
             return None
         name = tool.spec.name
-        key = entry_key(name, scope, arguments, query)
         try:
-            replies = await self._fetch(name, scope, key, vector)
-            hit, kind = self._exact(key, replies[0], scope), "exact_hits"
-            if hit is None:
-                if vector is None:  # the memo was wrong for this caller: embed after all
-                    vector = await self.embedder.aembed(query)
-                    self._pending[key] = vector
-                    while len(self._pending) > 64:  # stores that never came (tool failed)
-                        self._pending.popitem(last=False)
-                    replies = await self._fetch(name, scope, key, vector)
-                threshold = threshold_state(replies[1], policy)
-                hit, kind = self._nearest(query, replies[2], threshold, scope), "hits"
+            found = await self.probe(tool, arguments, query, vector, ctx)
         except rexc.RedisError as e:
             log.warning("cache lookup for %s failed, treated as a miss: %s", name, e)
             return None
+        if found is None:
+            return None
+        hit = found.hit
+        kind = "exact_hits" if found.exact_entry else "hits"
         if hit is None:
             self._memo.pop(memo, None)
         elif kind == "exact_hits":
-            self._remember(memo, policy)
+            self._remember(memo, tool.policy)
         # Counters and the audit enqueue never hold up the caller.
         self._background(self._count(name, hit, kind))
         if hit is not None:
             self._background(self._maybe_audit(name, hit, arguments, ctx))
         return hit
+
+    async def probe(
+        self, tool: Tool, arguments: dict[str, Any], query: str, vector: Vector | None,
+        ctx: ToolContext,
+    ) -> Probe | None:
+        """The hit decision and what it judged, with no side effect but the embedding a
+        wrong memo costs; None for a call the cache cannot take. Raises RedisError."""
+        policy = tool.policy
+        scope = scope_value(policy, ctx) if policy is not None else None
+        if policy is None or scope is None or self._memo_key(tool, arguments, query) is None:
+            return None
+        name = tool.spec.name
+        key = entry_key(name, scope, arguments, query)
+        replies = await self._fetch(name, scope, key, vector)
+        found = self._exact(key, replies[0], scope)
+        if found is not None:
+            return found
+        if vector is None:  # the memo was wrong for this caller: embed after all
+            vector = await self.embedder.aembed(query)
+            self._pending[key] = vector
+            while len(self._pending) > 64:  # stores that never came (tool failed)
+                self._pending.popitem(last=False)
+            replies = await self._fetch(name, scope, key, vector)
+        threshold = threshold_state(replies[1], policy)
+        return self._nearest(query, replies[2], threshold, scope)
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -218,7 +274,8 @@ class SemanticCache:
         fields: dict[str, str | bytes | float] = {
             "tool": tool.spec.name,
             "scope": scope,
-            "query": canonical_text(query),
+            # As asked: `decide` needs the capitals, apostrophes and digit groups.
+            "query": query,
             "created_at": time.time(),
             "result": encode_result(result),
             "tool_ms": tool_ms,
@@ -259,48 +316,40 @@ class SemanticCache:
         return f"{tool.spec.name}\n{canonical_arguments(arguments, query)}"
 
     def _knn(self, tool: str, scope: str, vector: Vector) -> tuple[Any, ...]:
-        blob = np.asarray(vector, dtype=np.float32).tobytes()
-        return (
-            "FT.SEARCH", self.index,
-            f"(@tool:{{{escape_tag(tool)}}} @scope:{{{escape_tag(scope)}}})"
-            "=>[KNN 1 @embedding $vec EF_RUNTIME $ef AS distance]",
-            "PARAMS", 4, "vec", blob, "ef", EF_RUNTIME,
-            "SORTBY", "distance", "ASC",
-            "RETURN", len(KNN_FIELDS), *KNN_FIELDS,
-            "LIMIT", 0, 1,
-            "DIALECT", 2,
-        )  # fmt: skip
+        return knn_command(self.index, tool, scope, vector)
 
-    def _exact(self, key: str, reply: Any, scope: str) -> CacheHit | None:
-        raw, tool_ms, stored_scope = reply
+    def _exact(self, key: str, reply: Any, scope: str) -> Probe | None:
+        raw, tool_ms, stored_scope, stored_query = reply
         if raw is None:
             return None
         fields = {"scope": _s(stored_scope)} if stored_scope is not None else {}
         if not admitted([(key, fields)], "scope", (scope,), "cache exact"):
             return None
-        return CacheHit(decode_result(raw), 0.0, key, float(_s(tool_ms or b"0")))
+        hit = CacheHit(decode_result(raw), 0.0, key, float(_s(tool_ms or b"0")))
+        text = _s(stored_query) if stored_query is not None else None
+        return Probe(key, text, 0.0, Decision(True, 1.0, "exact"), hit, True)
 
-    def _nearest(
-        self, query: str, reply: Any, state: AdaptiveThreshold, scope: str
-    ) -> CacheHit | None:
+    def _nearest(self, query: str, reply: Any, state: AdaptiveThreshold, scope: str) -> Probe:
         if reply is None:
-            return None
+            return Probe(None, None, None, _NOTHING, None)
         if isinstance(reply, Exception):
             log.warning("cache KNN failed, treated as a miss: %s", reply)
-            return None
+            return Probe(None, None, None, Decision(False, 0.0, "knn failed"), None)
         _, rows = parse_search_reply(reply)
         rows = admitted(rows, "scope", (scope,), "cache KNN")
         if not rows:
-            return None
+            return Probe(None, None, None, _NOTHING, None)
         key, f = rows[0]
         distance = float(f.get("distance", "2"))
+        candidate = f.get("query", "")
         if distance > state.max_distance or "result" not in f:
-            return None
-        decision = decide(query, f.get("query", ""), distance, state.policy(self.base_policy))
+            return Probe(key, candidate, distance, Decision(False, 0.0, "distance"), None)
+        decision = decide(query, candidate, distance, state.policy(self.base_policy))
         if not decision.hit:
             log.debug("cache near miss on %s at %.4f: %s", key, distance, decision.reason)
-            return None
-        return CacheHit(decode_result(f["result"]), distance, key, float(f.get("tool_ms", "0")))
+            return Probe(key, candidate, distance, decision, None)
+        hit = CacheHit(decode_result(f["result"]), distance, key, float(f.get("tool_ms", "0")))
+        return Probe(key, candidate, distance, decision, hit)
 
     def _remember(self, memo: str, policy: CachePolicy) -> None:
         self._memo[memo] = time.monotonic() + policy.ttl_seconds
