@@ -87,7 +87,13 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    from app.stack.supervisor import ProcessChild, Supervisor, store_children
+    from app.stack.supervisor import (
+        ProcessChild,
+        Supervisor,
+        dashboard_child,
+        dashboard_port,
+        store_children,
+    )
 
     # A SIGTERM (systemd, a supervisor, `kill`) stops everything like Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -100,13 +106,16 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
            "DATABASE_URL": resolved.database_url or "",
            "AUTH_SECRET": resolved.auth_secret or ""}
     # From here on a child that exits is restarted, not a reason to stop (app.supervisor).
+    board_port = dashboard_port()
     supervisor = Supervisor([*store_children(stack), ProcessChild("app", "serve", env),
-                             ProcessChild("worker", "worker", env)])
+                             ProcessChild("worker", "worker", env),
+                             dashboard_child(resolved.redis_url or "", board_port, env)])
     try:
         prepared = prepare(resolved, _dims(resolved))
         _ingest_sample_if_empty(resolved)
         supervisor.start()
-        _print_banner(resolved, prepared.indexes_created, prepared.migrations_applied)
+        _print_banner(resolved, prepared.indexes_created, prepared.migrations_applied,
+                      board_port)
         return supervisor.run()
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
@@ -134,7 +143,8 @@ def _ingest_sample_if_empty(settings: Settings) -> None:
         client.close()
 
 
-def _print_banner(s: Settings, created: list[str], applied: list[str]) -> None:
+def _print_banner(s: Settings, created: list[str], applied: list[str],
+                  board_port: int) -> None:
     base = f"http://{s.host}:{s.port}"
     lines = [
         "",
@@ -146,8 +156,9 @@ def _print_banner(s: Settings, created: list[str], applied: list[str]) -> None:
     ]
     if s.redis_url and s.redis_url.startswith("redis://127.0.0.1:"):
         port = s.redis_url.rsplit(":", 1)[1].split("/")[0]
-        lines.append(f"  inspect      redis-cli -p {port}    (FT._LIST, FT.INFO idx:cache)")
-    lines.append(f"  rq dashboard rq-dashboard --redis-url {s.redis_url}")
+        lines.append(f"  inspect      redis-cli -p {port}    (FT._LIST; no redis-cli? apt install "
+                     "redis-tools, or backbone keys)")
+    lines.append(f"  rq dashboard http://127.0.0.1:{board_port}/   (queues, workers, jobs)")
     token = issue_token(s.auth_secret or "", LOCAL_USER)
     lines.append(f"  chat page    {base}/#token={token}")
     lines.append(f"  token        {token}")
