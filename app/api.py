@@ -34,10 +34,11 @@ from app.llm import make_provider
 from app.memory import routes as memory_routes
 from app.memory.queue import make_after_turn
 from app.memory.recall import make_recall
+from app.ops import metrics
 from app.sessions import routes as session_routes
 from app.sessions.store import Sessions
 from app.settings import Settings
-from app.state import AppState
+from app.state import AppState, app_state
 from app.stores.clients import async_redis_client, redis_client
 from app.tools import make_tools
 
@@ -74,11 +75,19 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     )
 
 
+async def metrics_endpoint(request: Request) -> Response:
+    """`GET /metrics`: Prometheus text; see app.ops.metrics and the README table."""
+    shared = await metrics.read_shared(app_state(request).redis)
+    body, content_type = metrics.render(shared)
+    return Response(body, media_type=content_type)
+
+
 def routes() -> list[Route]:
     return [
         Route("/", web.index, methods=["GET"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         *session_routes.routes,
         *chat_routes.routes,
         *memory_routes.routes,

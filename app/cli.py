@@ -25,6 +25,7 @@ from typing import Any
 
 from app.auth import issue_token, with_secret
 from app.errors import BackboneError
+from app.ops import metrics
 from app.settings import Settings
 from app.stack import running as running_stack
 from app.stack.bootstrap import eviction_warning, prepare
@@ -105,6 +106,8 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     env = {**os.environ, "REDIS_URL": resolved.redis_url or "",
            "DATABASE_URL": resolved.database_url or "",
            "AUTH_SECRET": resolved.auth_secret or ""}
+    if not env.get(metrics.MULTIPROC_ENV):  # the app and the worker share their metrics
+        env[metrics.MULTIPROC_ENV] = str(metrics.fresh_multiproc_dir(resolved.data_dir))
     # From here on a child that exits is restarted, not a reason to stop (app.supervisor).
     board_port = dashboard_port()
     supervisor = Supervisor([*store_children(stack), ProcessChild("app", "serve", env),
@@ -159,6 +162,7 @@ def _print_banner(s: Settings, created: list[str], applied: list[str],
         lines.append(f"  inspect      redis-cli -p {port}    (FT._LIST; no redis-cli? apt install "
                      "redis-tools, or backbone keys)")
     lines.append(f"  rq dashboard http://127.0.0.1:{board_port}/   (queues, workers, jobs)")
+    lines.append(f"  metrics      {base}/metrics   (Prometheus; app and worker together)")
     token = issue_token(s.auth_secret or "", LOCAL_USER)
     lines.append(f"  chat page    {base}/#token={token}")
     lines.append(f"  token        {token}")
