@@ -7,6 +7,7 @@
     backbone index create|info|drop
     backbone ingest PATH...     chunk + embed files into the knowledge base (idempotent per file)
     backbone cache stats|clear [--tool T]
+    backbone keys [--json]      count, TTL range, memory per key family of the live Redis
     backbone token --user NAME  a bearer token signed with AUTH_SECRET (or .data/auth-secret)
 """
 
@@ -334,6 +335,24 @@ def cmd_cache(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    from app.ops.keyspace import survey, table
+
+    client = redis_client(_running(settings).redis_url or "")
+    try:
+        rows = survey(client, sample=args.sample)
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps([{"family": f.pattern, "keys": f.count, "no_ttl": f.no_ttl,
+                           "ttl_min_ms": f.ttl_min_ms, "ttl_max_ms": f.ttl_max_ms,
+                           "memory_bytes": f.memory_bytes(), "memory_sampled": len(f.sampled)}
+                          for f in rows], indent=2))
+    else:
+        print(table(rows))
+    return 0
+
+
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     secret = with_secret(settings).auth_secret or ""
     print(issue_token(secret, args.user, ttl_seconds=args.days * 86400))
@@ -360,6 +379,11 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=["stats", "clear"])
     c.add_argument("--tool", help="only this tool (e.g. kb_search)")
     c.set_defaults(fn=cmd_cache)
+    k = sub.add_parser("keys", help="count, TTL range and memory per key family (one SCAN)")
+    k.add_argument("--sample", type=int, default=20,
+                   help="MEMORY USAGE of this many keys per family (default 20)")
+    k.add_argument("--json", action="store_true", help="JSON instead of a table")
+    k.set_defaults(fn=cmd_keys)
     t = sub.add_parser("token", help="print a bearer token for a user")
     t.add_argument("--user", required=True)
     t.add_argument("--days", type=int, default=30, help="validity (default 30)")
