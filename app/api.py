@@ -13,10 +13,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -34,7 +36,7 @@ from app.llm import make_provider
 from app.memory import routes as memory_routes
 from app.memory.queue import make_after_turn
 from app.memory.recall import make_recall
-from app.ops import metrics
+from app.ops import logs, metrics
 from app.sessions import routes as session_routes
 from app.sessions.store import Sessions
 from app.settings import Settings
@@ -141,8 +143,12 @@ def create_app(settings: Settings) -> Starlette:
             await pg.close()
             await redis.aclose()
 
+    # Never log these, whatever a message or traceback holds (app.ops.logs).
+    logs.redact(settings.auth_secret, urlsplit(settings.redis_url).password,
+                urlsplit(settings.database_url).password)
     return Starlette(
         routes=routes(),
+        middleware=[Middleware(logs.RequestIds)],
         lifespan=lifespan,
         exception_handlers={
             BackboneError: _backbone_error,

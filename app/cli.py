@@ -26,7 +26,7 @@ from typing import Any
 
 from app.auth import issue_token, with_secret
 from app.errors import BackboneError
-from app.ops import metrics
+from app.ops import logs, metrics
 from app.settings import Settings
 from app.stack import running as running_stack
 from app.stack.bootstrap import eviction_warning, prepare
@@ -400,9 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         settings = Settings.from_env()
-        logging.basicConfig(
-            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-        )
+        # LOG_FORMAT=json: one JSON object per line, with request, session and turn ids.
+        logs.setup(settings.log_level, os.environ.get("LOG_FORMAT", "text").lower())
         # pgserver narrates every initdb and pg_ctl at INFO; keep the banner readable.
         logging.getLogger("pgserver").setLevel(logging.WARNING)
         fn: Command = args.fn

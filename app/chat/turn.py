@@ -37,7 +37,7 @@ from app.chat.event_log import Event, EventLog
 from app.chat.tool_router import Routed, ToolRouter
 from app.errors import BackboneError, NotFound, translate
 from app.llm.base import Provider, StreamEnd, TextDelta, ToolCall, ToolCallRequest
-from app.ops import metrics
+from app.ops import logs, metrics
 from app.sessions import messages
 from app.sessions.messages import Message
 from app.sessions.store import Sessions
@@ -96,6 +96,7 @@ class Turn:
 
     async def events(self) -> AsyncIterator[Event]:
         watch = metrics.TurnWatch()
+        logs.TURN.set(self.log.turn)  # on every log line of this turn (app.ops.logs)
         try:
             async for event in self._steps():
                 yield watch.sent(event)
