@@ -43,7 +43,9 @@ def test_keys_counts_ttl_range_and_memory_of_what_it_finds(
         summary = _row(rows, "memory-summary:{<sid>}")
         old = before["memory-summary:{<sid>}"]
         assert summary["keys"] == old.count + 3
-        assert 500_000 <= int(summary["ttl_max_ms"]) <= 1_800_000  # type: ignore[call-overload]
+        # Ours live 600 to 1800 s; other tests' keys of the family can only widen the range.
+        assert int(summary["ttl_min_ms"]) <= 600_000  # type: ignore[call-overload]
+        assert int(summary["ttl_max_ms"]) >= 1_700_000  # type: ignore[call-overload]
         assert int(summary["memory_bytes"]) >= 3 * 2000  # type: ignore[call-overload]
         unnamed = _row(rows, UNNAMED)
         assert unnamed["keys"] == (before[UNNAMED].count if UNNAMED in before else 0) + 1
