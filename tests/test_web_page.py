@@ -19,6 +19,7 @@ import psycopg
 import pytest
 import redis
 from live import app_process
+from waits import wait_until
 from websockets.sync.client import ClientConnection, connect
 
 from app.auth import issue_token
@@ -142,11 +143,18 @@ def test_the_side_panel_shows_memories_to_forget_and_the_cache_saving_time(
 
         ask = ("document.getElementById('input').value = 'What is the RDB snapshot format?';"
                "document.getElementById('send').click(); true")
+        r = redis.Redis.from_url(settings.redis_url or "")
+        entries = set(r.scan_iter(match="cache:kb_search:*", count=1000))
         for turn in (1, 2):  # the same question twice: the second kb_search is a cache hit
             page.eval(ask)
             page.wait_for(f"document.querySelectorAll('.msg.assistant').length === {turn} && "
                           "document.getElementById('status').textContent.startsWith('done') && "
                           "!document.getElementById('send').disabled")
+            # The cache stores its entry off the reply's path: on a busy machine it can
+            # land after the next question's lookup, so wait for it before asking again.
+            wait_until(lambda: set(r.scan_iter(match="cache:kb_search:*", count=1000))
+                       - entries, "the first answer's cache entry")
+        r.close()
         effect = page.wait_for(
             "document.querySelector('#cache-effect .calls')?.textContent === '2' && "
             "document.getElementById('cache-effect').textContent")
