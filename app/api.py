@@ -13,10 +13,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -34,10 +36,11 @@ from app.llm import make_provider
 from app.memory import routes as memory_routes
 from app.memory.queue import make_after_turn
 from app.memory.recall import make_recall
+from app.ops import logs, metrics
 from app.sessions import routes as session_routes
 from app.sessions.store import Sessions
 from app.settings import Settings
-from app.state import AppState
+from app.state import AppState, app_state
 from app.stores.clients import async_redis_client, async_session_redis_client, redis_client
 from app.tools import make_tools
 
@@ -74,11 +77,20 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     )
 
 
+async def metrics_endpoint(request: Request) -> Response:
+    """`GET /metrics`: Prometheus text; see app.ops.metrics and the README table."""
+    state = app_state(request)
+    shared = await metrics.read_shared(state.redis, state.sessions.redis)
+    body, content_type = metrics.render(shared)
+    return Response(body, media_type=content_type)
+
+
 def routes() -> list[Route]:
     return [
         Route("/", web.index, methods=["GET"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         *session_routes.routes,
         *chat_routes.routes,
         *memory_routes.routes,
@@ -136,8 +148,12 @@ def create_app(settings: Settings) -> Starlette:
                 await session_redis.aclose()
             await redis.aclose()
 
+    # Never log these, whatever a message or traceback holds (app.ops.logs).
+    logs.redact(settings.auth_secret, urlsplit(settings.redis_url).password,
+                urlsplit(settings.database_url).password)
     return Starlette(
         routes=routes(),
+        middleware=[Middleware(logs.RequestIds)],
         lifespan=lifespan,
         exception_handlers={
             BackboneError: _backbone_error,

@@ -7,6 +7,7 @@
     backbone index create|info|drop
     backbone ingest PATH...     chunk + embed files into the knowledge base (idempotent per file)
     backbone cache stats|clear [--tool T]
+    backbone keys [--json]      count, TTL range, memory per key family of the live Redis
     backbone token --user NAME  a bearer token signed with AUTH_SECRET (or .data/auth-secret)
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 
 from app.auth import issue_token, with_secret
 from app.errors import BackboneError
+from app.ops import logs, metrics
 from app.settings import Settings
 from app.stack import running as running_stack
 from app.stack.bootstrap import eviction_warning, prepare
@@ -87,7 +89,13 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    from app.stack.supervisor import ProcessChild, Supervisor, store_children
+    from app.stack.supervisor import (
+        ProcessChild,
+        Supervisor,
+        dashboard_child,
+        dashboard_port,
+        store_children,
+    )
 
     # A SIGTERM (systemd, a supervisor, `kill`) stops everything like Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -99,14 +107,19 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     env = {**os.environ, "REDIS_URL": resolved.redis_url or "",
            "DATABASE_URL": resolved.database_url or "",
            "AUTH_SECRET": resolved.auth_secret or ""}
+    if not env.get(metrics.MULTIPROC_ENV):  # the app and the worker share their metrics
+        env[metrics.MULTIPROC_ENV] = str(metrics.fresh_multiproc_dir(resolved.data_dir))
     # From here on a child that exits is restarted, not a reason to stop (app.supervisor).
+    board_port = dashboard_port()
     supervisor = Supervisor([*store_children(stack), ProcessChild("app", "serve", env),
-                             ProcessChild("worker", "worker", env)])
+                             ProcessChild("worker", "worker", env),
+                             dashboard_child(resolved.redis_url or "", board_port, env)])
     try:
         prepared = prepare(resolved, _dims(resolved))
         _ingest_sample_if_empty(resolved)
         supervisor.start()
-        _print_banner(resolved, prepared.indexes_created, prepared.migrations_applied)
+        _print_banner(resolved, prepared.indexes_created, prepared.migrations_applied,
+                      board_port)
         return supervisor.run()
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
@@ -134,7 +147,8 @@ def _ingest_sample_if_empty(settings: Settings) -> None:
         client.close()
 
 
-def _print_banner(s: Settings, created: list[str], applied: list[str]) -> None:
+def _print_banner(s: Settings, created: list[str], applied: list[str],
+                  board_port: int) -> None:
     base = f"http://{s.host}:{s.port}"
     lines = [
         "",
@@ -146,8 +160,10 @@ def _print_banner(s: Settings, created: list[str], applied: list[str]) -> None:
     ]
     if s.redis_url and s.redis_url.startswith("redis://127.0.0.1:"):
         port = s.redis_url.rsplit(":", 1)[1].split("/")[0]
-        lines.append(f"  inspect      redis-cli -p {port}    (FT._LIST, FT.INFO idx:cache)")
-    lines.append(f"  rq dashboard rq-dashboard --redis-url {s.redis_url}")
+        lines.append(f"  inspect      redis-cli -p {port}    (FT._LIST; no redis-cli? apt install "
+                     "redis-tools, or backbone keys)")
+    lines.append(f"  rq dashboard http://127.0.0.1:{board_port}/   (queues, workers, jobs)")
+    lines.append(f"  metrics      {base}/metrics   (Prometheus; app and worker together)")
     token = issue_token(s.auth_secret or "", LOCAL_USER)
     lines.append(f"  chat page    {base}/#token={token}")
     lines.append(f"  token        {token}")
@@ -319,6 +335,24 @@ def cmd_cache(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    from app.ops.keyspace import survey, table
+
+    client = redis_client(_running(settings).redis_url or "")
+    try:
+        rows = survey(client, sample=args.sample)
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps([{"family": f.pattern, "keys": f.count, "no_ttl": f.no_ttl,
+                           "ttl_min_ms": f.ttl_min_ms, "ttl_max_ms": f.ttl_max_ms,
+                           "memory_bytes": f.memory_bytes(), "memory_sampled": len(f.sampled)}
+                          for f in rows], indent=2))
+    else:
+        print(table(rows))
+    return 0
+
+
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     secret = with_secret(settings).auth_secret or ""
     print(issue_token(secret, args.user, ttl_seconds=args.days * 86400))
@@ -345,6 +379,11 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=["stats", "clear"])
     c.add_argument("--tool", help="only this tool (e.g. kb_search)")
     c.set_defaults(fn=cmd_cache)
+    k = sub.add_parser("keys", help="count, TTL range and memory per key family (one SCAN)")
+    k.add_argument("--sample", type=int, default=20,
+                   help="MEMORY USAGE of this many keys per family (default 20)")
+    k.add_argument("--json", action="store_true", help="JSON instead of a table")
+    k.set_defaults(fn=cmd_keys)
     t = sub.add_parser("token", help="print a bearer token for a user")
     t.add_argument("--user", required=True)
     t.add_argument("--days", type=int, default=30, help="validity (default 30)")
@@ -361,9 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         settings = Settings.from_env()
-        logging.basicConfig(
-            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-        )
+        # LOG_FORMAT=json: one JSON object per line, with request, session and turn ids.
+        logs.setup(settings.log_level, os.environ.get("LOG_FORMAT", "text").lower())
         # pgserver narrates every initdb and pg_ctl at INFO; keep the banner readable.
         logging.getLogger("pgserver").setLevel(logging.WARNING)
         fn: Command = args.fn

@@ -8,15 +8,18 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import redis
 from live import app_process
+from waits import wait_until
 from websockets.sync.client import ClientConnection, connect
 
 from app.auth import issue_token
@@ -117,4 +120,50 @@ def test_a_reply_streams_into_the_page_with_a_tool_badge(
     assert "[1]" in done
     assert page.eval("document.querySelector('.tool .name').textContent") == "🔧 kb_search"
     assert page.eval("document.querySelector('.tool .badge').textContent").startswith("fresh")
-    assert page.eval("document.querySelectorAll('#sessions li').length") >= 1
+    # The list is refreshed after the stream ends, a moment after `done` shows: wait for it.
+    assert page.wait_for("document.querySelectorAll('#sessions li').length", 10) >= 1
+
+
+def test_the_side_panel_shows_memories_to_forget_and_the_cache_saving_time(
+    browser_page: tuple[Page, str], settings: Settings
+) -> None:
+    page, base = browser_page
+    user = f"web-{uuid.uuid4().hex[:8]}"
+    mid = uuid.uuid4().hex
+    with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
+        conn.execute("INSERT INTO memories (id, user_id, kind, content) VALUES (%s, %s, %s, %s)",
+                     (mid, user, "preference", "prefers answers about Redis persistence"))
+        token = issue_token(settings.auth_secret or "", user)
+        page.eval(f"location.href = {json.dumps(base + '/#token=' + token)}")
+        page.wait_for("document.readyState === 'complete' && !!document.getElementById('panel')")
+        assert "persistence" in page.wait_for(
+            "document.querySelector('#memories li .text')?.textContent || ''")
+        assert page.eval("document.getElementById('cache-effect').textContent") == (
+            "no tool calls yet")
+
+        ask = ("document.getElementById('input').value = 'What is the RDB snapshot format?';"
+               "document.getElementById('send').click(); true")
+        r = redis.Redis.from_url(settings.redis_url or "")
+        entries = set(r.scan_iter(match="cache:kb_search:*", count=1000))
+        for turn in (1, 2):  # the same question twice: the second kb_search is a cache hit
+            page.eval(ask)
+            page.wait_for(f"document.querySelectorAll('.msg.assistant').length === {turn} && "
+                          "document.getElementById('status').textContent.startsWith('done') && "
+                          "!document.getElementById('send').disabled")
+            # The cache stores its entry off the reply's path: on a busy machine it can
+            # land after the next question's lookup, so wait for it before asking again.
+            wait_until(lambda: set(r.scan_iter(match="cache:kb_search:*", count=1000))
+                       - entries, "the first answer's cache entry")
+        r.close()
+        effect = page.wait_for(
+            "document.querySelector('#cache-effect .calls')?.textContent === '2' && "
+            "document.getElementById('cache-effect').textContent")
+        assert effect.startswith("1 of 2 tool calls served from the cache"), effect
+        saved = page.eval("Number(document.querySelector('#cache-effect .saved').textContent)")
+        assert saved >= 0
+
+        row = f"document.querySelector('#memories li[data-mid=\"{mid}\"]')"
+        page.eval(f"{row}.querySelector('.forget').click(); true")
+        page.wait_for(f"!{row}")
+        left = conn.execute("SELECT count(*) FROM memories WHERE id = %s", (mid,)).fetchone()
+    assert left == (0,)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,7 @@ from app.chat import context
 from app.embeddings import Embedder, shared_embedder
 from app.memory import Extractor, make_extractor, update_summary
 from app.memory.store import MemoryStore
+from app.ops import metrics
 from app.sessions.messages import Message
 from app.settings import Settings
 from app.stores import keys, scripts
@@ -64,12 +66,16 @@ def extract_memories(sid: str) -> dict[str, Any]:
     settings = Settings.from_env()
     client = redis_client(settings.redis_url or "")
     sessions = session_redis_client(settings) if settings.session_redis_url else client
+    started = time.perf_counter()
+    result: dict[str, Any] | None = None  # stays None if the job raises
     try:
         with pg_connect(settings.database_url or "", autocommit=True) as pg:
             embedder = shared_embedder(settings.embedding_model)
-            return run_extraction(client, pg, sid, settings, make_extractor(settings), embedder,
-                                  sessions=sessions)
+            result = run_extraction(client, pg, sid, settings, make_extractor(settings), embedder,
+                                    sessions=sessions)
+            return result
     finally:
+        metrics.memory_job_done(result, time.perf_counter() - started)
         if sessions is not client:
             sessions.close()
         client.close()

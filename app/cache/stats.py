@@ -24,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from app.cache.decision import AdaptiveThreshold
 from app.cache.semantic import threshold_key, threshold_state
+from app.ops import metrics
 from app.stores import keys
 from app.tools.base import CachePolicy
 from app.tools.kb_search import KbSearch
@@ -56,6 +57,7 @@ def record_audit(
 ) -> None:
     """Queue the counter updates of one audit on `pipe` (the caller executes it)."""
     stats = keys.cache_stats(tool)
+    metrics.AUDIT_OVERLAP.labels(tool).observe(overlap)
     pipe.hincrby(stats, "audits", 1)
     pipe.hincrbyfloat(stats, "overlap_sum", overlap)
     if invalidated:

@@ -37,6 +37,7 @@ from app.chat.event_log import Event, EventLog
 from app.chat.tool_router import Routed, ToolRouter
 from app.errors import BackboneError, NotFound, translate
 from app.llm.base import Provider, StreamEnd, TextDelta, ToolCall, ToolCallRequest
+from app.ops import logs, metrics
 from app.sessions import messages
 from app.sessions.messages import Message
 from app.sessions.store import Sessions
@@ -94,16 +95,19 @@ class Turn:
         self.timing = Timing()
 
     async def events(self) -> AsyncIterator[Event]:
+        watch = metrics.TurnWatch()
+        logs.TURN.set(self.log.turn)  # on every log line of this turn (app.ops.logs)
         try:
             async for event in self._steps():
-                yield event
+                yield watch.sent(event)
         except Exception as exc:
             err = translate(exc)
             if err is None:
                 log.exception("turn failed in session %s", self.sid)
                 err = BackboneError("the turn failed unexpectedly")
-            yield await self._error(err)
+            yield watch.sent(await self._error(err))
         finally:
+            watch.finish()
             with anyio.CancelScope(shield=True):
                 await self._finish()
 

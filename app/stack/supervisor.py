@@ -1,7 +1,8 @@
 """Keep what `backbone up` started running: restart a child that exits, with backoff.
 
 Children: the embedded Redis and PostgreSQL (when `up` started them), the app
-(`backbone serve`) and one worker (`backbone worker`). The supervisor polls them;
+(`backbone serve`), one worker (`backbone worker`) and the rq dashboard
+(`rq-dashboard`, on 127.0.0.1 only: it can delete and requeue jobs). The supervisor polls them;
 one that is gone is started again after a delay that doubles with each crash
 in a row (BACKOFF_FIRST up to BACKOFF_MAX), and each restart is logged with its
 cause (exit code, signal, or the start error). Redis comes back on the same
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Protocol
 
-from app.stack.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedStack
+from app.stack.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedStack, free_port
 
 log = logging.getLogger("backbone.supervisor")
 
@@ -63,16 +65,18 @@ def describe_exit(returncode: int) -> str:
 
 @dataclass
 class ProcessChild:
-    """A `python -m app.cli <command>` process, in our process group (Ctrl-C reaches it)."""
+    """A `python -m app.cli <command>` process (or `argv`, when given), in our process
+    group (Ctrl-C reaches it)."""
 
     name: str
     command: str
     env: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
+    argv: list[str] | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "app.cli", self.command],
-                                        env=self.env)
+        argv = self.argv or [sys.executable, "-m", "app.cli", self.command]
+        self.process = subprocess.Popen(argv, env=self.env)
 
     def exit_cause(self) -> str | None:
         if self.process is None:
@@ -141,6 +145,25 @@ class PostgresChild:
 
     def stop(self) -> None:
         self.postgres.stop()
+
+
+DASHBOARD_PORT = 9181  # rq-dashboard's own default
+
+
+def dashboard_port() -> int:
+    """9181 when it is free on loopback, else any free port (printed by `up`)."""
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", DASHBOARD_PORT)) != 0:
+            return DASHBOARD_PORT
+    return free_port()
+
+
+def dashboard_child(redis_url: str, port: int, env: dict[str, str]) -> ProcessChild:
+    """rq-dashboard on 127.0.0.1:port. The Redis URL goes in through the environment
+    (rq-dashboard reads RQ_DASHBOARD_*), not argv, so a password never shows in `ps`."""
+    argv = [sys.executable, "-m", "rq_dashboard", "--bind", "127.0.0.1", "--port", str(port)]
+    return ProcessChild("dashboard", "", {**env, "RQ_DASHBOARD_REDIS_URL": redis_url},
+                        argv=argv)
 
 
 def store_children(stack: EmbeddedStack) -> list[Child]:
@@ -230,7 +253,7 @@ class Supervisor:
         return True
 
     def stop(self) -> None:
-        """The app and the worker first (together), then the stores, last started first."""
+        """The app, worker and dashboard first (together), then the stores, last started first."""
         procs = [w.child for w in self._watches if isinstance(w.child, ProcessChild)]
         for p in procs:
             p.interrupt()

@@ -1,0 +1,195 @@
+"""Every Prometheus metric of the backbone, defined here once.
+
+Two kinds:
+
+- **Process metrics** (turns, latencies, events, memory jobs, audit overlap) are
+  prometheus-client counters and histograms, updated where things happen. With
+  `PROMETHEUS_MULTIPROC_DIR` set (`backbone up` sets it to `<data_dir>/prometheus`
+  for the app and the worker, and empties it at start), every process, rq's
+  forked work horses included, writes its own file there and `/metrics` sums
+  them; without it, each process counts for itself (one app process: fine).
+- **Shared state read at scrape time** (cache counters, persist lag, rq queue
+  depths) comes from Redis, so it is the same on every node and counts what
+  every process and worker did: the cache's `cache-stats:<tool>` hashes are
+  already the cluster-wide counters, so the cache path pays nothing extra.
+
+The README's "Metrics" table lists every name below.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aredis
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from app.stores import keys
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CACHE_COUNTERS = ("lookups", "hits", "exact_hits", "misses", "audits", "invalidations")
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+TURNS = Counter("backbone_turns", "Chat turns ended, by outcome (done, an error code, "
+                "or cancelled: the client went away)", ["outcome"])
+FIRST_EVENT = Histogram("backbone_turn_first_event_seconds",
+                        "From the start of a turn to its first SSE event", buckets=_LATENCY)
+TURN_SECONDS = Histogram("backbone_turn_seconds", "Whole turn, start to its last event",
+                         buckets=_LATENCY)
+EVENTS = Counter("backbone_events_sent", "SSE events produced by turns, by event", ["event"])
+AUDIT_OVERLAP = Histogram("backbone_cache_audit_overlap",
+                          "Overlap of a cached result with the fresh one, per audit",
+                          ["tool"], buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
+MEMORY_JOBS = Counter("backbone_memory_jobs", "Memory-extraction jobs, by result "
+                      "(done, empty, locked: another extractor held the lock, deleted, "
+                      "no_session, lock_lost, failed)", ["result"])
+MEMORY_JOB_SECONDS = Histogram("backbone_memory_job_seconds", "Memory-extraction job duration",
+                               buckets=_LATENCY)
+MEMORY_DELTA = Histogram("backbone_memory_delta_messages",
+                         "Messages mined per extraction (the delta after the cursor)",
+                         buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128))
+
+
+def fresh_multiproc_dir(data_dir: Path) -> Path:
+    """`<data_dir>/prometheus`, emptied: counters start from zero with each `backbone up`
+    (Prometheus handles the reset), and files of dead pids do not pile up."""
+    path = data_dir / "prometheus"
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.glob("*.db"):
+        old.unlink()
+    return path
+
+
+@dataclass
+class TurnWatch:
+    """Times and counts one turn: `sent` on each event, `finish` once at the end."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first: float | None = None
+    last_event: str | None = None
+    error_code: str | None = None
+
+    def sent(self, event: Any) -> Any:
+        name = str(event.event)
+        if self.first is None:
+            self.first = time.perf_counter()
+            FIRST_EVENT.observe(self.first - self.started)
+        EVENTS.labels(name).inc()
+        self.last_event = name
+        if name == "error":
+            self.error_code = str(event.data.get("code", "error"))
+        return event
+
+    def finish(self) -> None:
+        outcome = {"message.done": "done", "error": self.error_code or "error"}.get(
+            self.last_event or "", "cancelled")
+        TURNS.labels(outcome).inc()
+        TURN_SECONDS.observe(time.perf_counter() - self.started)
+
+
+def memory_job_done(result: dict[str, Any] | None, seconds: float) -> None:
+    """Count one extraction job from what `run_extraction` returned (None: it raised)."""
+    if result is None:
+        outcome = "failed"
+    elif "skipped" in result:
+        outcome = str(result["skipped"])
+    else:
+        outcome = "done" if result.get("delta") else "empty"
+    MEMORY_JOBS.labels(outcome).inc()
+    MEMORY_JOB_SECONDS.observe(seconds)
+    if result is not None and "delta" in result and outcome != "lock_lost":
+        MEMORY_DELTA.observe(int(result["delta"]))
+
+
+# -- read at scrape time ------------------------------------------------------
+
+
+def _s(raw: Any) -> str:
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+
+
+@dataclass
+class SharedState:
+    cache: dict[str, dict[str, float]]  # tool -> counter -> value
+    oldest_unpersisted_ms: float | None
+    queues: dict[str, tuple[int, int]]  # queue -> (waiting, failed)
+    now_ms: float
+
+
+async def read_shared(client: aredis.Redis, sessions: aredis.Redis | None = None) -> SharedState:
+    """One read of what every process shares: cache stats, unpersisted marks (on the
+    session plane, `sessions`, when it is apart), rq queues."""
+    cache: dict[str, dict[str, float]] = {}
+    async for raw in client.scan_iter(match="cache-stats:*", count=1000):
+        tool = _s(raw).split(":", 1)[1]
+        if keys.TOOL_NAME.fullmatch(tool):
+            fields = await client.hgetall(keys.cache_stats(tool))
+            cache[tool] = {_s(k): float(v) for k, v in fields.items()}
+    # The oldest mark over every shard (one small read each, at scrape time only).
+    marks = sessions if sessions is not None else client
+    firsts = [await marks.zrange(shard, 0, 0, withscores=True)
+              for shard in keys.unpersisted_shards()]
+    oldest = min((f[0] for f in firsts if f), key=lambda m: float(m[1]), default=None)
+    names = sorted(_s(q).removeprefix("rq:queue:") for q in await client.smembers("rq:queues"))
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.llen(f"rq:queue:{name}")
+        pipe.zcard(f"rq:failed:{name}")
+    counts = await pipe.execute() if names else []
+    queues = {n: (int(counts[2 * i]), int(counts[2 * i + 1])) for i, n in enumerate(names)}
+    return SharedState(cache, float(oldest[1]) if oldest else None, queues,
+                       time.time() * 1000)
+
+
+class _SharedCollector:
+    def __init__(self, state: SharedState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.state
+        families = {name: CounterMetricFamily(f"backbone_cache_{name}",
+                                              f"Semantic-cache {name} (cache-stats:<tool>)",
+                                              labels=["tool"]) for name in CACHE_COUNTERS}
+        for tool, fields in sorted(s.cache.items()):
+            for name in CACHE_COUNTERS:
+                families[name].add_metric([tool], fields.get(name, 0.0))
+        yield from families.values()
+        lag = GaugeMetricFamily("backbone_persist_lag_seconds", "Age of the oldest "
+                                "sessions:unpersisted mark (0: everything is in PostgreSQL)")
+        lag.add_metric([], 0.0 if s.oldest_unpersisted_ms is None
+                       else max(0.0, (s.now_ms - s.oldest_unpersisted_ms) / 1000))
+        yield lag
+        depth = GaugeMetricFamily("backbone_rq_queue_jobs", "Jobs waiting in an rq queue",
+                                  labels=["queue"])
+        failed = GaugeMetricFamily("backbone_rq_failed_jobs", "Jobs in an rq queue's failed "
+                                   "registry", labels=["queue"])
+        for name, (waiting, nfailed) in s.queues.items():
+            depth.add_metric([name], waiting)
+            failed.add_metric([name], nfailed)
+        yield depth
+        yield failed
+
+
+def render(state: SharedState) -> tuple[bytes, str]:
+    """The exposition text: this process's (or every process's) metrics plus `state`."""
+    shared = CollectorRegistry(auto_describe=True)
+    shared.register(_SharedCollector(state))
+    if os.environ.get(MULTIPROC_ENV):
+        own = CollectorRegistry()
+        MultiProcessCollector(own)  # type: ignore[no-untyped-call]
+    else:
+        own = REGISTRY  # this process only, with its process and platform metrics
+    return generate_latest(own) + generate_latest(shared), CONTENT_TYPE_LATEST
