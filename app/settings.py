@@ -83,6 +83,7 @@ class Settings:
     searxng_url: str | None = None
     llm_timeout_seconds: float = 60.0
     offline_token_delay_ms: int = 20
+    stream_coalesce_ms: int = 25
     tool_timeout_seconds: float = 10.0
     retrieval_cache_audit_rate: float = 0.05
     cache_audit_min_overlap: float = 0.5
@@ -115,6 +116,7 @@ class Settings:
             searxng_url=_str(e, "SEARXNG_URL"),
             llm_timeout_seconds=_float(e, "LLM_TIMEOUT_SECONDS", 60.0, lo=1.0, hi=600.0),
             offline_token_delay_ms=_int(e, "OFFLINE_TOKEN_DELAY_MS", 20),
+            stream_coalesce_ms=_int(e, "STREAM_COALESCE_MS", 25),
             tool_timeout_seconds=_float(e, "TOOL_TIMEOUT_SECONDS", 10.0, lo=0.1, hi=300.0),
             retrieval_cache_audit_rate=_float(
                 e, "RETRIEVAL_CACHE_AUDIT_RATE", 0.05, lo=0.0, hi=1.0

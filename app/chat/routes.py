@@ -67,7 +67,8 @@ async def post_message(request: Request) -> EventSourceResponse:
     history = [*loaded.messages, *stored]
     if stored[0]["seq"] != seq:  # another tab wrote meanwhile: re-read
         history = (await state.sessions.load(sid, user)).messages
-    turn = Turn(state.turn_deps, sid, user, history, EventLog(state.redis, sid, stored[0]["seq"]))
+    turn = Turn(state.turn_deps, sid, user, history, EventLog(state.redis, sid, stored[0]["seq"]),
+                coalesce_ms=state.settings.stream_coalesce_ms)
     queue: asyncio.Queue[Event | None] = asyncio.Queue()
 
     async def drive() -> None:
@@ -81,7 +82,7 @@ async def post_message(request: Request) -> EventSourceResponse:
     state.turns.add(task)  # a strong reference until done; the lifespan awaits leftovers
     task.add_done_callback(state.turns.discard)
 
-    async def stream() -> AsyncIterator[dict[str, str]]:
+    async def stream() -> AsyncIterator[bytes]:
         while (event := await queue.get()) is not None:
             yield event.sse()
             if event.event in event_log.TERMINAL:
@@ -101,7 +102,7 @@ async def get_events(request: Request) -> EventSourceResponse:
     events = event_log.replay(state.redis, sid, turn, after)
     first = await anext(events)  # 404 when the turn's events are gone
 
-    async def stream() -> AsyncIterator[dict[str, str]]:
+    async def stream() -> AsyncIterator[bytes]:
         yield first.sse()
         if first.event in event_log.TERMINAL:
             return
