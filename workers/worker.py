@@ -15,6 +15,18 @@ back) and starts a fresh `Worker` under a new name (the old one's registration
 cannot be cleared while Redis is down). A job interrupted by the outage stays
 in rq's StartedJobRegistry; rq's maintenance finds it abandoned and retries it
 per its `Retry` policy. A worker started while Redis is down waits the same way.
+
+Worker class (WORKER_CLASS). `simple` (default) runs each job in the worker
+process itself: no fork per job (rq's fork cost about 70 ms of CPU a turn,
+bench/turn_cpu.py), and the warm model, its thread and imported modules serve
+every job. A job that raises is failed or retried per its `Retry` as with
+`fork` (same rq code path); a job past its `job_timeout` is stopped by rq's
+SIGALRM death penalty in the worker's main thread. What `simple` gives up: a
+job stuck inside C code that never returns to Python (not one of ours: they
+wait on sockets, which the alarm interrupts) is not bounded, and a job that
+kills its process (segfault, OOM) takes the worker with it; the supervisor
+restarts it and rq's registry cleanup retries the job, as for a killed worker.
+`fork` keeps rq's work horse per job (the parent SIGKILLs a horse past its timeout).
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ import time
 from types import FrameType
 
 import redis
-from rq import Queue, Worker
+from rq import Queue, SimpleWorker, Worker
 
 from app.settings import Settings
 from app.stores import keys
@@ -126,14 +138,27 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-class _Worker(Worker):
-    """rq's Worker, telling us when a signal asked it to stop (rq keeps no public flag)."""
+class _StopFlag:
+    """Tells us when a signal asked rq's worker to stop (rq keeps no public flag)."""
 
     stop_event: threading.Event
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stop_event.set()
-        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+        super().request_stop(signum, frame)  # type: ignore[misc]
+
+
+class _ForkWorker(_StopFlag, Worker):
+    """rq's Worker: one forked work horse per job."""
+
+
+class _SimpleWorker(_StopFlag, SimpleWorker):
+    """rq's SimpleWorker: each job in this process, bounded by rq's SIGALRM timeout."""
+
+
+WORKER_CLASSES: dict[str, type[_ForkWorker] | type[_SimpleWorker]] = {
+    "fork": _ForkWorker, "simple": _SimpleWorker,
+}
 
 
 def run_worker(settings: Settings, *, burst: bool = False, dims: int | None = None) -> bool:
@@ -160,14 +185,15 @@ def run_worker(settings: Settings, *, burst: bool = False, dims: int | None = No
         if not wait_for_redis(conn, stop):
             return worked
         prepare(settings, dims)
-        # Loaded once here, before rq forks: every work horse inherits the model.
+        # Loaded once here: jobs run in this process (simple) or in forks of it (fork).
         warm(settings)
+        worker_class = WORKER_CLASSES[settings.worker_class]
         for generation in range(1_000_000):
             _stop_on_signals(stop)
             if not wait_for_redis(conn, stop):
                 return worked
             name = f"backbone-{socket.gethostname()}-{os.getpid()}-{generation}"
-            worker = _Worker(qs, connection=conn, name=name)
+            worker = worker_class(qs, connection=conn, name=name)
             worker.stop_event = stop
             worker.max_connection_wait_time = MAX_RECONNECT_WAIT_SECONDS
             try:
