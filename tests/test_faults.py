@@ -354,7 +354,7 @@ def test_a_job_that_raises_is_retried_then_failed_and_one_that_hangs_is_timed_ou
         assert (after.return_value() == w.proc.pid) == (worker_class == "simple")
     assert hangs.get_status(refresh=True) == JobStatus.FAILED
     assert "JobTimeoutException" in (hangs.latest_result().exc_string or "")  # type: ignore[union-attr]
-    raises.refresh()
+    raises.refresh()  # type: ignore[no-untyped-call]
     assert raises.get_status() == JobStatus.FAILED
     assert raises.retries_left == 0  # ran twice: once, then its one retry
     assert "JSONDecodeError" in (raises.latest_result().exc_string or "")  # type: ignore[union-attr]
