@@ -361,6 +361,24 @@ def test_a_job_that_raises_is_retried_then_failed_and_one_that_hangs_is_timed_ou
     r.close()
 
 
+def test_a_simple_worker_killed_mid_job_has_the_job_retried_by_the_next_worker_unaided(
+    stack: Stack, folder: Path,
+) -> None:
+    r = stack.client()
+    job = Queue("audit", connection=r).enqueue("time.sleep", 6, retry=Retry(max=1))
+    with worker(stack.settings, folder, WORKER_CLASS="simple") as w:
+        wait_for(lambda: job.get_status(refresh=True) == JobStatus.STARTED, 60,
+                 f"the job to start\n{w.output()}")
+        w.kill()  # the job dies with it: no work horse to finish it
+    # No registry cleanup by hand: the next worker finds the job's heartbeat lapsed.
+    with worker(stack.settings, folder, WORKER_CLASS="simple") as w:
+        wait_for(lambda: job.get_status(refresh=True) == JobStatus.FINISHED, 90,
+                 f"the abandoned job to be retried and finish\n{w.output()}")
+    job.refresh()  # type: ignore[no-untyped-call]
+    assert job.retries_left == 0
+    r.close()
+
+
 @pytest.fixture
 def searxng_down() -> Iterator[str]:
     with silent_server() as url:

@@ -41,6 +41,9 @@ from types import FrameType
 
 import redis
 from rq import Queue, SimpleWorker, Worker
+from rq.executions import Execution
+from rq.job import Job
+from rq.worker import WorkerStatus
 
 from app.settings import Settings
 from app.stores import keys
@@ -50,6 +53,11 @@ QUEUES = ("persist", "memory", "audit")
 # rq's own retry while dequeuing doubles up to this; its default (60 s) would keep
 # a worker idle for up to a minute after Redis came back.
 MAX_RECONNECT_WAIT_SECONDS = 5.0
+# WORKER_CLASS=simple: how often a running job's heartbeat is renewed, when a job
+# whose worker died counts as abandoned, and how often the worker looks for those.
+HEARTBEAT_SECONDS = 5
+HEARTBEAT_TTL_SECONDS = 15
+MAINTENANCE_SECONDS = 15
 log = logging.getLogger("backbone.worker")
 
 
@@ -153,7 +161,38 @@ class _ForkWorker(_StopFlag, Worker):
 
 
 class _SimpleWorker(_StopFlag, SimpleWorker):
-    """rq's SimpleWorker: each job in this process, bounded by rq's SIGALRM timeout."""
+    """rq's SimpleWorker: each job in this process, bounded by rq's SIGALRM timeout.
+
+    rq's SimpleWorker beats no heartbeat while a job runs, so it announces one of
+    job_timeout + 60 s: a worker SIGKILLed mid-job left its job looking alive that
+    long (a forked horse would usually finish it, orphaned). Here a thread beats
+    every HEARTBEAT_SECONDS, the announced lapse is HEARTBEAT_TTL_SECONDS, and
+    registries are cleaned every MAINTENANCE_SECONDS: a killed worker's job is
+    found abandoned and retried per its `Retry` within about half a minute.
+    """
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return HEARTBEAT_TTL_SECONDS
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        execution = self.prepare_execution(job)
+        done = threading.Event()
+        beat = threading.Thread(target=self._beat, args=(job, execution, done),
+                                name="rq-heartbeat", daemon=True)
+        beat.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            done.set()
+            beat.join()
+        self.set_state(WorkerStatus.IDLE)
+
+    def _beat(self, job: Job, execution: Execution, done: threading.Event) -> None:
+        while not done.wait(HEARTBEAT_SECONDS):
+            try:
+                self.maintain_heartbeats(job, execution)
+            except redis.RedisError as e:  # an outage: the job itself will notice
+                log.debug("heartbeat of job %s failed: %s", job.id, e)
 
 
 WORKER_CLASSES: dict[str, type[_ForkWorker] | type[_SimpleWorker]] = {
@@ -193,7 +232,10 @@ def run_worker(settings: Settings, *, burst: bool = False, dims: int | None = No
             if not wait_for_redis(conn, stop):
                 return worked
             name = f"backbone-{socket.gethostname()}-{os.getpid()}-{generation}"
-            worker = worker_class(qs, connection=conn, name=name)
+            worker = (_SimpleWorker(qs, connection=conn, name=name,
+                                    maintenance_interval=MAINTENANCE_SECONDS)
+                      if worker_class is _SimpleWorker
+                      else _ForkWorker(qs, connection=conn, name=name))
             worker.stop_event = stop
             worker.max_connection_wait_time = MAX_RECONNECT_WAIT_SECONDS
             try:
