@@ -198,7 +198,7 @@ def measure(settings_redis: str, settings_pg: str, port: str, backend: str,
     assert apps and worker_pids, (apps, worker_pids)
     before = {k: f() for k, f in probes.items()}
     started = time.perf_counter()
-    asyncio.run(drive(base, run, args.turns, args.concurrency, f"load-{backend}-{port}"))
+    asyncio.run(drive(base, run, args.turns, args.concurrency, f"load-{port}"))
     run.wall = time.perf_counter() - started
     drain(settings_redis)  # the jobs of these turns count here, not in the next configuration
     after = {k: f() for k, f in probes.items()}
