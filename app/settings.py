@@ -56,7 +56,16 @@ def _bool(env: Mapping[str, str], name: str) -> bool:
     return raw in ("1", "true", "yes")
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """One of `choices` (the first is the default), case-insensitive."""
+    value = (_str(env, name, choices[0]) or "").lower()
+    if value not in choices:
+        raise SettingsError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
 EMBEDDING_BACKENDS = ("onnx", "torch")
+WORKER_CLASSES = ("simple", "fork")
 
 
 def embedding_backend(env: Mapping[str, str] | None = None) -> str:
@@ -99,6 +108,8 @@ class Settings:
     searxng_url: str | None = None
     llm_timeout_seconds: float = 60.0
     offline_token_delay_ms: int = 20
+    stream_coalesce_ms: int = 25
+    worker_class: str = "simple"
     tool_timeout_seconds: float = 10.0
     retrieval_cache_audit_rate: float = 0.05
     cache_audit_min_overlap: float = 0.5
@@ -133,6 +144,8 @@ class Settings:
             searxng_url=_str(e, "SEARXNG_URL"),
             llm_timeout_seconds=_float(e, "LLM_TIMEOUT_SECONDS", 60.0, lo=1.0, hi=600.0),
             offline_token_delay_ms=_int(e, "OFFLINE_TOKEN_DELAY_MS", 20),
+            stream_coalesce_ms=_int(e, "STREAM_COALESCE_MS", 25),
+            worker_class=_choice(e, "WORKER_CLASS", WORKER_CLASSES),
             tool_timeout_seconds=_float(e, "TOOL_TIMEOUT_SECONDS", 10.0, lo=0.1, hi=300.0),
             retrieval_cache_audit_rate=_float(
                 e, "RETRIEVAL_CACHE_AUDIT_RATE", 0.05, lo=0.0, hi=1.0

@@ -1,6 +1,7 @@
 """N concurrent chats over SSE against a real uvicorn on loopback (offline provider).
 
     .venv/bin/python bench/sse_load.py [--concurrency 50 200 500] [--pace-ms 10]
+                                       [--coalesce-ms 0 25]
 
 Each simulated user creates a session and sends one question; the offline
 provider calls kb_search and streams a cited answer at a fixed token pace. We
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -90,34 +92,41 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[50, 200, 500])
     p.add_argument("--pace-ms", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3, help="runs per level, samples pooled")
+    p.add_argument("--coalesce-ms", type=int, nargs="+", default=[25],
+                   help="STREAM_COALESCE_MS values, one fresh server each (0: a delta per token)")
     args = p.parse_args()
     rows = []
-    pids: list[int] = []
-    env = {"OFFLINE_TOKEN_DELAY_MS": str(args.pace_ms), "RATE_LIMIT_SESSIONS": "100000"}
-    with stores() as settings, servers(settings, 1, pids=pids, **env) as urls:
-        asyncio.run(run_level(urls[0], 5))  # warm up: model load, first connections
-        for n in args.concurrency:
-            pooled, walls = Result(), 0.0
-            cpu_before = cpu_seconds(pids)
-            for _ in range(args.rounds):
-                out, wall = asyncio.run(run_level(urls[0], n))
-                for name in ("ttfe", "client", "model", "tools", "rest", "overhead", "errors"):
-                    getattr(pooled, name).extend(getattr(out, name))
-                pooled.turns += out.turns
-                walls += wall
-            rows.append((n, pooled, walls, cpu_seconds(pids) - cpu_before))
+    with stores() as settings:
+        for coalesce in args.coalesce_ms:
+            pids: list[int] = []
+            env = {"OFFLINE_TOKEN_DELAY_MS": str(args.pace_ms), "RATE_LIMIT_SESSIONS": "100000",
+                   "STREAM_COALESCE_MS": str(coalesce)}
+            with servers(settings, 1, pids=pids, **env) as urls:
+                asyncio.run(run_level(urls[0], 5))  # warm up: model load, first connections
+                for n in args.concurrency:
+                    pooled, walls = Result(), 0.0
+                    cpu_before = cpu_seconds(pids)
+                    for _ in range(args.rounds):
+                        out, wall = asyncio.run(run_level(urls[0], n))
+                        for name in ("ttfe", "client", "model", "tools", "rest", "overhead",
+                                     "errors"):
+                            getattr(pooled, name).extend(getattr(out, name))
+                        pooled.turns += out.turns
+                        walls += wall
+                    rows.append((coalesce, n, pooled, walls, cpu_seconds(pids) - cpu_before))
     print(f"one uvicorn process, offline provider at {args.pace_ms} ms/token, loopback, 2 cores, "
-          f"{args.rounds} rounds per level\n")
-    print("| concurrent chats | turns | turns/s | app CPU ms/turn | first event p50 / p99 ms "
+          f"{args.rounds} rounds per level, load average {os.getloadavg()[0]:.1f} at the end\n")
+    print("| coalesce ms | concurrent chats | turns | turns/s | app CPU ms/turn "
+          "| first event p50 / p99 ms "
           "| errors | client turn p50 / p99 ms | model p50 ms | tool calls p50 ms "
           "| rest p50 / p99 ms | server before done p50 / p99 ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
     def pair(xs: list[float]) -> str:
         return f"{percentile(xs, 50):.1f} / {percentile(xs, 99):.1f}"
 
-    for n, out, wall, cpu in rows:
-        print(f"| {n} | {out.turns} | {out.turns / wall:.1f} "
+    for coalesce, n, out, wall, cpu in rows:
+        print(f"| {coalesce} | {n} | {out.turns} | {out.turns / wall:.1f} "
               f"| {cpu * 1000 / max(out.turns, 1):.1f} | {pair(out.ttfe)} | {len(out.errors)} "
               f"| {pair(out.client)} | {percentile(out.model, 50):.1f} "
               f"| {percentile(out.tools, 50):.1f} | {pair(out.rest)} | {pair(out.overhead)} |")

@@ -1,10 +1,12 @@
-"""CPU seconds per chat turn, split by process, for each embedding backend side by side.
+"""CPU seconds per chat turn, split by process, for each configuration side by side.
 
     .venv/bin/python bench/turn_cpu.py [--turns 200] [--concurrency 20] [--pace-ms 10]
-                                       [--backends onnx torch]
+                                       [--backends onnx torch] [--worker-classes fork simple]
+                                       [--coalesce-ms 0 25]
 
-One stack (stores from REDIS_URL / DATABASE_URL or embedded); for each backend
-a fresh `backbone serve` and `backbone worker` with EMBEDDING_BACKEND set. The
+One stack (stores from REDIS_URL / DATABASE_URL or embedded); for each
+configuration (every combination of embedding backend, WORKER_CLASS and
+STREAM_COALESCE_MS given) a fresh `backbone serve` and `backbone worker`. The
 first turn after /readyz says 200 gives the warm-start `recall_ms`; then a few
 warm-up turns, then N turns by `--concurrency` chats, each chat asking one
 unique question after another (the offline provider calls kb_search and
@@ -13,12 +15,14 @@ cutime + cstime of children it reaped: rq's work horses, PostgreSQL's
 backends, Redis's rewrite forks) is read from /proc/<pid>/stat before and
 after the N turns; for PostgreSQL the postmaster and every live child. The
 load generator is this process. Stores on another machine show as n/a.
+With WORKER_CLASS=simple there are no work horses: the jobs' CPU is the worker's row.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import sys
 import time
@@ -143,12 +147,28 @@ async def drive(base: str, run: Run, turns: int, concurrency: int, tag: str) -> 
 
 
 async def first_turn(base: str, run: Run) -> None:
-    h = {"Authorization": f"Bearer {token('first-' + run.backend)}"}
+    slug = "".join(c for c in run.backend if c.isalnum())
+    h = {"Authorization": f"Bearer {token('first-' + slug)}"}
     async with httpx.AsyncClient(timeout=120) as client:
         sid = (await client.post(f"{base}/v1/sessions", headers=h)).json()["id"]
         out = await post_turn(client, base, sid, h, "What does the first turn after a start cost?")
     assert out.done is not None, out.error
     run.first_recall_ms = float(out.done["timing"]["recall_ms"])  # type: ignore[index]
+
+
+def drain(redis_url: str, timeout: float = 120.0) -> None:
+    """Wait until the worker has no queued or running job (memory extraction, audits)."""
+    from rq import Queue
+    from rq.registry import StartedJobRegistry
+
+    conn = redis.Redis.from_url(redis_url)
+    queues = [Queue(name, connection=conn) for name in ("persist", "memory", "audit")]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(q.count or StartedJobRegistry(queue=q).count for q in queues):
+            break
+        time.sleep(0.2)
+    conn.close()
 
 
 def measure(settings_redis: str, settings_pg: str, port: str, backend: str,
@@ -178,8 +198,9 @@ def measure(settings_redis: str, settings_pg: str, port: str, backend: str,
     assert apps and worker_pids, (apps, worker_pids)
     before = {k: f() for k, f in probes.items()}
     started = time.perf_counter()
-    asyncio.run(drive(base, run, args.turns, args.concurrency, f"load-{backend}"))
+    asyncio.run(drive(base, run, args.turns, args.concurrency, f"load-{port}"))
     run.wall = time.perf_counter() - started
+    drain(settings_redis)  # the jobs of these turns count here, not in the next configuration
     after = {k: f() for k, f in probes.items()}
     for k in ROWS:
         run.cpu[k] = (after[k] - before[k]) if k in probes else None
@@ -191,18 +212,25 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=20)
     p.add_argument("--pace-ms", type=int, default=10)
-    p.add_argument("--backends", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"])
+    p.add_argument("--backends", nargs="+", default=["onnx"], choices=["torch", "onnx"])
+    p.add_argument("--worker-classes", nargs="+", default=["fork", "simple"],
+                   choices=["fork", "simple"])
+    p.add_argument("--coalesce-ms", nargs="+", type=int, default=[25])
     args = p.parse_args()
     runs = []
+    configs = list(itertools.product(args.backends, args.worker_classes, args.coalesce_ms))
     with stores() as settings:
-        for backend in args.backends:
-            env = {"EMBEDDING_BACKEND": backend, "OFFLINE_TOKEN_DELAY_MS": str(args.pace_ms)}
+        for backend, worker_class, coalesce_ms in configs:
+            env = {"EMBEDDING_BACKEND": backend, "OFFLINE_TOKEN_DELAY_MS": str(args.pace_ms),
+                   "WORKER_CLASS": worker_class, "STREAM_COALESCE_MS": str(coalesce_ms)}
+            label = f"{backend}, {worker_class}, coalesce {coalesce_ms}"
             with servers(settings, **env) as urls, workers(settings, **env):
                 port = urls[0].rsplit(":", 1)[1]
                 runs.append(measure(settings.redis_url or "", settings.database_url or "",
-                                    port, backend, args, urls[0]))
+                                    port, label, args, urls[0]))
     print(f"{args.turns} turns, {args.concurrency} concurrent chats, offline provider at "
-          f"{args.pace_ms} ms/token, one app + one worker, loopback, 2 cores\n")
+          f"{args.pace_ms} ms/token, one app + one worker, loopback, 2 cores, "
+          f"load average {os.getloadavg()[0]:.1f} at the end\n")
     print("| CPU ms per turn | " + " | ".join(r.backend for r in runs) + " |")
     print("|---|" + "---:|" * len(runs))
     for k in ROWS:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -15,8 +16,10 @@ from starlette.testclient import TestClient
 from waits import settle
 
 from app.api import create_app
+from app.chat.coalesce import coalesce
 from app.embeddings import shared_embedder
 from app.kb.ingest import ingest_paths
+from app.llm.base import ProviderEvent, StreamEnd, TextDelta, ToolCall, ToolCallRequest
 from app.settings import Settings
 
 Headers = Callable[[str], dict[str, str]]
@@ -198,3 +201,104 @@ def test_a_repeated_question_is_served_from_the_semantic_cache_and_counted(
     stats = client.get("/v1/cache/stats", headers=h).json()["tools"]["kb_search"]
     assert stats["hits"] >= 1 and stats["lookups"] >= 2 and 0 < stats["hit_rate"] <= 1
     assert client.get("/v1/cache/stats").status_code == 401
+
+
+async def _source(*items: ProviderEvent | float | Exception) -> AsyncIterator[ProviderEvent]:
+    """A model stream: a float is a pause (seconds), an exception is raised there."""
+    for item in items:
+        if isinstance(item, float):
+            await asyncio.sleep(item)
+        elif isinstance(item, Exception):
+            raise item
+        else:
+            yield item
+
+
+async def _texts(items: AsyncIterator[ProviderEvent]) -> list[Any]:
+    return [i.text if isinstance(i, TextDelta) else i async for i in items]
+
+
+CALL = ToolCallRequest(ToolCall("c1", "kb_search", {"query": "q"}))
+END = StreamEnd("stop", {})
+
+
+@pytest.mark.anyio
+async def test_coalescing_joins_text_deltas_and_a_tool_call_or_the_end_flushes_them_in_order(
+) -> None:
+    # A long window: only the first delta goes at once; the rest wait for a flush.
+    words = [TextDelta(w) for w in ("a", "b ", "c")]
+    got = await _texts(coalesce(_source(*words, CALL, TextDelta("d"), TextDelta("é\n"), END),
+                                10_000))
+    assert got == ["a", "b c", CALL, "dé\n", END]
+
+
+@pytest.mark.anyio
+async def test_a_zero_window_sends_one_delta_per_token() -> None:
+    tokens = [TextDelta(w) for w in ("one ", "two ", "three")]
+    got = await _texts(coalesce(_source(*tokens, END), 0))
+    assert got == ["one ", "two ", "three", END]
+
+
+@pytest.mark.anyio
+async def test_gathered_text_is_sent_while_the_model_pauses_not_at_its_next_token() -> None:
+    resumed: list[bool] = []
+
+    async def model() -> AsyncIterator[ProviderEvent]:
+        yield TextDelta("a")
+        yield TextDelta("b")
+        await asyncio.sleep(1.0)  # far longer than the window
+        resumed.append(True)
+        yield TextDelta("c")
+
+    seen: list[tuple[str, bool]] = []
+    async for item in coalesce(model(), 20):
+        assert isinstance(item, TextDelta)
+        seen.append((item.text, bool(resumed)))
+    assert seen == [("a", False), ("b", False), ("c", True)]
+
+
+@pytest.mark.anyio
+async def test_a_failing_model_stream_sends_its_text_first_then_raises() -> None:
+    got: list[Any] = []
+    with pytest.raises(RuntimeError, match="provider broke"):
+        async for item in coalesce(_source(TextDelta("a"), TextDelta("b"), TextDelta("c"),
+                                           RuntimeError("provider broke")), 10_000):
+            got.append(item.text if isinstance(item, TextDelta) else item)
+    assert got == ["a", "bc"]
+
+
+@pytest.mark.anyio
+async def test_closing_the_coalesced_stream_closes_the_model_stream() -> None:
+    closed: list[bool] = []
+
+    async def endless() -> AsyncIterator[ProviderEvent]:
+        try:
+            while True:
+                yield TextDelta("x")
+                await asyncio.sleep(0.001)
+        finally:
+            closed.append(True)
+
+    stream = coalesce(endless(), 5)
+    assert await anext(stream) == TextDelta("x")
+    await stream.aclose()
+    assert closed == [True]
+
+
+def test_coalesced_deltas_join_to_the_text_one_delta_per_token_gives(
+    settings: Settings, kb: None, token_for: Headers, user: str
+) -> None:
+    h = token_for(user)
+    question = {"content": "What does appendfsync everysec do after a crash?"}
+    answers = []
+    for window in (0, 25):
+        s = dataclasses.replace(settings, offline_token_delay_ms=2, stream_coalesce_ms=window)
+        with TestClient(create_app(s)) as c:
+            got = _turn(c, _session(c, h), h, question)
+        deltas = [f.data["text"] for f in got if f.event == "message.delta"]
+        assert "".join(deltas) == got[-1].data["message"]["content"]
+        answers.append(deltas)
+    per_token, coalesced = answers
+    assert "".join(coalesced).encode() == "".join(per_token).encode()
+    assert all(len(t.split()) <= 1 for t in per_token)
+    assert len(coalesced) < len(per_token)

@@ -12,6 +12,7 @@ from sse import frames
 from starlette.testclient import TestClient
 
 from app.api import create_app
+from app.chat import event_log
 from app.chat.event_log import EventLog
 from app.settings import Settings
 from app.stores import keys
@@ -50,6 +51,29 @@ async def test_a_failed_event_write_fails_only_its_flush_and_later_events_are_wr
     finally:
         sr.delete(keys.events(sid, 0))
         await client.aclose()
+
+
+async def test_a_replayed_event_is_the_same_frame_the_live_client_got(
+    settings: Settings, sr: redis.Redis
+) -> None:
+    sid = keys.new_session_id()
+    client = async_session_redis_client(settings)
+    # Non-ASCII, line breaks, and an integer orjson refuses (past 64 bits).
+    datas: list[dict[str, Any]] = [
+        {"text": "é\r\n\u2028 «x»"}, {"arguments": {"n": 2**70}}, {"message": {}}]
+    try:
+        log = EventLog(client, sid, 3)
+        live = [log.emit(kind, data) for kind, data in
+                zip(("message.delta", "tool.call", "message.done"), datas, strict=True)]
+        await log.flush()
+        replayed = [e async for e in event_log.replay(client, sid, 3, "0-0")]
+    finally:
+        sr.delete(keys.events(sid, 3))
+        await client.aclose()
+    assert [e.sse() for e in replayed] == [e.sse() for e in live]
+    got = frames(b"".join(e.sse() for e in live).decode().split("\n"))
+    assert [(f.id, f.event, f.data) for f in got] == [
+        (e.id, e.event, d) for e, d in zip(live, datas, strict=True)]
 
 
 def test_a_turn_whose_event_writes_fail_still_ends_with_message_done_matching_the_history(

@@ -37,7 +37,7 @@ from faults_support import (
     wait_for,
     worker,
 )
-from rq import Queue, SimpleWorker
+from rq import Queue, Retry, SimpleWorker
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from sse import Frame, frames
@@ -335,6 +335,49 @@ def test_a_worker_killed_mid_extraction_is_retried_by_another_after_its_lock_exp
             "SELECT kind, content FROM memories WHERE user_id = %s ORDER BY kind", (user,)
         ).fetchall()
     assert rows == [("allergy", "is allergic to peanuts"), ("location", "lives in Lisbon")]
+
+
+@pytest.mark.parametrize("worker_class", ["simple", "fork"])
+def test_a_job_that_raises_is_retried_then_failed_and_one_that_hangs_is_timed_out(
+    stack: Stack, folder: Path, worker_class: str,
+) -> None:
+    r = stack.client()
+    queue = Queue("audit", connection=r)
+    # Standard-library functions as jobs: the worker imports them like ours.
+    hangs = queue.enqueue("time.sleep", 60, job_timeout=2)
+    raises = queue.enqueue("json.loads", "not json", retry=Retry(max=1))
+    after = queue.enqueue("os.getpid")
+    with worker(stack.settings, folder, WORKER_CLASS=worker_class) as w:
+        wait_for(lambda: after.get_status(refresh=True) == JobStatus.FINISHED, 60,
+                 f"the job after the failing ones\n{w.output()}")
+        assert w.proc.poll() is None, w.output()  # the worker survived both
+        # simple runs the job in the worker process; fork in a work horse.
+        assert (after.return_value() == w.proc.pid) == (worker_class == "simple")
+    assert hangs.get_status(refresh=True) == JobStatus.FAILED
+    assert "JobTimeoutException" in (hangs.latest_result().exc_string or "")  # type: ignore[union-attr]
+    raises.refresh()  # type: ignore[no-untyped-call]
+    assert raises.get_status() == JobStatus.FAILED
+    assert raises.retries_left == 0  # ran twice: once, then its one retry
+    assert "JSONDecodeError" in (raises.latest_result().exc_string or "")  # type: ignore[union-attr]
+    r.close()
+
+
+def test_a_simple_worker_killed_mid_job_has_the_job_retried_by_the_next_worker_unaided(
+    stack: Stack, folder: Path,
+) -> None:
+    r = stack.client()
+    job = Queue("audit", connection=r).enqueue("time.sleep", 6, retry=Retry(max=1))
+    with worker(stack.settings, folder, WORKER_CLASS="simple") as w:
+        wait_for(lambda: job.get_status(refresh=True) == JobStatus.STARTED, 60,
+                 f"the job to start\n{w.output()}")
+        w.kill()  # the job dies with it: no work horse to finish it
+    # No registry cleanup by hand: the next worker finds the job's heartbeat lapsed.
+    with worker(stack.settings, folder, WORKER_CLASS="simple") as w:
+        wait_for(lambda: job.get_status(refresh=True) == JobStatus.FINISHED, 90,
+                 f"the abandoned job to be retried and finish\n{w.output()}")
+    job.refresh()  # type: ignore[no-untyped-call]
+    assert job.retries_left == 0
+    r.close()
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """A turn survives its client: two app processes share one Redis, the client
-disconnects from one and resumes on the other with Last-Event-ID."""
+disconnects from one and resumes on the other with Last-Event-ID, its text
+deltas coalesced (a token every 10 ms, one delta at most every 25 ms)."""
 
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ def test_a_client_that_drops_mid_turn_resumes_on_another_node_and_gets_the_rest(
     ingest_paths(client, shared_embedder(), [CORPUS], progress=False)
     client.close()
     h = token_for(user)
-    with app_process(settings, OFFLINE_TOKEN_DELAY_MS="40") as (node_a, _), \
-            app_process(settings, OFFLINE_TOKEN_DELAY_MS="40") as (node_b, _):
+    pace = {"OFFLINE_TOKEN_DELAY_MS": "10", "STREAM_COALESCE_MS": "25"}
+    with app_process(settings, **pace) as (node_a, _), app_process(settings, **pace) as (node_b, _):
         sid = httpx.post(f"{node_a}/v1/sessions", headers=h).json()["id"]
         head = _read_some(node_a, sid, h, 4)
         assert [f.event for f in head[:2]] == ["tool.call", "tool.result"]
@@ -59,8 +60,12 @@ def test_a_client_that_drops_mid_turn_resumes_on_another_node_and_gets_the_rest(
             tail = frames(res.iter_lines())
 
         assert tail[0].id != head[-1].id and tail[-1].event == "message.done"
-        answer = "".join(f.data["text"] for f in [*head, *tail] if f.event == "message.delta")
+        deltas = [f.data["text"] for f in [*head, *tail] if f.event == "message.delta"]
+        answer = "".join(deltas)
         assert answer == tail[-1].data["message"]["content"]
+        assert any(len(d.split()) > 1 for d in deltas)  # the resumed events were coalesced
+        ids = [f.id or "" for f in [*head, *tail]]
+        assert len(set(ids)) == len(ids)
 
         # The turn finished although its first client left: the history holds it.
         deadline = time.monotonic() + 10

@@ -15,6 +15,18 @@ back) and starts a fresh `Worker` under a new name (the old one's registration
 cannot be cleared while Redis is down). A job interrupted by the outage stays
 in rq's StartedJobRegistry; rq's maintenance finds it abandoned and retries it
 per its `Retry` policy. A worker started while Redis is down waits the same way.
+
+Worker class (WORKER_CLASS). `simple` (default) runs each job in the worker
+process itself: no fork per job (rq's fork cost about 70 ms of CPU a turn,
+bench/turn_cpu.py), and the warm model, its thread and imported modules serve
+every job. A job that raises is failed or retried per its `Retry` as with
+`fork` (same rq code path); a job past its `job_timeout` is stopped by rq's
+SIGALRM death penalty in the worker's main thread. What `simple` gives up: a
+job stuck inside C code that never returns to Python (not one of ours: they
+wait on sockets, which the alarm interrupts) is not bounded, and a job that
+kills its process (segfault, OOM) takes the worker with it; the supervisor
+restarts it and rq's registry cleanup retries the job, as for a killed worker.
+`fork` keeps rq's work horse per job (the parent SIGKILLs a horse past its timeout).
 """
 
 from __future__ import annotations
@@ -28,7 +40,10 @@ import time
 from types import FrameType
 
 import redis
-from rq import Queue, Worker
+from rq import Queue, SimpleWorker, Worker
+from rq.executions import Execution
+from rq.job import Job
+from rq.worker import WorkerStatus
 
 from app.settings import Settings
 from app.stores import keys
@@ -38,6 +53,11 @@ QUEUES = ("persist", "memory", "audit")
 # rq's own retry while dequeuing doubles up to this; its default (60 s) would keep
 # a worker idle for up to a minute after Redis came back.
 MAX_RECONNECT_WAIT_SECONDS = 5.0
+# WORKER_CLASS=simple: how often a running job's heartbeat is renewed, when a job
+# whose worker died counts as abandoned, and how often the worker looks for those.
+HEARTBEAT_SECONDS = 5
+HEARTBEAT_TTL_SECONDS = 15
+MAINTENANCE_SECONDS = 15
 log = logging.getLogger("backbone.worker")
 
 
@@ -126,14 +146,58 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-class _Worker(Worker):
-    """rq's Worker, telling us when a signal asked it to stop (rq keeps no public flag)."""
+class _StopFlag:
+    """Tells us when a signal asked rq's worker to stop (rq keeps no public flag)."""
 
     stop_event: threading.Event
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stop_event.set()
-        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+        super().request_stop(signum, frame)  # type: ignore[misc]
+
+
+class _ForkWorker(_StopFlag, Worker):
+    """rq's Worker: one forked work horse per job."""
+
+
+class _SimpleWorker(_StopFlag, SimpleWorker):
+    """rq's SimpleWorker: each job in this process, bounded by rq's SIGALRM timeout.
+
+    rq's SimpleWorker beats no heartbeat while a job runs, so it announces one of
+    job_timeout + 60 s: a worker SIGKILLed mid-job left its job looking alive that
+    long (a forked horse would usually finish it, orphaned). Here a thread beats
+    every HEARTBEAT_SECONDS, the announced lapse is HEARTBEAT_TTL_SECONDS, and
+    registries are cleaned every MAINTENANCE_SECONDS: a killed worker's job is
+    found abandoned and retried per its `Retry` within about half a minute.
+    """
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return HEARTBEAT_TTL_SECONDS
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        execution = self.prepare_execution(job)
+        done = threading.Event()
+        beat = threading.Thread(target=self._beat, args=(job, execution, done),
+                                name="rq-heartbeat", daemon=True)
+        beat.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            done.set()
+            beat.join()
+        self.set_state(WorkerStatus.IDLE)
+
+    def _beat(self, job: Job, execution: Execution, done: threading.Event) -> None:
+        while not done.wait(HEARTBEAT_SECONDS):
+            try:
+                self.maintain_heartbeats(job, execution)
+            except redis.RedisError as e:  # an outage: the job itself will notice
+                log.debug("heartbeat of job %s failed: %s", job.id, e)
+
+
+WORKER_CLASSES: dict[str, type[_ForkWorker] | type[_SimpleWorker]] = {
+    "fork": _ForkWorker, "simple": _SimpleWorker,
+}
 
 
 def run_worker(settings: Settings, *, burst: bool = False, dims: int | None = None) -> bool:
@@ -160,14 +224,18 @@ def run_worker(settings: Settings, *, burst: bool = False, dims: int | None = No
         if not wait_for_redis(conn, stop):
             return worked
         prepare(settings, dims)
-        # Loaded once here, before rq forks: every work horse inherits the model.
+        # Loaded once here: jobs run in this process (simple) or in forks of it (fork).
         warm(settings)
+        worker_class = WORKER_CLASSES[settings.worker_class]
         for generation in range(1_000_000):
             _stop_on_signals(stop)
             if not wait_for_redis(conn, stop):
                 return worked
             name = f"backbone-{socket.gethostname()}-{os.getpid()}-{generation}"
-            worker = _Worker(qs, connection=conn, name=name)
+            worker = (_SimpleWorker(qs, connection=conn, name=name,
+                                    maintenance_interval=MAINTENANCE_SECONDS)
+                      if worker_class is _SimpleWorker
+                      else _ForkWorker(qs, connection=conn, name=name))
             worker.stop_event = stop
             worker.max_connection_wait_time = MAX_RECONNECT_WAIT_SECONDS
             try:

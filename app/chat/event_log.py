@@ -31,6 +31,7 @@ import weakref
 from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
+import orjson
 import redis.asyncio as aredis
 
 from app.errors import BadRequest, NotFound
@@ -57,12 +58,28 @@ BLOCK_SLICE_MS = 1_000
 class Event(NamedTuple):  # a tuple: built once per token, so cheaper than a dataclass
     id: str
     event: str
-    data: dict[str, Any]
-    data_json: str = ""  # encoded once, for the log and the wire
+    payload: bytes  # the data as JSON, encoded once: the Stream entry and the SSE frame share it
 
-    def sse(self) -> dict[str, str]:
-        return {"id": self.id, "event": self.event,
-                "data": self.data_json or json.dumps(self.data)}
+    @property
+    def data(self) -> Any:
+        return orjson.loads(self.payload)
+
+    def sse(self) -> bytes:
+        """The whole SSE frame, ready for the socket (sse-starlette sends bytes as they are).
+
+        The JSON holds no raw line break (encoders escape them), so one `data:` line.
+        """
+        return b"".join((b"id: ", self.id.encode(), b"\r\nevent: ", self.event.encode(),
+                         b"\r\ndata: ", self.payload, b"\r\n\r\n"))
+
+
+def encode(data: dict[str, Any]) -> bytes:
+    """JSON of an event's data: orjson, or the standard library for what orjson refuses
+    (an integer past 64 bits in a model's tool arguments, say)."""
+    try:
+        return orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(data, ensure_ascii=False).encode()
 
 
 def parse_event_id(raw: str) -> tuple[int, str]:
@@ -90,9 +107,9 @@ class EventLog:
         """The event with its id, now; it reaches Redis with the writer's next batch."""
         entry = f"{self._base_ms}-{self._n}"
         self._n += 1
-        encoded = json.dumps(data)
+        encoded = encode(data)
         self._writer.add(self, entry, event, encoded)
-        return Event(f"{self.turn}.{entry}", event, data, encoded)
+        return Event(f"{self.turn}.{entry}", event, encoded)
 
     async def flush(self) -> None:
         """Wait until every event emitted so far was written; raise if a write of one
@@ -119,12 +136,12 @@ class _Writer:
 
     def __init__(self, redis: aredis.Redis) -> None:
         self.redis = redis
-        self.pending: list[tuple[EventLog, str, str, str]] = []
+        self.pending: list[tuple[EventLog, str, str, bytes]] = []
         self.wake = asyncio.Event()
         self.hurry = asyncio.Event()  # a turn is flushing: write without the pause
         self.task: asyncio.Task[None] | None = None
 
-    def add(self, owner: EventLog, entry: str, event: str, data: str) -> None:
+    def add(self, owner: EventLog, entry: str, event: str, data: bytes) -> None:
         self.pending.append((owner, entry, event, data))
         self.wake.set()
         if self.task is None or self.task.done():
@@ -152,7 +169,7 @@ class _Writer:
             batch, self.pending = self.pending, []
             await self._write(batch)
 
-    async def _write(self, batch: list[tuple[EventLog, str, str, str]]) -> None:
+    async def _write(self, batch: list[tuple[EventLog, str, str, bytes]]) -> None:
         pipe = self.redis.pipeline(transaction=False)
         for owner, entry, event, data in batch:
             pipe.xadd(owner.key, {"event": event, "data": data}, id=entry,
@@ -220,17 +237,17 @@ async def replay(
             waited += block
             if waited < stall_ms:
                 continue
-            yield Event(f"{turn}.{last}", "error", {
+            yield Event(f"{turn}.{last}", "error", encode({
                 "code": "stream_stalled",
                 "message": "the turn produced no event for a while; its node may have "
                            "stopped. Reload the session to see what was saved.",
-            })
+            }))
             return
         waited = 0
         for entry_id, fields in batch[0][1]:
             last = entry_id.decode()
             event = fields[b"event"].decode()
-            raw = fields[b"data"].decode()
-            yield Event(f"{turn}.{last}", event, json.loads(raw), raw)
+            # Sent as stored: no decode and re-encode on the way through.
+            yield Event(f"{turn}.{last}", event, fields[b"data"])
             if event in TERMINAL:
                 return

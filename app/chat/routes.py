@@ -68,7 +68,8 @@ async def post_message(request: Request) -> EventSourceResponse:
     if stored[0]["seq"] != seq:  # another tab wrote meanwhile: re-read
         history = (await state.sessions.load(sid, user)).messages
     log_ = EventLog(state.sessions.redis, sid, stored[0]["seq"])
-    turn = Turn(state.turn_deps, sid, user, history, log_)
+    turn = Turn(state.turn_deps, sid, user, history, log_,
+                coalesce_ms=state.settings.stream_coalesce_ms)
     queue: asyncio.Queue[Event | None] = asyncio.Queue()
 
     async def drive() -> None:
@@ -82,7 +83,7 @@ async def post_message(request: Request) -> EventSourceResponse:
     state.turns.add(task)  # a strong reference until done; the lifespan awaits leftovers
     task.add_done_callback(state.turns.discard)
 
-    async def stream() -> AsyncIterator[dict[str, str]]:
+    async def stream() -> AsyncIterator[bytes]:
         while (event := await queue.get()) is not None:
             yield event.sse()
             if event.event in event_log.TERMINAL:
@@ -102,7 +103,7 @@ async def get_events(request: Request) -> EventSourceResponse:
     events = event_log.replay(state.sessions.redis, sid, turn, after)
     first = await anext(events)  # 404 when the turn's events are gone
 
-    async def stream() -> AsyncIterator[dict[str, str]]:
+    async def stream() -> AsyncIterator[bytes]:
         yield first.sse()
         if first.event in event_log.TERMINAL:
             return

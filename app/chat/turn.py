@@ -5,8 +5,10 @@ plain 4xx). Then, step by step: build the context, stream the model, and when
 it asks for tools, run each through the tool router and append the assistant's
 tool-call message together with its tool results in one atomic append, so the
 history never holds a tool call without its answer. The final assistant message
-ends the turn with `message.done`. Every event also goes to the turn's Redis
-Stream (`app.event_log`) so a client can resume on any node.
+ends the turn with `message.done`. Text deltas are merged into one
+`message.delta` at most every STREAM_COALESCE_MS (`app.chat.coalesce`). Every
+event also goes to the turn's Redis Stream (`app.chat.event_log`) so a client
+can resume on any node.
 
 Whatever happens (a provider or store failure becomes an `error` event; a
 client disconnect cancels the generator), the messages already appended are
@@ -27,12 +29,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 
 from app.chat import context
+from app.chat.coalesce import coalesce
 from app.chat.event_log import Event, EventLog
 from app.chat.tool_router import Routed, ToolRouter
 from app.errors import BackboneError, NotFound, translate
@@ -50,6 +54,8 @@ MAX_STEPS = 6
 # While the model streams, how often the turn looks for a delete fence: a deleted
 # session stops paying for tokens within this, at one EXISTS per interval.
 FENCE_CHECK_SECONDS = 0.5
+# Text deltas merged into one `message.delta` at most this often (STREAM_COALESCE_MS).
+COALESCE_MS = 25
 Recall = Callable[[str, str], Awaitable[list[str]]]
 AfterTurn = Callable[[str, str, list[Message]], Awaitable[None]]
 
@@ -84,9 +90,11 @@ class Timing:
 
 class Turn:
     def __init__(
-        self, deps: TurnDeps, sid: str, user: str, history: list[Message], log_: EventLog
+        self, deps: TurnDeps, sid: str, user: str, history: list[Message], log_: EventLog,
+        *, coalesce_ms: int = COALESCE_MS,
     ) -> None:
         self.deps = deps
+        self.coalesce_ms = coalesce_ms
         self.sid = sid
         self.user = user
         self.history = history  # ends with this turn's user message
@@ -125,26 +133,27 @@ class Turn:
             text: list[str] = []
             calls: list[ToolCall] = []
             usage: dict[str, int] = {}
-            stream = self.deps.provider.stream(prompt, tools).__aiter__()
-            fence_checked = time.monotonic()
-            while True:
-                waited = time.perf_counter()
-                try:
-                    item = await stream.__anext__()
-                except StopAsyncIteration:
-                    break
-                finally:
-                    self.timing.model_ms += (time.perf_counter() - waited) * 1000
-                if time.monotonic() - fence_checked >= FENCE_CHECK_SECONDS:
-                    fence_checked = time.monotonic()
-                    await self.deps.sessions.check_not_deleted(self.sid)
-                if isinstance(item, TextDelta):
-                    text.append(item.text)
-                    yield self.log.emit("message.delta", {"text": item.text})
-                elif isinstance(item, ToolCallRequest):
-                    calls.append(item.call)
-                elif isinstance(item, StreamEnd):
-                    usage = item.usage
+            model = coalesce(self.deps.provider.stream(prompt, tools), self.coalesce_ms)
+            async with aclosing(model) as stream:
+                fence_checked = time.monotonic()
+                while True:
+                    waited = time.perf_counter()
+                    try:
+                        item = await anext(stream)
+                    except StopAsyncIteration:
+                        break
+                    finally:
+                        self.timing.model_ms += (time.perf_counter() - waited) * 1000
+                    if time.monotonic() - fence_checked >= FENCE_CHECK_SECONDS:
+                        fence_checked = time.monotonic()
+                        await self.deps.sessions.check_not_deleted(self.sid)
+                    if isinstance(item, TextDelta):
+                        text.append(item.text)
+                        yield self.log.emit("message.delta", {"text": item.text})
+                    elif isinstance(item, ToolCallRequest):
+                        calls.append(item.call)
+                    elif isinstance(item, StreamEnd):
+                        usage = item.usage
             if not calls:
                 stored = await self._append([self._message("assistant", "".join(text))])
                 done = self.log.emit("message.done", {
