@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         # LOG_FORMAT=json: one JSON object per line, with request, session and turn ids.
-        logs.setup(settings.log_level, os.environ.get("LOG_FORMAT", "text").lower())
+        logs.setup(settings.log_level, settings.log_format)
         # pgserver narrates every initdb and pg_ctl at INFO; keep the banner readable.
         logging.getLogger("pgserver").setLevel(logging.WARNING)
         fn: Command = args.fn

@@ -118,6 +118,7 @@ class Settings:
     rate_limit_window_seconds: int = 60
     rate_limit_sessions: int = 10
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json": one object per record (app.ops.logs)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -156,6 +157,7 @@ class Settings:
             rate_limit_window_seconds=_int(e, "RATE_LIMIT_WINDOW_SECONDS", 60, minimum=1),
             rate_limit_sessions=_int(e, "RATE_LIMIT_SESSIONS", 10, minimum=1),
             log_level=(_str(e, "LOG_LEVEL", "INFO") or "INFO").upper(),
+            log_format=_choice(e, "LOG_FORMAT", ("text", "json")),
         )
 
     @property

@@ -30,7 +30,7 @@ def test_every_variable_read_is_listed_in_env_example(project_root: Path) -> Non
     source = (project_root / "app" / "settings.py").read_text()
     import re
 
-    read = set(re.findall(r'_(?:str|int|float|bool)\(\s*e,\s*"([A-Z_]+)"', source))
+    read = set(re.findall(r'_(?:str|int|float|bool|choice)\(\s*e,\s*"([A-Z_]+)"', source))
     listed = set(re.findall(r"^#?\s*([A-Z_]+)=", (project_root / ".env.example").read_text(), re.M))
     assert read == listed
 
@@ -40,5 +40,5 @@ def test_every_variable_is_in_the_readme_settings_table(project_root: Path) -> N
     import re
 
     readme = (project_root / "README.md").read_text()
-    for name in set(re.findall(r'_(?:str|int|float|bool)\(\s*e,\s*"([A-Z_]+)"', source)):
+    for name in set(re.findall(r'_(?:str|int|float|bool|choice)\(\s*e,\s*"([A-Z_]+)"', source)):
         assert f"`{name}`" in readme, f"{name} missing from the README settings table"
