@@ -49,9 +49,9 @@ def _float(env: Mapping[str, str], name: str, default: float, *, lo: float, hi: 
     return value
 
 
-def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+def _choice(raw: str | None, name: str, choices: tuple[str, ...]) -> str:
     """One of `choices` (the first is the default), case-insensitive."""
-    value = (_str(env, name, choices[0]) or "").lower()
+    value = (raw or choices[0]).lower()
     if value not in choices:
         raise SettingsError(f"{name} must be one of {choices}, got {value!r}")
     return value
@@ -127,7 +127,7 @@ class Settings:
             llm_timeout_seconds=_float(e, "LLM_TIMEOUT_SECONDS", 60.0, lo=1.0, hi=600.0),
             offline_token_delay_ms=_int(e, "OFFLINE_TOKEN_DELAY_MS", 20),
             stream_coalesce_ms=_int(e, "STREAM_COALESCE_MS", 25),
-            worker_class=_choice(e, "WORKER_CLASS", WORKER_CLASSES),
+            worker_class=_choice(_str(e, "WORKER_CLASS"), "WORKER_CLASS", WORKER_CLASSES),
             tool_timeout_seconds=_float(e, "TOOL_TIMEOUT_SECONDS", 10.0, lo=0.1, hi=300.0),
             retrieval_cache_audit_rate=_float(
                 e, "RETRIEVAL_CACHE_AUDIT_RATE", 0.05, lo=0.0, hi=1.0
