@@ -58,7 +58,7 @@ def _bool(env: Mapping[str, str], name: str) -> bool:
 
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
     """One of `choices` (the first is the default), case-insensitive."""
-    value = (_str(env, name, choices[0]) or "").lower()
+    value = (_str(env, name, choices[0]) or choices[0]).lower()
     if value not in choices:
         raise SettingsError(f"{name} must be one of {choices}, got {value!r}")
     return value

@@ -348,8 +348,10 @@ def test_a_job_that_raises_is_retried_then_failed_and_one_that_hangs_is_timed_ou
     raises = queue.enqueue("json.loads", "not json", retry=Retry(max=1))
     after = queue.enqueue("os.getpid")
     with worker(stack.settings, folder, WORKER_CLASS=worker_class) as w:
-        wait_for(lambda: after.get_status(refresh=True) == JobStatus.FINISHED, 60,
-                 f"the job after the failing ones\n{w.output()}")
+        # The retry goes to the back of the queue, behind `after`: wait for all three.
+        wait_for(lambda: after.get_status(refresh=True) == JobStatus.FINISHED
+                 and raises.get_status(refresh=True) == JobStatus.FAILED, 60,
+                 f"the jobs to end\n{w.output()}")
         assert w.proc.poll() is None, w.output()  # the worker survived both
         # simple runs the job in the worker process; fork in a work horse.
         assert (after.return_value() == w.proc.pid) == (worker_class == "simple")
