@@ -57,7 +57,7 @@ LOOKALIKES: dict[str, Callable[[str], str]] = {
 }
 
 # The only routes that answer without a token.
-PUBLIC = {("GET", "/"), ("GET", "/healthz"), ("GET", "/readyz")}
+PUBLIC = {("GET", "/"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
 
 SECRET = "the zebra vault combination is 4417-PLUM-ORCHID"
 PRIVATE_DOC = f"""# Zebra vault

@@ -25,7 +25,14 @@ from pathlib import Path
 import redis
 
 from app.errors import EmbeddedStartError
-from app.stack.embedded import _ping, _probe, free_port, redis_module_paths, redis_server_binary
+from app.stack.embedded import (
+    _ping,
+    _probe,
+    free_port,
+    free_ports,
+    redis_module_paths,
+    redis_server_binary,
+)
 
 SLOTS = 16384
 PRIMARIES = 3
@@ -110,13 +117,17 @@ class EmbeddedCluster:
     """Three primaries and three replicas on `ports` (six of them), data in `data_dir`."""
 
     data_dir: Path
-    ports: list[int] = field(default_factory=lambda: [free_port() for _ in range(6)])
+    ports: list[int] = field(default_factory=lambda: free_ports(2 * PRIMARIES))
     nodes: list[ClusterNode] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         if len(self.ports) != 2 * PRIMARIES:
             raise ValueError(f"an embedded cluster has {2 * PRIMARIES} nodes")
-        self.nodes = [ClusterNode(self.data_dir / str(p), p) for p in self.ports]
+        # Bus ports distinct from each other and from the client ports (held together).
+        taken = set(self.ports)
+        bus = [p for p in free_ports(4 * PRIMARIES) if p not in taken][: 2 * PRIMARIES]
+        self.nodes = [ClusterNode(self.data_dir / str(p), p, b)
+                      for p, b in zip(self.ports, bus, strict=True)]
 
     @property
     def url(self) -> str:

@@ -65,6 +65,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: all held open together, so the kernel cannot hand one
+    out twice (n calls of `free_port` can, once a port is closed again)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _probe(port: int, **kw: Any) -> redis.Redis:
     """A client that fails at once: redis-py would otherwise retry with backoff for seconds."""
     return redis.Redis(port=port, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0), **kw)
