@@ -361,3 +361,22 @@ def test_a_delete_removes_the_cursor_seq_with_the_cursor() -> None:
     sid = keys.new_session_id()
     assert keys.memory_cursor_seq(sid) in keys.session_keys(sid)
     assert keys.memory_cursor_seq(sid).startswith(keys.memory_cursor(sid))
+
+
+def test_a_job_that_finds_the_session_locked_schedules_another_for_when_the_lock_runs_out(
+    r: redis.Redis, pg: psycopg.Connection[Any], user: str, stores_env: Settings,
+) -> None:
+    # The holder may be a worker killed mid-job: its delta must not wait for a next turn.
+    sid = new_session(r, pg, user)
+    append(r, pg, sid, turn(sid, 0, 0))
+    assert scripts.run(r, scripts.acquire_lock(sid, "dead-worker", 3000)) == 1
+    assert extract_memories(sid) == {"skipped": "locked"}
+    job = Queue("memory", connection=r).fetch_job(f"memory-extract-{sid}-after-lock")
+    assert job is not None and job.get_status() == JobStatus.SCHEDULED
+    assert import_attribute(job.func_name) is extract_memories and job.args == (sid,)
+    # A second skip while one is scheduled adds nothing.
+    assert extract_memories(sid) == {"skipped": "locked"}
+    scheduled = r.zrange("rq:scheduled:memory", 0, -1)
+    assert scheduled.count(job.id.encode()) == 1
+    r.delete(keys.memory_lock(sid))
+    job.delete()

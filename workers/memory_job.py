@@ -42,6 +42,7 @@ import redis
 from app.chat import context
 from app.embeddings import Embedder, shared_embedder
 from app.memory import Extractor, make_extractor, update_summary
+from app.memory.queue import enqueue_after_lock
 from app.memory.store import MemoryStore
 from app.ops import metrics
 from app.sessions.messages import Message
@@ -73,7 +74,11 @@ def extract_memories(sid: str) -> dict[str, Any]:
             embedder = shared_embedder(settings.embedding_model)
             result = run_extraction(client, pg, sid, settings, make_extractor(settings), embedder,
                                     sessions=sessions)
-            return result
+        if result.get("skipped") == "locked":
+            # The holder may be dead: look again once its lock has run out.
+            left_ms = max(int(sessions.pttl(keys.memory_lock(sid))), 0)
+            enqueue_after_lock(client, sid, left_ms / 1000 + 1)
+        return result
     finally:
         metrics.memory_job_done(result, time.perf_counter() - started)
         if sessions is not client:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 
 import redis
 from rq import Queue, Retry
@@ -57,6 +58,25 @@ def enqueue_extraction(client: redis.Redis, sid: str, *, queue: str = QUEUE) -> 
             return False  # another node enqueued it between our read and our write
         return True
     return False  # both slots running: the next turn enqueues again
+
+
+def enqueue_after_lock(client: redis.Redis, sid: str, delay_seconds: float, *,
+                       queue: str = QUEUE) -> bool:
+    """Mine `sid` again once its lock can have expired; True if scheduled.
+
+    A job that finds the session locked would otherwise leave its delta to the next
+    turn, and the holder may be dead (a worker killed mid-job keeps the lock until
+    its TTL): without this, a session whose last turn came then is never mined."""
+    q = Queue(queue, connection=client)
+    jid = f"memory-extract-{keys.check_session_id(sid)}-after-lock"
+    job = q.fetch_job(jid)
+    if job is not None and job.get_status(refresh=False) in _WAITING:
+        return False
+    if job is not None:
+        job.delete()
+    q.enqueue_in(timedelta(seconds=delay_seconds), JOB, sid, job_id=jid, job_timeout=600,
+                 result_ttl=300, failure_ttl=86400, retry=Retry(max=RETRIES))
+    return True
 
 
 class AfterTurnEnqueue:
