@@ -17,7 +17,8 @@ in rq's StartedJobRegistry; rq's maintenance finds it abandoned and retries it
 per its `Retry` policy. A worker started while Redis is down waits the same way.
 
 Worker class (WORKER_CLASS). `fork` (default) forks one rq work horse per job;
-`simple` runs each job in the worker process itself: no fork per job (rq's fork cost about 70 ms of CPU a turn,
+`simple` runs each job in the worker process itself: no fork per job (rq's fork
+cost about 70 ms of CPU a turn,
 bench/turn_cpu.py), and the warm model, its thread and imported modules serve
 every job. A job that raises is failed or retried per its `Retry` as with
 `fork` (same rq code path); a job past its `job_timeout` is stopped by rq's
