@@ -76,7 +76,7 @@ def browser_page(settings: Settings) -> Iterator[tuple[Page, str]]:
                  [Path(__file__).resolve().parent.parent / "app" / "kb" / "corpus"], progress=False)
     client.close()
     with app_process(settings, OFFLINE_TOKEN_DELAY_MS="5") as (base, _), \
-            tempfile.TemporaryDirectory() as profile:
+            tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         port = free_port()
         proc = subprocess.Popen(
             [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
