@@ -32,6 +32,7 @@ from app.stack.embedded import (
     free_ports,
     redis_module_paths,
     redis_server_binary,
+    terminate,
 )
 
 SLOTS = 16384
@@ -88,12 +89,7 @@ class ClusterNode:
         if self.process is None or self.process.poll() is not None:
             self.process = None
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process, timeout)
         self.process = None
 
     def kill(self) -> None:

@@ -59,6 +59,17 @@ def redis_module_paths() -> list[Path]:
     return [lib / name for name in REDIS_MODULES]
 
 
+def terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, then SIGKILL after `timeout`. SIGTERM is Redis's graceful shutdown
+    (the AOF is flushed) and needs no credentials, unlike SHUTDOWN under an ACL."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -178,14 +189,7 @@ class EmbeddedRedis:
         if self.process is None or self.process.poll() is not None:
             self.process = None
             return
-        # SIGTERM is Redis's graceful shutdown (the AOF is flushed), and needs no
-        # credentials, unlike SHUTDOWN under an ACL.
-        self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process, timeout)
         self.process = None
 
     def _log_tail(self) -> str:
