@@ -118,7 +118,9 @@ def create_app(settings: Settings) -> Starlette:
         warming = asyncio.create_task(embedder.awarm())
         # The session plane: the same client unless SESSION_REDIS_URL is set.
         session_redis = async_session_redis_client(settings, main=redis)
-        sessions = Sessions(session_redis, pg, settings.session_ttl_seconds)
+        sessions = Sessions(session_redis, pg, settings.session_ttl_seconds,
+                            wait_replicas=settings.session_wait_replicas,
+                            wait_timeout_ms=settings.session_redis_wait_timeout_ms)
         audit_conn = redis_client(settings.redis_url or "")
         cache = SemanticCache(redis, settings, audit_enqueuer(audit_conn), embedder=embedder)
         router = ToolRouter(

@@ -19,11 +19,14 @@
 
 Route bodies raise these and never catch; `app.api` renders them as
 `{"error": {"code", "message"}}`, and inside an SSE stream as an `error` event.
-`translate()` is the one place that maps redis-py and psycopg errors onto them.
+`translate()` is the one place that maps redis-py and psycopg errors onto them,
+including what redis-py raises while a Redis Cluster switches a primary to its
+replica (see `_redis_switching`): those are a 503 `redis_unavailable` too.
 """
 
 from __future__ import annotations
 
+from types import TracebackType
 from typing import ClassVar
 
 
@@ -124,6 +127,49 @@ def translate(exc: BaseException) -> BackboneError | None:
         return exc
     if isinstance(exc, rexc.ConnectionError | rexc.TimeoutError | rexc.BusyLoadingError):
         return RedisUnavailable(f"Redis is unavailable: {exc}")
+    if _redis_switching(exc):
+        return RedisUnavailable(f"Redis is switching over, retry shortly: {exc}")
     if isinstance(exc, psycopg.OperationalError | psycopg_pool.PoolTimeout):
         return DatabaseUnavailable(f"PostgreSQL is unavailable: {exc}")
     return None
+
+
+# RedisClusterException is also raised for our own mistakes (cross-slot keys, a
+# keyless command); only these say the cluster itself is out of reach or moving.
+_CLUSTER_OUT_OF_REACH = (
+    "Redis Cluster cannot be connected",
+    "startup_nodes could not agree",
+    "All slots are not covered",
+    "No targets were found",
+)
+
+
+def _redis_switching(exc: BaseException) -> bool:
+    """What redis-py raises while a primary fails over (measured in
+    tests/test_cluster_failover.py): the cluster says it is down or redirects
+    (CLUSTERDOWN, TRYAGAIN, MOVED/ASK storms past the client's retries), a demoted
+    primary refuses writes (READONLY), `min-replicas-to-write` refuses them
+    (NOREPLICAS), the client cannot map a slot, or a connection another task tore
+    down under a write fails inside redis-py with an AttributeError
+    (`'NoneType' object has no attribute 'writelines'`). The AttributeError counts
+    only when it was raised inside the redis package: one of ours stays a 500."""
+    import redis.exceptions as rexc
+
+    if isinstance(exc, rexc.ClusterError | rexc.TryAgainError | rexc.AskError
+                  | rexc.ReadOnlyError | rexc.SlotNotCoveredError):
+        return True
+    if isinstance(exc, rexc.ResponseError) and str(exc).startswith("NOREPLICAS"):
+        return True
+    if isinstance(exc, rexc.RedisClusterException):
+        return str(exc).startswith(_CLUSTER_OUT_OF_REACH)
+    return isinstance(exc, AttributeError) and _raised_in(exc.__traceback__, "redis")
+
+
+def _raised_in(tb: TracebackType | None, package: str) -> bool:
+    """Whether the innermost frame of `tb` (where the error was raised) is in `package`."""
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = str(tb.tb_frame.f_globals.get("__name__", ""))
+    return module == package or module.startswith(package + ".")

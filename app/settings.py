@@ -91,6 +91,10 @@ class Settings:
     # The session plane (per-session and per-user keys); None: the one Redis above.
     session_redis_url: str | None = None
     session_redis_cluster: bool = False
+    # WAIT for this many replicas before an append is acknowledged; None: 1 on a
+    # cluster, 0 on a single node (see `session_wait_replicas`).
+    session_redis_wait_replicas: int | None = None
+    session_redis_wait_timeout_ms: int = 500
     database_url: str | None = None
     data_dir: Path = PROJECT_ROOT / ".data"
     embedded_redis_port: int = 6380
@@ -128,6 +132,11 @@ class Settings:
             redis_url=_str(e, "REDIS_URL"),
             session_redis_url=_str(e, "SESSION_REDIS_URL"),
             session_redis_cluster=_session_cluster(e, _bool(e, "SESSION_REDIS_CLUSTER")),
+            session_redis_wait_replicas=(
+                None if _str(e, "SESSION_REDIS_WAIT_REPLICAS") is None
+                else _int(e, "SESSION_REDIS_WAIT_REPLICAS", 0)),
+            session_redis_wait_timeout_ms=_int(
+                e, "SESSION_REDIS_WAIT_TIMEOUT_MS", 500, minimum=1),
             database_url=_str(e, "DATABASE_URL"),
             data_dir=data_dir.resolve(),
             embedded_redis_port=_int(e, "EMBEDDED_REDIS_PORT", 6380, minimum=1),
@@ -159,6 +168,14 @@ class Settings:
             log_level=(_str(e, "LOG_LEVEL", "INFO") or "INFO").upper(),
             log_format=_choice(e, "LOG_FORMAT", ("text", "json")),
         )
+
+    @property
+    def session_wait_replicas(self) -> int:
+        """Replicas an append waits for (`WAIT`) before it is acknowledged: the setting,
+        else 1 on a cluster (its primaries have replicas) and 0 on a single node."""
+        if self.session_redis_wait_replicas is not None:
+            return self.session_redis_wait_replicas
+        return 1 if self.session_redis_cluster else 0
 
     @property
     def embedded(self) -> bool:

@@ -177,7 +177,9 @@ async def session_store(settings: Settings) -> AsyncIterator[Sessions]:
         kwargs={"autocommit": True},
     )
     await pool.open()
-    yield Sessions(client, pool, settings.session_ttl_seconds)
+    yield Sessions(client, pool, settings.session_ttl_seconds,
+                   wait_replicas=settings.session_wait_replicas,
+                   wait_timeout_ms=settings.session_redis_wait_timeout_ms)
     await pool.close()
     await client.aclose()
 

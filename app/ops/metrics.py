@@ -61,6 +61,9 @@ MEMORY_JOB_SECONDS = Histogram("backbone_memory_job_seconds", "Memory-extraction
 MEMORY_DELTA = Histogram("backbone_memory_delta_messages",
                          "Messages mined per extraction (the delta after the cursor)",
                          buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128))
+UNREPLICATED = Counter("backbone_session_unreplicated_appends",
+                       "Session appends acknowledged although WAIT saw fewer replicas than "
+                       "SESSION_REDIS_WAIT_REPLICAS within SESSION_REDIS_WAIT_TIMEOUT_MS")
 
 
 def fresh_multiproc_dir(data_dir: Path) -> Path:

@@ -6,6 +6,19 @@
   check, O(1) append, TTLs renewed. Before it, the session is marked in
   its shard of `sessions:unpersisted:{<n>}`; the sweep (workers/jobs.py) persists whatever a dead
   app left behind, so an acknowledged message is never only in Redis for long.
+- With `wait_replicas` (SESSION_REDIS_WAIT_REPLICAS; 1 on a cluster) the append
+  returns only after `WAIT` on its own connection (app.stores.replicated): an
+  acknowledged message is on a replica too, so a primary's death does not take
+  it. A WAIT that times out short of that still acknowledges (the write is
+  already applied and cannot be taken back; a 503 would only invite a duplicate
+  on retry, and one dead replica would take its primary's sessions down) but is
+  logged and counted (`backbone_session_unreplicated_appends_total`). To refuse
+  instead, set `min-replicas-to-write` on the primaries: Redis then refuses the
+  write before applying it (NOREPLICAS, a 503).
+- On a cluster with WAIT, a connection that fails mid-append (a primary dies)
+  leaves unknown whether the script ran: the append waits for the new topology
+  and tries again, and when the history has moved on by exactly this batch's
+  hashes, it was this append: acknowledged once, never appended twice.
 - Load reads Redis; when the copy is gone (TTL, eviction, a Redis restart
   without persistence) it restores from PostgreSQL with `restore_session`,
   which writes only if the key is still absent: racing restores write once.
@@ -19,22 +32,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
+import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aredis
 from psycopg_pool import AsyncConnectionPool
 
-from app.errors import Conflict, Forbidden, NotFound
+from app.errors import Conflict, Forbidden, NotFound, RedisUnavailable, translate
+from app.ops import metrics
 from app.sessions import history_db
 from app.sessions.messages import Message, canonical_json, renumber
-from app.stores import keys, scripts
+from app.stores import keys, replicated, scripts
 from app.stores.clients import is_cluster
+
+log = logging.getLogger("backbone.sessions")
 
 APPEND_ATTEMPTS = 64
 # Jittered backoff after a lost race, so many writers converge instead of colliding in lockstep.
@@ -43,6 +61,11 @@ BACKOFF_SECONDS = 0.002
 # only after it, and with PostgreSQL down the pool's own wait is 30 s; the sweep
 # persists whatever this gives up on.
 PERSIST_WAIT_SECONDS = 5.0
+# How long an append whose outcome a dying primary left unknown keeps trying the
+# new topology (the cluster client's own retries wait within each try).
+UNCERTAIN_SECONDS = 15.0
+UNCERTAIN_PAUSE_SECONDS = 0.1
+UNREPLICATED_LOG_SECONDS = 10.0
 
 
 def _mark_unpersisted(sid: str, now_ms: float, pipe: Any) -> None:
@@ -70,6 +93,11 @@ class Sessions:
     redis: aredis.Redis  # the session plane (app.stores.clients.async_session_redis_client)
     pg: AsyncConnectionPool[Any]
     ttl: int
+    wait_replicas: int = 0  # Settings.session_wait_replicas
+    wait_timeout_ms: int = 500
+    _unreplicated_logged: float = field(default=0.0, init=False, repr=False)
+    _short: replicated.ShortOfReplicas = field(
+        default_factory=replicated.ShortOfReplicas, init=False, repr=False)
 
     @functools.cached_property
     def cluster(self) -> bool:
@@ -131,23 +159,22 @@ class Sessions:
         APPEND_ATTEMPTS, the caller gets a 409.
         """
         batch = list(messages)
+        uncertain_until: float | None = None  # set once an attempt's outcome is unknown
         for attempt in range(APPEND_ATTEMPTS):
-            # Mark first: if this process dies right after the append, the sweep
-            # still finds the session. The score moves on every write, so a sweep
-            # that read an older score will not clear a newer write.
-            # (One round trip: the mark goes first on the same connection.)
-            mark = functools.partial(_mark_unpersisted, sid, time.time() * 1000)
-            append = scripts.append_messages(
-                sid, user, next_seq, [canonical_json(m) for m in batch], self.ttl
-            )
-            if self.cluster:
-                # The mark's shard is on another node, and a cluster pipeline sends
-                # to its nodes concurrently: only a round trip of its own puts the
-                # mark before the append.
-                await self.redis.zadd(keys.unpersisted(sid), {sid: time.time() * 1000})
-                code, current = await scripts.arun(self.redis, append)
-            else:
-                code, current = await scripts.arun_after(self.redis, mark, append)
+            try:
+                code, current = await self._write(sid, user, batch, next_seq)
+            except Exception as exc:
+                if not self._may_retry_unknown(exc, uncertain_until):
+                    raise
+                uncertain_until = uncertain_until or time.monotonic() + UNCERTAIN_SECONDS
+                log.warning("append to %s: outcome unknown (%s); retrying on the new "
+                            "topology", sid, exc)
+                with contextlib.suppress(Exception):  # the deadline above bounds the wait
+                    await self.redis.exists(keys.session(sid))  # refreshes the slot map
+                await asyncio.sleep(UNCERTAIN_PAUSE_SECONDS)
+                continue
+            if code == -2 and uncertain_until and await self._holds(sid, batch, next_seq):
+                code = 1  # the attempt that failed had stored it
             if code == 1:
                 return batch
             if code == 0:
@@ -165,6 +192,62 @@ class Sessions:
             batch = [renumber(sid, m, current + i) for i, m in enumerate(batch)]
             await asyncio.sleep(random.uniform(0, BACKOFF_SECONDS * (attempt + 1)))
         raise Conflict("too many concurrent writers on this session; retry")
+
+    async def _write(
+        self, sid: str, user: str, batch: Sequence[Message], next_seq: int
+    ) -> tuple[int, int]:
+        """The unpersisted mark, then the append (and WAIT, when configured)."""
+        # Mark first: if this process dies right after the append, the sweep
+        # still finds the session. The score moves on every write, so a sweep
+        # that read an older score will not clear a newer write.
+        mark = functools.partial(_mark_unpersisted, sid, time.time() * 1000)
+        append = scripts.append_messages(
+            sid, user, next_seq, [canonical_json(m) for m in batch], self.ttl
+        )
+        if self.cluster:
+            # The mark's shard is on another node, and a cluster pipeline sends
+            # to its nodes concurrently: only a round trip of its own puts the
+            # mark before the append.
+            await self.redis.zadd(keys.unpersisted(sid), {sid: time.time() * 1000})
+        if self.wait_replicas <= 0:
+            if self.cluster:
+                return await scripts.arun(self.redis, append)
+            # One round trip: the mark goes first on the same connection.
+            return await scripts.arun_after(self.redis, mark, append)
+        (code, current), acked = await replicated.arun_waited(
+            self.redis, append, self.wait_replicas, self.wait_timeout_ms,
+            prelude=None if self.cluster else mark, short=self._short,
+        )
+        if code == 1 and acked < self.wait_replicas:
+            self._unreplicated(sid, acked)
+        return code, current
+
+    def _may_retry_unknown(self, exc: Exception, until: float | None) -> bool:
+        """Only the cluster WAIT path retries a failed append: there a primary's death
+        is expected and `_holds` tells whether the failed attempt had stored it."""
+        if not (self.cluster and self.wait_replicas > 0):
+            return False
+        if until is not None and time.monotonic() > until:
+            return False
+        return isinstance(translate(exc), RedisUnavailable)
+
+    async def _holds(self, sid: str, batch: Sequence[Message], next_seq: int) -> bool:
+        """Whether the history ends, from `next_seq` on, with exactly this batch."""
+        raw = await self.redis.execute_command(  # type: ignore[no-untyped-call]
+            "JSON.GET", keys.session(sid), f"$[?(@.seq>={int(next_seq)})].hash"
+        )
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        return bool(text) and json.loads(text) == [m["hash"] for m in batch]
+
+    def _unreplicated(self, sid: str, acked: int) -> None:
+        metrics.UNREPLICATED.inc()
+        now = time.monotonic()
+        if now - self._unreplicated_logged >= UNREPLICATED_LOG_SECONDS:
+            self._unreplicated_logged = now
+            log.warning("append to %s acknowledged by %d of %d replicas within %d ms (more "
+                        "such appends are counted in backbone_session_unreplicated_appends"
+                        "_total, logged at most every %.0f s)", sid, acked,
+                        self.wait_replicas, self.wait_timeout_ms, UNREPLICATED_LOG_SECONDS)
 
     async def check_not_deleted(self, sid: str) -> None:
         """NotFound (code `session_deleted`) once the session's delete fence stands."""
