@@ -1,6 +1,7 @@
 """The `backbone` command.
 
-    backbone up                 embedded stores + app + one worker (what `make run` runs)
+    backbone up [--cluster]     embedded stores + app + one worker (what `make run` runs);
+                                --cluster: the session plane on an embedded Redis Cluster
     backbone serve              the API on HOST:PORT
     backbone worker             one rq worker
     backbone doctor             versions, modules, ports, index and table status
@@ -30,6 +31,7 @@ from app.ops import logs, metrics
 from app.settings import Settings
 from app.stack import running as running_stack
 from app.stack.bootstrap import eviction_warning, prepare
+from app.stack.cluster import EmbeddedCluster
 from app.stack.embedded import EmbeddedStack, running_urls
 from app.stores import indexes, migrations
 from app.stores.clients import check_modules, pg_connect, redis_client
@@ -92,6 +94,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from app.stack.supervisor import (
         ProcessChild,
         Supervisor,
+        cluster_children,
         dashboard_child,
         dashboard_port,
         store_children,
@@ -103,15 +106,23 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     stack = EmbeddedStack(settings)
     print("starting the stores ...", flush=True)
     resolved = stack.start()
+    try:
+        cluster = _start_session_cluster(resolved) if args.cluster else None
+    except BaseException:
+        stack.stop()
+        raise
     running_stack.record(resolved)  # the other commands find these stores from here
     env = {**os.environ, "REDIS_URL": resolved.redis_url or "",
            "DATABASE_URL": resolved.database_url or "",
            "AUTH_SECRET": resolved.auth_secret or ""}
+    if cluster is not None:
+        env.update(SESSION_REDIS_URL=cluster.url, SESSION_REDIS_CLUSTER="1")
     if not env.get(metrics.MULTIPROC_ENV):  # the app and the worker share their metrics
         env[metrics.MULTIPROC_ENV] = str(metrics.fresh_multiproc_dir(resolved.data_dir))
     # From here on a child that exits is restarted, not a reason to stop (app.supervisor).
     board_port = dashboard_port()
-    supervisor = Supervisor([*store_children(stack), ProcessChild("app", "serve", env),
+    supervisor = Supervisor([*store_children(stack), *cluster_children(cluster),
+                             ProcessChild("app", "serve", env),
                              ProcessChild("worker", "worker", env),
                              dashboard_child(resolved.redis_url or "", board_port, env)])
     try:
@@ -119,7 +130,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         _ingest_sample_if_empty(resolved)
         supervisor.start()
         _print_banner(resolved, prepared.indexes_created, prepared.migrations_applied,
-                      board_port)
+                      board_port, cluster)
         return supervisor.run()
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
@@ -127,8 +138,19 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         supervisor.stop()
         running_stack.forget(resolved.data_dir)
+        if cluster is not None:
+            cluster.stop()
         stack.stop()
         print("stopped everything `backbone up` started.", flush=True)
+
+
+def _start_session_cluster(settings: Settings) -> EmbeddedCluster:
+    """`up --cluster`: the session plane on 3 primaries + 3 replicas under
+    `<DATA_DIR>/cluster`, on the ports of the last run (app.stack.cluster)."""
+    cluster = EmbeddedCluster.in_folder(settings.data_dir / "cluster")
+    print(f"starting the session-plane cluster ({cluster.url}) ...", flush=True)
+    cluster.start()
+    return cluster
 
 
 def _ingest_sample_if_empty(settings: Settings) -> None:
@@ -148,7 +170,7 @@ def _ingest_sample_if_empty(settings: Settings) -> None:
 
 
 def _print_banner(s: Settings, created: list[str], applied: list[str],
-                  board_port: int) -> None:
+                  board_port: int, cluster: EmbeddedCluster | None = None) -> None:
     base = f"http://{s.host}:{s.port}"
     lines = [
         "",
@@ -162,6 +184,9 @@ def _print_banner(s: Settings, created: list[str], applied: list[str],
         port = s.redis_url.rsplit(":", 1)[1].split("/")[0]
         lines.append(f"  inspect      redis-cli -p {port}    (FT._LIST; no redis-cli? apt install "
                      "redis-tools, or backbone keys)")
+    if cluster is not None:
+        lines.append(f"  sessions     {cluster.describe()}")
+        lines.append(f"               redis-cli -c -p {cluster.ports[0]}    (CLUSTER NODES)")
     lines.append(f"  rq dashboard http://127.0.0.1:{board_port}/   (queues, workers, jobs)")
     lines.append(f"  metrics      {base}/metrics   (Prometheus; app and worker together)")
     token = issue_token(s.auth_secret or "", LOCAL_USER)
@@ -362,7 +387,10 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="backbone", description="redis-backbone")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="embedded stores + app + worker (make run)").set_defaults(fn=cmd_up)
+    u = sub.add_parser("up", help="embedded stores + app + worker (make run)")
+    u.add_argument("--cluster", action="store_true",
+                   help="the session plane on an embedded 3-primary, 3-replica Redis Cluster")
+    u.set_defaults(fn=cmd_up)
     sub.add_parser("serve", help="run the API").set_defaults(fn=cmd_serve)
     w = sub.add_parser("worker", help="run one rq worker")
     w.add_argument("--burst", action="store_true", help="exit when the queues are empty")

@@ -10,11 +10,14 @@ REPLICATEs its primary, and `start` returns once every node says
 
 Each node keeps its data and its `nodes.conf` under `<data_dir>/<port>`, so a
 restart on the same ports finds the cluster already formed and only waits for
-it. `kill_primary` (SIGKILL) is for the failover test and the bench.
+it. `in_folder` (what `backbone up --cluster` uses) keeps the ports in
+`<data_dir>/ports.json`, so the next run finds the same cluster. `ClusterNode.kill`
+(SIGKILL) is for the failover test and the bench.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -114,16 +117,36 @@ class EmbeddedCluster:
 
     data_dir: Path
     ports: list[int] = field(default_factory=lambda: free_ports(2 * PRIMARIES))
+    bus_ports: list[int] | None = None
     nodes: list[ClusterNode] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         if len(self.ports) != 2 * PRIMARIES:
             raise ValueError(f"an embedded cluster has {2 * PRIMARIES} nodes")
-        # Bus ports distinct from each other and from the client ports (held together).
-        taken = set(self.ports)
-        bus = [p for p in free_ports(4 * PRIMARIES) if p not in taken][: 2 * PRIMARIES]
+        if self.bus_ports is None:
+            # Distinct from each other and from the client ports (held together).
+            taken = set(self.ports)
+            self.bus_ports = [p for p in free_ports(4 * PRIMARIES) if p not in taken][
+                : 2 * PRIMARIES]
         self.nodes = [ClusterNode(self.data_dir / str(p), p, b)
-                      for p, b in zip(self.ports, bus, strict=True)]
+                      for p, b in zip(self.ports, self.bus_ports, strict=True)]
+
+    @classmethod
+    def in_folder(cls, data_dir: Path) -> EmbeddedCluster:
+        """The cluster of `data_dir`, on the ports it had last time (its nodes.conf files
+        name each other by them), or on free ones recorded for next time."""
+        record = data_dir / "ports.json"
+        if record.exists():
+            saved = json.loads(record.read_text())
+            return cls(data_dir, list(saved["ports"]), list(saved["bus_ports"]))
+        cluster = cls(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"ports": cluster.ports, "bus_ports": cluster.bus_ports}))
+        return cluster
+
+    def describe(self) -> str:
+        return (f"Redis Cluster, {PRIMARIES} primaries + {PRIMARIES} replicas on ports "
+                f"{', '.join(map(str, self.ports))} (seed {self.url})")
 
     @property
     def url(self) -> str:

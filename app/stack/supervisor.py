@@ -1,6 +1,9 @@
 """Keep what `backbone up` started running: restart a child that exits, with backoff.
 
-Children: the embedded Redis and PostgreSQL (when `up` started them), the app
+Children: the embedded Redis and PostgreSQL (when `up` started them), the
+nodes of the embedded session-plane cluster (`up --cluster`; a node that dies
+comes back on its port and data folder and rejoins, as a replica when its
+replica took over meanwhile), the app
 (`backbone serve`), one worker (`backbone worker`) and the rq dashboard
 (`rq-dashboard`, on 127.0.0.1 only: it can delete and requeue jobs). The supervisor polls them;
 one that is gone is started again after a delay that doubles with each crash
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Protocol
 
+from app.stack.cluster import ClusterNode, EmbeddedCluster
 from app.stack.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedStack, free_port
 
 log = logging.getLogger("backbone.supervisor")
@@ -145,6 +149,35 @@ class PostgresChild:
 
     def stop(self) -> None:
         self.postgres.stop()
+
+
+@dataclass
+class ClusterNodeChild:
+    """One node of the embedded cluster: restarted in place (same ports, nodes.conf, AOF)."""
+
+    node: ClusterNode
+    name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = f"cluster node {self.node.port}"
+
+    def start(self) -> None:
+        self.node.process = None
+        self.node.start()
+
+    def exit_cause(self) -> str | None:
+        proc = self.node.process
+        if proc is None:
+            return "not started"
+        rc = proc.poll()
+        return None if rc is None else describe_exit(rc)
+
+    def stop(self) -> None:
+        self.node.stop()
+
+
+def cluster_children(cluster: EmbeddedCluster | None) -> list[Child]:
+    return [] if cluster is None else [ClusterNodeChild(n) for n in cluster.nodes]
 
 
 DASHBOARD_PORT = 9181  # rq-dashboard's own default
