@@ -55,3 +55,31 @@ def test_compose_restarts_every_long_running_service_by_itself(project_root: Pat
     for name, svc in services.items():
         assert svc.get("restart") in ("always", "unless-stopped", "on-failure"), (
             f"{name} stays down after it exits")
+
+
+def test_the_cluster_profile_puts_the_session_plane_on_a_six_node_cluster_and_leaves_the_default(
+    project_root: Path,
+) -> None:
+    # `--profile` goes before the subcommand, so not through _config.
+    res = subprocess.run(
+        [_compose(), "-f", str(project_root / "compose.yaml"), "--profile", "cluster", "config"],
+        capture_output=True, text=True, env={**os.environ, "AUTH_SECRET": "x" * 32},
+        cwd=project_root, timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    services = yaml.safe_load(res.stdout)["services"]
+    nodes = [f"session-{i}" for i in range(1, 7)]
+    for node in nodes:
+        assert "--cluster-enabled" in services[node]["command"]
+    init = " ".join(services["session-init"]["command"])
+    assert "--cluster-replicas 1" in init and all(n in init for n in nodes)
+    for name in ("app-cluster", "worker-cluster"):
+        env = services[name]["environment"]
+        assert env["SESSION_REDIS_CLUSTER"] == "1"
+        assert env["SESSION_REDIS_URL"].startswith("redis://session-")
+        assert "@search:6379" in env["REDIS_URL"]
+        assert services[name]["depends_on"]["session-init"]["condition"] == (
+            "service_completed_successfully")
+    default = yaml.safe_load(_config(project_root).stdout)["services"]
+    for name in ("app", "worker"):
+        assert "SESSION_REDIS_URL" not in default[name]["environment"]
