@@ -1,6 +1,6 @@
 """The session plane on one Redis vs the embedded 3-primary Redis Cluster, same run.
 
-    .venv/bin/python bench/cluster.py [--ops 2000] [--users 40] [--seconds 20]
+    .venv/bin/python bench/cluster.py [--ops 2000] [--users 200] [--seconds 20]
 
 1. Per-operation latency, one operation in flight at a time, through the app's
    own async code: the append (`Sessions.append`: unpersisted mark + the
@@ -241,7 +241,7 @@ def _keys_per_primary(cluster: EmbeddedCluster) -> dict[int, tuple[int, int]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--ops", type=int, default=2000)
-    p.add_argument("--users", type=int, default=40)
+    p.add_argument("--users", type=int, default=200)
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--skip-load", action="store_true")
     args = p.parse_args()

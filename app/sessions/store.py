@@ -38,7 +38,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,6 +163,8 @@ class Sessions:
         for attempt in range(APPEND_ATTEMPTS):
             try:
                 code, current = await self._write(sid, user, batch, next_seq)
+                if code == -2 and uncertain_until and await self._holds(sid, batch, next_seq):
+                    code = 1  # the attempt that failed had stored it
             except Exception as exc:
                 if not self._may_retry_unknown(exc, uncertain_until):
                     raise
@@ -173,8 +175,6 @@ class Sessions:
                     await self.redis.exists(keys.session(sid))  # refreshes the slot map
                 await asyncio.sleep(UNCERTAIN_PAUSE_SECONDS)
                 continue
-            if code == -2 and uncertain_until and await self._holds(sid, batch, next_seq):
-                code = 1  # the attempt that failed had stored it
             if code == 1:
                 return batch
             if code == 0:
@@ -205,21 +205,34 @@ class Sessions:
             sid, user, next_seq, [canonical_json(m) for m in batch], self.ttl
         )
         if self.cluster:
-            # The mark's shard is on another node, and a cluster pipeline sends
-            # to its nodes concurrently: only a round trip of its own puts the
-            # mark before the append.
-            await self.redis.zadd(keys.unpersisted(sid), {sid: time.time() * 1000})
+            # The mark's shard is on another node: mark and append go out together
+            # and the append counts only once both answered, so every acknowledged
+            # message is marked (one round trip, not two; the sweep's quiet period
+            # covers the microseconds either may land before the other).
+            zadd = self.redis.zadd(keys.unpersisted(sid), {sid: time.time() * 1000})
+            marked, written = await asyncio.gather(
+                zadd, self._script(append, None), return_exceptions=True)
+            for result in (marked, written):
+                if isinstance(result, BaseException):
+                    raise result
+            assert not isinstance(written, BaseException)
+            return written
+        # One round trip: the mark goes first on the same connection.
+        return await self._script(append, mark)
+
+    async def _script(
+        self, append: scripts.Call[tuple[int, int]], mark: Callable[[Any], None] | None
+    ) -> tuple[int, int]:
         if self.wait_replicas <= 0:
-            if self.cluster:
+            if mark is None:
                 return await scripts.arun(self.redis, append)
-            # One round trip: the mark goes first on the same connection.
             return await scripts.arun_after(self.redis, mark, append)
         (code, current), acked = await replicated.arun_waited(
             self.redis, append, self.wait_replicas, self.wait_timeout_ms,
-            prelude=None if self.cluster else mark, short=self._short,
+            prelude=mark, short=self._short,
         )
         if code == 1 and acked < self.wait_replicas:
-            self._unreplicated(sid, acked)
+            self._unreplicated(append.keys[0], acked)
         return code, current
 
     def _may_retry_unknown(self, exc: Exception, until: float | None) -> bool:

@@ -88,6 +88,17 @@ class ClusterNode:
     def client(self) -> redis.Redis:
         return _probe(self.port, decode_responses=True)
 
+    def wait_answering(self, timeout: float = 30.0) -> None:
+        """Until it answers PING (its AOF replayed); EmbeddedStartError if it exits."""
+        deadline = time.monotonic() + timeout
+        while not _ping(self.port):
+            if self.process is None or self.process.poll() is not None:
+                raise EmbeddedStartError(f"cluster node {self.port} exited at start; see "
+                                         f"{self.data_dir / 'redis.log'}")
+            if time.monotonic() > deadline:
+                raise EmbeddedStartError(f"cluster node {self.port} did not answer in time")
+            time.sleep(0.05)
+
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:
             self.process = None

@@ -164,6 +164,7 @@ class ClusterNodeChild:
     def start(self) -> None:
         self.node.process = None
         self.node.start()
+        self.node.wait_answering()
 
     def exit_cause(self) -> str | None:
         proc = self.node.process
