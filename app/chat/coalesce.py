@@ -32,7 +32,12 @@ class _Failed:
         self.exc = exc
 
 
+class _Due:
+    pass
+
+
 _END = _End()
+_DUE = _Due()
 
 
 async def coalesce(
@@ -45,7 +50,7 @@ async def coalesce(
         return
     window = window_ms / 1000
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[ProviderEvent | _End | _Failed] = asyncio.Queue()
+    queue: asyncio.Queue[ProviderEvent | _End | _Failed | _Due] = asyncio.Queue()
 
     async def pump() -> None:
         try:
@@ -59,19 +64,23 @@ async def coalesce(
     reader = asyncio.create_task(pump(), name="model-stream")
     pending: list[str] = []
     sent_at = float("-inf")
+    # One timer per window with text held (not a timeout per token): when it fires
+    # it queues _DUE, and the text gathered so far goes out.
+    timer: asyncio.TimerHandle | None = None
+
+    def due() -> None:
+        queue.put_nowait(_DUE)
+
     try:
         while True:
-            if pending:
-                try:
-                    async with asyncio.timeout_at(sent_at + window):
-                        got = await queue.get()
-                except TimeoutError:  # the model paused: send what it said so far
+            got = await queue.get()
+            if got is _DUE:
+                timer = None
+                if pending:  # the model paused: send what it said so far
                     yield TextDelta("".join(pending))
                     pending.clear()
                     sent_at = loop.time()
-                    continue
-            else:
-                got = await queue.get()
+                continue
             if isinstance(got, TextDelta):
                 pending.append(got.text)
                 now = loop.time()
@@ -79,6 +88,8 @@ async def coalesce(
                     yield TextDelta("".join(pending))
                     pending.clear()
                     sent_at = now
+                elif timer is None:
+                    timer = loop.call_at(sent_at + window, due)
                 continue
             if pending:
                 yield TextDelta("".join(pending))
@@ -90,6 +101,8 @@ async def coalesce(
                 raise got.exc
             yield got
     finally:
+        if timer is not None:
+            timer.cancel()
         reader.cancel()
         # Closes the provider's stream (its HTTP response) before the turn goes on.
         await asyncio.gather(reader, return_exceptions=True)
