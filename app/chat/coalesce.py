@@ -11,8 +11,10 @@ joined, never cut or altered: the concatenation is byte-identical.
 
 The provider's stream is read by a task of its own (cancelled when the
 consumer stops), because a timer cannot interrupt an `await` on the stream
-itself without cancelling the stream. A window of 0 passes every item through
-as it comes, with no task.
+itself without cancelling the stream. That task does the gathering, and hands
+over only what is to be sent: the consumer wakes once per merged delta, not
+once per token. A window of 0 passes every item through as it comes, with no
+task.
 """
 
 from __future__ import annotations
@@ -32,12 +34,7 @@ class _Failed:
         self.exc = exc
 
 
-class _Due:
-    pass
-
-
 _END = _End()
-_DUE = _Due()
 
 
 async def coalesce(
@@ -50,51 +47,46 @@ async def coalesce(
         return
     window = window_ms / 1000
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[ProviderEvent | _End | _Failed | _Due] = asyncio.Queue()
+    queue: asyncio.Queue[ProviderEvent | _End | _Failed] = asyncio.Queue()
+    pending: list[str] = []
+    sent_at = float("-inf")
+    timer: asyncio.TimerHandle | None = None
+
+    def send() -> None:
+        """Hand the gathered text over as one delta (also the timer's callback)."""
+        nonlocal sent_at, timer
+        if timer is not None:
+            timer.cancel()
+            timer = None
+        if pending:
+            queue.put_nowait(TextDelta("".join(pending)))
+            pending.clear()
+            sent_at = loop.time()
 
     async def pump() -> None:
+        nonlocal timer
         try:
             async for item in items:
+                if isinstance(item, TextDelta):
+                    pending.append(item.text)
+                    if loop.time() - sent_at >= window:
+                        send()
+                    elif timer is None:  # the model may pause: send by the window's end
+                        timer = loop.call_at(sent_at + window, send)
+                    continue
+                send()
                 queue.put_nowait(item)
         except Exception as exc:  # the consumer raises it, in order, after the text before it
+            send()
             queue.put_nowait(_Failed(exc))
             return
+        send()
         queue.put_nowait(_END)
 
     reader = asyncio.create_task(pump(), name="model-stream")
-    pending: list[str] = []
-    sent_at = float("-inf")
-    # One timer per window with text held (not a timeout per token): when it fires
-    # it queues _DUE, and the text gathered so far goes out.
-    timer: asyncio.TimerHandle | None = None
-
-    def due() -> None:
-        queue.put_nowait(_DUE)
-
     try:
         while True:
             got = await queue.get()
-            if got is _DUE:
-                timer = None
-                if pending:  # the model paused: send what it said so far
-                    yield TextDelta("".join(pending))
-                    pending.clear()
-                    sent_at = loop.time()
-                continue
-            if isinstance(got, TextDelta):
-                pending.append(got.text)
-                now = loop.time()
-                if now - sent_at >= window:
-                    yield TextDelta("".join(pending))
-                    pending.clear()
-                    sent_at = now
-                elif timer is None:
-                    timer = loop.call_at(sent_at + window, due)
-                continue
-            if pending:
-                yield TextDelta("".join(pending))
-                pending.clear()
-                sent_at = loop.time()
             if isinstance(got, _End):
                 return
             if isinstance(got, _Failed):

@@ -18,10 +18,10 @@ marked unpersisted and the sweep writes it later.
 
 A session deleted mid-turn (`DELETE /v1/sessions/{sid}`) stops the turn: the
 event writer looks for the fence every FENCE_CHECK_SECONDS while the model
-streams (in the batches it sends anyway), and the next append refuses anyway. The turn ends with an `error` event, code
-`session_deleted`; its
-persist is refused by the tombstone, no after-turn hook runs (no extraction),
-and the turn's event stream is removed once its last event is written.
+streams (in the batches it sends anyway), and the next append refuses anyway.
+The turn ends with an `error` event, code `session_deleted`; its persist is
+refused by the tombstone, no after-turn hook runs (no extraction), and the
+turn's event stream is removed once its last event is written.
 """
 
 from __future__ import annotations
