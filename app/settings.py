@@ -65,7 +65,7 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
 
 
 EMBEDDING_BACKENDS = ("onnx", "torch")
-WORKER_CLASSES = ("fork", "simple")
+WORKER_CLASSES = ("simple", "fork")  # the first is the default
 
 
 def embedding_backend(env: Mapping[str, str] | None = None) -> str:
@@ -113,7 +113,7 @@ class Settings:
     llm_timeout_seconds: float = 60.0
     offline_token_delay_ms: int = 20
     stream_coalesce_ms: int = 25
-    worker_class: str = "fork"
+    worker_class: str = "simple"
     tool_timeout_seconds: float = 10.0
     retrieval_cache_audit_rate: float = 0.05
     cache_audit_min_overlap: float = 0.5

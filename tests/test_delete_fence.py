@@ -128,7 +128,7 @@ def test_a_turn_whose_session_is_deleted_ends_with_a_session_deleted_error(
                     httpx.delete(f"{base}/v1/sessions/{sid}", headers=h)
         got = frames([*lines, ""])
     assert got[-1].event == "error" and got[-1].data["code"] == "session_deleted"
-    # The fence stops the stream within FENCE_CHECK_SECONDS, not at the answer's end.
+    # The fence stops the stream within event_log.FENCE_CHECK_SECONDS, not at the answer's end.
     assert "message.done" not in [f.event for f in got]
 
 

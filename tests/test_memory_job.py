@@ -380,3 +380,50 @@ def test_a_job_that_finds_the_session_locked_schedules_another_for_when_the_lock
     assert scheduled.count(job.id.encode()) == 1
     r.delete(keys.memory_lock(sid))
     job.delete()
+
+
+def test_a_retried_job_takes_over_the_lock_its_killed_run_left_and_other_jobs_still_wait(
+    r: redis.Redis, pg: psycopg.Connection[Any], user: str, stores_env: Settings,
+) -> None:
+    # A simple worker SIGKILLed mid-job leaves its lock for MEMORY_LOCK_TTL_SECONDS;
+    # rq re-runs the job (same id) once the heartbeat lapses: it must not wait 5 minutes.
+    sid = new_session(r, pg, user)
+    batch = turn(sid, 0, 0)
+    append(r, pg, sid, batch)
+    first, follow_up = job_ids(sid)
+    q = Queue("memory", connection=r)
+    assert scripts.run(r, scripts.acquire_lock(sid, f"job:{first}", 300_000)) == 1
+    blocked = q.enqueue_call("workers.memory_job.extract_memories", args=(sid,),
+                             job_id=follow_up)
+    SimpleWorker([q], connection=r).work(burst=True)
+    assert blocked.return_value() == {"skipped": "locked"}
+    assert cursor(r, sid) is None
+    retried = q.enqueue_call("workers.memory_job.extract_memories", args=(sid,), job_id=first)
+    SimpleWorker([q], connection=r).work(burst=True)
+    outcome = retried.return_value()
+    assert outcome is not None and "skipped" not in outcome and outcome["delta"] == 2
+    assert cursor(r, sid) == batch[-1]["hash"]
+    assert r.get(keys.memory_lock(sid)) is None  # released, not left to its TTL
+    for jid in (f"memory-extract-{sid}-after-lock",):
+        job = q.fetch_job(jid)
+        if job is not None:
+            job.delete()
+
+
+def test_a_job_dequeued_by_a_worker_killed_before_it_started_is_queued_again(
+    r: redis.Redis, pg: psycopg.Connection[Any], user: str, stores_env: Settings,
+) -> None:
+    # A worker on several queues pops with BLPOP; SIGKILLed before it marks the job
+    # started, the job stays "queued" in no list, and the session was never mined again.
+    sid = new_session(r, pg, user)
+    batch = turn(sid, 0, 0)
+    append(r, pg, sid, batch)
+    first, _ = job_ids(sid)
+    q = Queue("memory", connection=r)
+    assert enqueue_extraction(r, sid) is True
+    assert r.lrem(q.key, 0, first) == 1  # what the killed worker's BLPOP took with it
+    assert enqueue_extraction(r, sid) is True
+    assert r.lpos(q.key, first) is not None
+    assert enqueue_extraction(r, sid) is False  # really waiting now: nothing more
+    SimpleWorker([q], connection=r).work(burst=True)
+    assert cursor(r, sid) == batch[-1]["hash"]

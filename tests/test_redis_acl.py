@@ -6,14 +6,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from rq import Queue, SimpleWorker
+from rq.job import JobStatus
 from sse import frames
 from starlette.testclient import TestClient
 from waits import wait_until
@@ -113,6 +116,33 @@ def test_a_real_forking_worker_with_its_scheduler_runs_as_the_limited_user(
     assert Queue("persist", connection=conn).failed_job_registry.count == 0
     conn.close()
     assert _denied(admin) == [], "rq's worker or scheduler ran a command the ACL refuses"
+
+
+def test_a_waiting_worker_blocks_for_jobs_as_the_limited_user(
+    limited: Settings, admin: redis.Redis, project_root: Path
+) -> None:
+    # Not --burst, as `backbone up` and compose run it: on several queues rq waits
+    # with BLPOP (a burst run only polls with LPOP, so the test above never sees it).
+    conn = redis.Redis.from_url(limited.redis_url or "")
+    admin.execute_command("ACL", "LOG", "RESET")  # type: ignore[no-untyped-call]
+    env = {**os.environ, "REDIS_URL": limited.redis_url or "",
+           "DATABASE_URL": limited.database_url or "", "AUTH_SECRET": limited.auth_secret or "",
+           "PYTHONPATH": str(project_root)}
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env,
+                            cwd=project_root, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)  # let it start waiting on its queues before the job arrives
+        job = Queue("persist", connection=conn).enqueue("workers.jobs.sweep_unpersisted", 0.0)
+        deadline = time.monotonic() + 60
+        while job.get_status(refresh=True) != JobStatus.FINISHED:
+            assert time.monotonic() < deadline and proc.poll() is None, job.get_status()
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    assert "NOPERM" not in stderr, stderr[-2000:]
+    conn.close()
+    assert _denied(admin) == [], "a waiting worker ran a command the ACL refuses"
 
 
 SID = "0" * 32

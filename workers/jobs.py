@@ -143,8 +143,7 @@ async def _persist_one(
         )
         return "lost", 0
     try:
-        return "sessions", await history_db.persist(
-            conn, sid, owner.decode(), json.loads(history)
-        )
+        done = await history_db.persist(conn, sid, owner.decode(), json.loads(history))
+        return "sessions", done.inserted
     except NotFound:  # tombstoned between our read and the persist
         return "deleted", 0

@@ -2,7 +2,8 @@
 
 `extract_memories(sid)` mines the messages after the content-hash cursor:
 
-1. take `memory-task-lock:{sid}` with a fresh random token (held: skip);
+1. take `memory-task-lock:{sid}` with the rq job's id as token (held by another:
+   skip; held by an earlier run of this very job, whose worker died: take over);
 2. read cursor, summary and history; the delta is what follows the message whose
    `hash` is the cursor (found in the Redis history, else its seq is looked up in
    PostgreSQL, which keeps every message after older ones were collapsed);
@@ -38,6 +39,7 @@ from typing import Any
 
 import psycopg
 import redis
+from rq.job import Job, get_current_job
 
 from app.chat import context
 from app.embeddings import Embedder, shared_embedder
@@ -73,7 +75,7 @@ def extract_memories(sid: str) -> dict[str, Any]:
         with pg_connect(settings.database_url or "", autocommit=True) as pg:
             embedder = shared_embedder(settings.embedding_model)
             result = run_extraction(client, pg, sid, settings, make_extractor(settings), embedder,
-                                    sessions=sessions)
+                                    token=lock_token(get_current_job()), sessions=sessions)
         if result.get("skipped") == "locked":
             # The holder may be dead: look again once its lock has run out.
             left_ms = max(int(sessions.pttl(keys.memory_lock(sid))), 0)
@@ -84,6 +86,15 @@ def extract_memories(sid: str) -> dict[str, Any]:
         if sessions is not client:
             sessions.close()
         client.close()
+
+
+def lock_token(job: Job | None) -> str | None:
+    """The lock token of a run under rq: its job's id, so a retry of a run whose worker
+    died mid-job (rq re-runs it once the worker's heartbeat lapses) takes over the
+    lock the dead run left instead of waiting out its TTL (MEMORY_LOCK_TTL_SECONDS):
+    rq re-runs a job only when no live worker holds it, and a job id waits behind a
+    started job of the same id (`app.memory.queue`). Outside rq: random."""
+    return f"job:{job.id}" if job is not None else None
 
 
 def read_history(

@@ -12,6 +12,9 @@ from app.sessions.routes import caller
 
 async def stats(request: Request) -> JSONResponse:
     state, _user = caller(request)
+    cache = state.turn_deps.router.cache
+    if cache is not None:  # this node's counts of the last second, written first
+        await cache.flush_counts()
     return JSONResponse({"tools": await cache_stats(state.redis, state.pg)})
 
 

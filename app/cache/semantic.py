@@ -41,7 +41,7 @@ import logging
 import random
 import re
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +75,8 @@ EF_RUNTIME = 200
 _SCOPE_ID = keys.USER_ID
 _TOOL = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
+# Lookup counters are written to Redis at most this often (one pipeline for all tools).
+COUNTS_FLUSH_SECONDS = 1.0
 
 def threshold_key(tool: str) -> str:
     """`cache-threshold:<tool>`: the tool's AdaptiveThreshold state (hash, no TTL)."""
@@ -184,6 +186,8 @@ class SemanticCache:
         # Vectors `lookup` had to make itself, handed on to the `store` after the miss.
         self._pending: OrderedDict[str, Vector] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._counts: Counter[tuple[str, str]] = Counter()  # (tool, field) -> not yet written
+        self._flusher: asyncio.Task[None] | None = None
 
     def needs_vector(self, tool: Tool, arguments: dict[str, Any], query: str) -> bool:
         """False when this process recently stored or served this exact call (any scope)."""
@@ -220,7 +224,7 @@ class SemanticCache:
         elif kind == "exact_hits":
             self._remember(memo, tool.policy)
         # Counters and the audit enqueue never hold up the caller.
-        self._background(self._count(name, hit, kind))
+        self._count(name, hit, kind)
         if hit is not None:
             self._background(self._maybe_audit(name, hit, arguments, ctx))
         return hit
@@ -256,9 +260,13 @@ class SemanticCache:
         task.add_done_callback(self._tasks.discard)
 
     async def drain(self) -> None:
-        """Wait for the counters and audit enqueues still in flight (tests, shutdown)."""
+        """Write the counts now and wait for audit enqueues still in flight (tests,
+        shutdown)."""
+        if self._flusher is not None:
+            self._flusher.cancel()  # no need to wait out its pause: flushed below
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.flush_counts()
 
     async def store(
         self, tool: Tool, arguments: dict[str, Any], query: str, vector: Vector | None,
@@ -357,20 +365,40 @@ class SemanticCache:
         while len(self._memo) > MEMO_SIZE:
             self._memo.popitem(last=False)
 
-    async def _count(self, tool: str, hit: CacheHit | None, kind: str) -> None:
+    def _count(self, tool: str, hit: CacheHit | None, kind: str) -> None:
+        """Counted in memory and written at most every COUNTS_FLUSH_SECONDS in one round
+        trip for all tools: a task and a round trip per lookup cost more CPU than the
+        lookup itself. A crash loses at most that second of counts (they are statistics)."""
+        counts = self._counts
+        counts[tool, "lookups"] += 1
+        if hit is None:
+            counts[tool, "misses"] += 1
+        else:
+            counts[tool, "hits"] += 1
+            if kind == "exact_hits":
+                counts[tool, "exact_hits"] += 1
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_later())
+            self._tasks.add(self._flusher)
+            self._flusher.add_done_callback(self._tasks.discard)
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(COUNTS_FLUSH_SECONDS)
+        await self.flush_counts()
+
+    async def flush_counts(self) -> None:
+        """Write the counts gathered since the last flush (the stats route calls it)."""
+        counts, self._counts = self._counts, Counter()
+        if not counts:
+            return
         try:
             pipe = self.redis.pipeline(transaction=False)
-            stats = keys.cache_stats(tool)
-            pipe.hincrby(stats, "lookups", 1)
-            if hit is None:
-                pipe.hincrby(stats, "misses", 1)
-            else:
-                pipe.hincrby(stats, "hits", 1)
-                if kind == "exact_hits":
-                    pipe.hincrby(stats, "exact_hits", 1)
+            for (tool, field), n in counts.items():
+                pipe.hincrby(keys.cache_stats(tool), field, n)
             await pipe.execute()
         except rexc.RedisError as e:
-            log.warning("cache counters for %s not updated: %s", tool, e)
+            log.warning("cache counters not updated (%d increments dropped): %s",
+                        sum(counts.values()), e)
 
     async def _maybe_audit(
         self, tool: str, hit: CacheHit, arguments: dict[str, Any], ctx: ToolContext

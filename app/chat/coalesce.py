@@ -11,8 +11,10 @@ joined, never cut or altered: the concatenation is byte-identical.
 
 The provider's stream is read by a task of its own (cancelled when the
 consumer stops), because a timer cannot interrupt an `await` on the stream
-itself without cancelling the stream. A window of 0 passes every item through
-as it comes, with no task.
+itself without cancelling the stream. That task does the gathering, and hands
+over only what is to be sent: the consumer wakes once per merged delta, not
+once per token. A window of 0 passes every item through as it comes, with no
+task.
 """
 
 from __future__ import annotations
@@ -46,50 +48,53 @@ async def coalesce(
     window = window_ms / 1000
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[ProviderEvent | _End | _Failed] = asyncio.Queue()
+    pending: list[str] = []
+    sent_at = float("-inf")
+    timer: asyncio.TimerHandle | None = None
+
+    def send() -> None:
+        """Hand the gathered text over as one delta (also the timer's callback)."""
+        nonlocal sent_at, timer
+        if timer is not None:
+            timer.cancel()
+            timer = None
+        if pending:
+            queue.put_nowait(TextDelta("".join(pending)))
+            pending.clear()
+            sent_at = loop.time()
 
     async def pump() -> None:
+        nonlocal timer
         try:
             async for item in items:
+                if isinstance(item, TextDelta):
+                    pending.append(item.text)
+                    if loop.time() - sent_at >= window:
+                        send()
+                    elif timer is None:  # the model may pause: send by the window's end
+                        timer = loop.call_at(sent_at + window, send)
+                    continue
+                send()
                 queue.put_nowait(item)
         except Exception as exc:  # the consumer raises it, in order, after the text before it
+            send()
             queue.put_nowait(_Failed(exc))
             return
+        send()
         queue.put_nowait(_END)
 
     reader = asyncio.create_task(pump(), name="model-stream")
-    pending: list[str] = []
-    sent_at = float("-inf")
     try:
         while True:
-            if pending:
-                try:
-                    async with asyncio.timeout_at(sent_at + window):
-                        got = await queue.get()
-                except TimeoutError:  # the model paused: send what it said so far
-                    yield TextDelta("".join(pending))
-                    pending.clear()
-                    sent_at = loop.time()
-                    continue
-            else:
-                got = await queue.get()
-            if isinstance(got, TextDelta):
-                pending.append(got.text)
-                now = loop.time()
-                if now - sent_at >= window:
-                    yield TextDelta("".join(pending))
-                    pending.clear()
-                    sent_at = now
-                continue
-            if pending:
-                yield TextDelta("".join(pending))
-                pending.clear()
-                sent_at = loop.time()
+            got = await queue.get()
             if isinstance(got, _End):
                 return
             if isinstance(got, _Failed):
                 raise got.exc
             yield got
     finally:
+        if timer is not None:
+            timer.cancel()
         reader.cancel()
         # Closes the provider's stream (its HTTP response) before the turn goes on.
         await asyncio.gather(reader, return_exceptions=True)

@@ -84,9 +84,18 @@ async def post_message(request: Request) -> EventSourceResponse:
     task.add_done_callback(state.turns.discard)
 
     async def stream() -> AsyncIterator[bytes]:
-        while (event := await queue.get()) is not None:
-            yield event.sse()
-            if event.event in event_log.TERMINAL:
+        while True:
+            # Events that queued up meanwhile go out in one write (one send, one syscall).
+            frames = []
+            event = await queue.get()
+            while event is not None:
+                frames.append(event.sse())
+                if event.event in event_log.TERMINAL or queue.empty():
+                    break
+                event = queue.get_nowait()
+            if frames:
+                yield b"".join(frames)
+            if event is None or event.event in event_log.TERMINAL:
                 return  # the turn still persists in its task; the client need not wait
 
     return EventSourceResponse(stream(), ping=PING_SECONDS, headers=HEADERS)

@@ -17,11 +17,11 @@ persisted to PostgreSQL in a shielded `finally`, and the after-turn hooks run
 marked unpersisted and the sweep writes it later.
 
 A session deleted mid-turn (`DELETE /v1/sessions/{sid}`) stops the turn: the
-fence is checked every FENCE_CHECK_SECONDS while the model streams, and the
-next append refuses anyway. The turn ends with an `error` event, code
-`session_deleted`; its
-persist is refused by the tombstone, no after-turn hook runs (no extraction),
-and the turn's event stream is removed once its last event is written.
+event writer looks for the fence every FENCE_CHECK_SECONDS while the model
+streams (in the batches it sends anyway), and the next append refuses anyway.
+The turn ends with an `error` event, code `session_deleted`; its persist is
+refused by the tombstone, no after-turn hook runs (no extraction), and the
+turn's event stream is removed once its last event is written.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from app.errors import BackboneError, NotFound, translate
 from app.llm.base import Provider, StreamEnd, TextDelta, ToolCall, ToolCallRequest
 from app.ops import logs, metrics
 from app.sessions import messages
+from app.sessions.history_db import session_deleted_error
 from app.sessions.messages import Message
 from app.sessions.store import Sessions
 from app.stores import keys
@@ -51,9 +52,6 @@ from app.tools.base import ToolContext
 log = logging.getLogger("backbone.turn")
 
 MAX_STEPS = 6
-# While the model streams, how often the turn looks for a delete fence: a deleted
-# session stops paying for tokens within this, at one EXISTS per interval.
-FENCE_CHECK_SECONDS = 0.5
 # Text deltas merged into one `message.delta` at most this often (STREAM_COALESCE_MS).
 COALESCE_MS = 25
 Recall = Callable[[str, str], Awaitable[list[str]]]
@@ -135,7 +133,6 @@ class Turn:
             usage: dict[str, int] = {}
             model = coalesce(self.deps.provider.stream(prompt, tools), self.coalesce_ms)
             async with aclosing(model) as stream:
-                fence_checked = time.monotonic()
                 while True:
                     waited = time.perf_counter()
                     try:
@@ -144,9 +141,8 @@ class Turn:
                         break
                     finally:
                         self.timing.model_ms += (time.perf_counter() - waited) * 1000
-                    if time.monotonic() - fence_checked >= FENCE_CHECK_SECONDS:
-                        fence_checked = time.monotonic()
-                        await self.deps.sessions.check_not_deleted(self.sid)
+                    if self.log.deleted:  # the event writer saw the delete fence
+                        raise session_deleted_error()
                     if isinstance(item, TextDelta):
                         text.append(item.text)
                         yield self.log.emit("message.delta", {"text": item.text})

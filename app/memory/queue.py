@@ -41,6 +41,11 @@ def enqueue_extraction(client: redis.Redis, sid: str, *, queue: str = QUEUE) -> 
     for jid in job_ids(sid):
         job = q.fetch_job(jid)
         status = job.get_status(refresh=False) if job is not None else None
+        if job is not None and status == JobStatus.QUEUED and _dropped(q, jid):
+            q.enqueue_job(job)
+            log.warning("memory job %s was queued but in no queue (its worker died as it "
+                        "dequeued it): queued again", jid)
+            return True
         if status in _WAITING:
             return False
         slots.append((jid, job, status))
@@ -58,6 +63,15 @@ def enqueue_extraction(client: redis.Redis, sid: str, *, queue: str = QUEUE) -> 
             return False  # another node enqueued it between our read and our write
         return True
     return False  # both slots running: the next turn enqueues again
+
+
+def _dropped(q: Queue, jid: str) -> bool:
+    """A job whose status says queued but that no list holds: a worker listening on
+    several queues dequeues with BLPOP (rq keeps its intermediate list only for one
+    queue), and one killed before it marked the job started lost it. Left so, the
+    session would never be mined again (its slot looks taken forever)."""
+    conn = q.connection
+    return conn.lpos(q.key, jid) is None and conn.lpos(q.intermediate_queue_key, jid) is None
 
 
 def enqueue_after_lock(client: redis.Redis, sid: str, delay_seconds: float, *,

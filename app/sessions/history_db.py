@@ -65,44 +65,38 @@ async def history_json(conn: AsyncConnection[Any], sid: str, before: int | None 
     return "[" + ",".join(row[0] for row in await cur.fetchall()) + "]"
 
 
-async def has_all_through(conn: AsyncConnection[Any], sid: str, seq: int) -> bool:
-    """True when every message with seq 0..`seq` is persisted (seqs are unique per session)."""
-    cur = await conn.execute(
-        "SELECT count(*) FROM messages WHERE session_id = %s AND seq <= %s", (sid, seq)
-    )
-    row = await cur.fetchone()
-    return row is not None and int(row[0]) == seq + 1
+@dataclass(frozen=True)
+class Persisted:
+    inserted: int  # messages that were new
+    whole: bool  # every message from seq 0 through the last one given is in PostgreSQL
 
 
-async def persist(conn: AsyncConnection[Any], sid: str, user: str, messages: list[Message]) -> int:
-    """Write messages in one transaction; return how many were new.
+async def persist(
+    conn: AsyncConnection[Any], sid: str, user: str, messages: list[Message]
+) -> Persisted:
+    """Write messages, idempotently, in one statement (`persist_turn`, migration 0003:
+    one round trip, its own transaction in autocommit or part of the caller's).
 
     Raises NotFound (code `session_deleted`) and writes nothing when the session
     is tombstoned.
     """
     if not messages:
-        return 0
+        return Persisted(0, True)
     title = next((m["content"] for m in messages if m.get("role") == "user"), None)
-    async with conn.transaction():
-        if await _lock_and_check_deleted(conn, sid):
-            raise session_deleted_error()
-        await insert_session(conn, sid, user)
-        async with conn.cursor() as cur:
-            await cur.executemany(
-                "INSERT INTO messages (session_id, seq, role, content, hash, created_at, body)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (session_id, seq) DO NOTHING",
-                [
-                    (sid, m["seq"], m["role"], m.get("content") or "", m["hash"],
-                     m["created_at"], canonical_json(m))
-                    for m in messages
-                ],
-            )
-            inserted = max(cur.rowcount, 0)
-        await conn.execute(
-            "UPDATE sessions SET updated_at = now(), title = COALESCE(title, %s) WHERE id = %s",
-            (title[:TITLE_CHARS] if title else None, sid),
-        )
-    return inserted
+    cur = await conn.execute(
+        "SELECT inserted, whole FROM persist_turn(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (
+            SESSION_LOCK_SPACE, sid, user, title[:TITLE_CHARS] if title else None,
+            [m["seq"] for m in messages], [m["role"] for m in messages],
+            [m.get("content") or "" for m in messages], [m["hash"] for m in messages],
+            [m["created_at"] for m in messages], [canonical_json(m) for m in messages],
+        ),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    if row[0] < 0:
+        raise session_deleted_error()
+    return Persisted(int(row[0]), bool(row[1]))
 
 
 async def persisted_since(conn: AsyncConnection[Any], sid: str, epoch_seconds: float) -> bool:

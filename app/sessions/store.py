@@ -277,16 +277,15 @@ class Sessions:
         batch = list(messages)
         async with self.pg.connection(timeout=PERSIST_WAIT_SECONDS) as conn:
             try:
-                inserted = await history_db.persist(conn, sid, user, batch)
+                done = await history_db.persist(conn, sid, user, batch)
             except NotFound:
                 await self.redis.zrem(keys.unpersisted(sid), sid)
                 raise
-            # An earlier turn whose persist failed is only in Redis: keep the mark,
-            # so the sweep (which writes the whole history) persists it.
-            whole = not batch or await history_db.has_all_through(conn, sid, batch[-1]["seq"])
-        if score is not None and whole:
+        # An earlier turn whose persist failed is only in Redis: keep the mark (not
+        # `whole`), so the sweep (which writes the whole history) persists it.
+        if score is not None and done.whole:
             await scripts.arun(self.redis, scripts.clear_unpersisted(sid, score))
-        return inserted
+        return done.inserted
 
     async def delete(self, sid: str, user: str) -> None:
         """Fence the session, then remove it from both stores with its memory keys and
