@@ -66,6 +66,10 @@ class CountingEmbedder(Embedder):
         self.inner = shared_embedder()
         self.calls = 0
 
+    @property
+    def model_id(self) -> str:
+        return self.inner.model_id
+
     def embed(self, text: str) -> Vector:
         self.calls += 1
         return self.inner.embed(text)
