@@ -70,7 +70,8 @@ class ToolRouter:
     async def _run(self, tool: Tool, call: ToolCall, ctx: ToolContext, started: float) -> Routed:
         query = tool.query_text(call.arguments)
         vector: Vector | None = None
-        cache = self.cache if tool.policy is not None and query else None
+        policy = tool.policy
+        cache = self.cache if policy is not None and policy.enabled and query else None
         split = split_of(tool) if cache is not None else None
         units = split.parts(ctx) if split is not None else [tool]
         # The cache may answer from its exact-match fast path without a vector.

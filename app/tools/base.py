@@ -51,6 +51,9 @@ class CachePolicy:
     # The result depends on the knowledge base of the entry's scope: an entry records
     # `kb-version:<scope>` and is never served once that version has moved on.
     versioned: bool = False
+    # False: the tool opts out, its calls bypass the cache (CACHE_SKIP_TOOLS sets it per
+    # deployment); for a tool whose run costs less than a lookup (bench/cache_value.py).
+    enabled: bool = True
 
 
 @dataclass(frozen=True)
