@@ -7,6 +7,7 @@
     backbone doctor             versions, modules, ports, index and table status
     backbone index create|info|drop
     backbone ingest PATH...     chunk + embed files into the knowledge base (idempotent per file)
+    backbone ingest --delete PATH...  remove those documents
     backbone cache stats|clear [--tool T]
     backbone keys [--json]      count, TTL range, memory per key family of the live Redis
     backbone token --user NAME  a bearer token signed with AUTH_SECRET (or .data/auth-secret)
@@ -299,7 +300,11 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
             dropped = indexes.drop_all(client, with_documents=args.with_documents)
             print(f"dropped: {', '.join(dropped) or 'nothing'}")
         else:
-            print(json.dumps(indexes.status(client), indent=2))
+            info: dict[str, dict[str, object]] = indexes.status(client)
+            for name, row in info.items():
+                if row["exists"]:  # which embedding model built what
+                    row["models"] = indexes.models(client, name)
+            print(json.dumps(info, indent=2))
     finally:
         client.close()
     return 0
@@ -309,17 +314,23 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from app.embeddings import shared_embedder
-    from app.kb.ingest import ingest_paths
+    from app.kb.ingest import delete_paths, ingest_paths
 
     with _stores(settings) as resolved:
         prepare(resolved, _dims(resolved))
         client = redis_client(resolved.redis_url or "")
         try:
-            report = ingest_paths(client, shared_embedder(resolved.embedding_model),
-                                  [Path(p) for p in args.paths], scope=args.scope,
-                                  progress=not args.quiet)
+            if args.delete:
+                removed = delete_paths(client, [Path(p) for p in args.paths])
+            else:
+                report = ingest_paths(client, shared_embedder(resolved.embedding_model),
+                                      [Path(p) for p in args.paths], scope=args.scope,
+                                      progress=not args.quiet)
         finally:
             client.close()
+    if args.delete:
+        print(f"{removed} documents removed")
+        return 0
     print(f"{report.files_seen} files: {report.files_ingested} ingested "
           f"({report.chunks_written} chunks), {report.files_unchanged} unchanged")
     return 0
@@ -402,6 +413,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("paths", nargs="+", help="files or folders (.md .markdown .txt .rst)")
     g.add_argument("--scope", default="global", help="global (default) or user:<id>")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--delete", action="store_true",
+                   help="remove the documents ingested from these paths instead")
     g.set_defaults(fn=cmd_ingest)
     c = sub.add_parser("cache", help="semantic cache statistics, or clear it")
     c.add_argument("action", choices=["stats", "clear"])

@@ -117,6 +117,8 @@ class Settings:
     tool_timeout_seconds: float = 10.0
     retrieval_cache_audit_rate: float = 0.05
     cache_audit_min_overlap: float = 0.5
+    # Tools whose calls bypass the semantic cache (bench/cache_value.py: where it does not pay).
+    cache_skip_tools: tuple[str, ...] = ()
     sweep_interval_seconds: int = 30
     rate_limit_messages: int = 30
     rate_limit_window_seconds: int = 60
@@ -161,6 +163,9 @@ class Settings:
                 e, "RETRIEVAL_CACHE_AUDIT_RATE", 0.05, lo=0.0, hi=1.0
             ),
             cache_audit_min_overlap=_float(e, "CACHE_AUDIT_MIN_OVERLAP", 0.5, lo=0.0, hi=1.0),
+            cache_skip_tools=tuple(
+                t.strip() for t in (_str(e, "CACHE_SKIP_TOOLS") or "").split(",") if t.strip()
+            ),
             sweep_interval_seconds=_int(e, "SWEEP_INTERVAL_SECONDS", 30, minimum=1),
             rate_limit_messages=_int(e, "RATE_LIMIT_MESSAGES", 30, minimum=1),
             rate_limit_window_seconds=_int(e, "RATE_LIMIT_WINDOW_SECONDS", 60, minimum=1),

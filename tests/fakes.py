@@ -178,8 +178,9 @@ class FakeOpenAI:
 class FakeSearxng:
     """GET /search?q=...&format=json answering SearxNG's JSON shape."""
 
-    def __init__(self, results: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, results: list[dict[str, Any]] | None = None, delay: float = 0.0) -> None:
         self.results = results if results is not None else []
+        self.delay = delay  # seconds each answer takes: a real engine's latency
         self.failure: Failure | None = None
         self.queries: list[dict[str, str]] = []
         self.closing = threading.Event()
@@ -191,6 +192,8 @@ class FakeSearxng:
     async def _search(self, request: Request) -> Response:
         params = dict(request.query_params)
         self.queries.append(params)
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.failure is not None:
             body = self.failure.body
             if isinstance(body, str):

@@ -143,9 +143,9 @@ def test_every_id_tag_of_the_production_indexes_is_case_sensitive(r: redis.Redis
             if flat[flat.index("type") + 1] == "TAG":
                 tags[f"{name}.{flat[1]}"] = "CASESENSITIVE" in flat
     assert tags == {
-        "cache.tool": True, "cache.scope": True,
-        "kb.doc": True, "kb.scope": True, "kb.source": True,
-        "memory.user": True, "memory.kind": True,
+        "cache.tool": True, "cache.scope": True, "cache.model": True,
+        "kb.doc": True, "kb.scope": True, "kb.source": True, "kb.model": True,
+        "memory.user": True, "memory.kind": True, "memory.model": True,
     }  # fmt: skip
 
 
@@ -294,8 +294,9 @@ def test_a_cache_entry_of_Alice_under_alices_exact_key_is_a_logged_miss(
     tool = CountingTool(scope="user")
     args = {"query": QUESTION}
     (first,) = cache_ask(settings, tool, [(upper, QUESTION)])
-    theirs = entry_key(tool.spec.name, f"user:{upper}", args, QUESTION)
-    mine = entry_key(tool.spec.name, f"user:{lower}", args, QUESTION)
+    model = shared_embedder().model_id
+    theirs = entry_key(tool.spec.name, f"user:{upper}", args, QUESTION, model=model)
+    mine = entry_key(tool.spec.name, f"user:{lower}", args, QUESTION, model=model)
     assert theirs != mine  # the scope is in the key hash: the plain path never meets
     # The exact path reads a key, not an index: put Alice's entry where alice's would be.
     r.copy(theirs, mine, replace=True)
@@ -360,3 +361,66 @@ def test_Alices_memory_never_suppresses_alices_identical_one_as_a_duplicate(
         "SELECT user_id FROM memories WHERE user_id IN (%s, %s, %s, %s)",
         (upper, lower, upper2, lower2))}  # fmt: skip
     assert users == {upper, lower, upper2, lower2}
+
+
+# ---- kb_search through the cache: the global part is shared, the private part never -----
+
+
+def kb_cached(settings: Settings, calls: list[tuple[str, str]]) -> list[Routed]:
+    """kb_search through the real router and cache, each (user, question) in order."""
+    emb = CountingEmbedder()
+
+    async def main() -> list[Routed]:
+        client = async_redis_client(settings.redis_url or "")
+        try:
+            cache = SemanticCache(client, settings, embedder=emb)
+            router = ToolRouter({"kb_search": KbSearch(client, emb)}, emb, 30.0, cache=cache)
+            out = []
+            for i, (user, question) in enumerate(calls):
+                call = ToolCall(id=f"c{i}", name="kb_search", arguments={"query": question})
+                out.append(await router.run(call, ToolContext(user)))
+            await cache.drain()
+            return out
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def test_every_user_is_served_alices_cached_global_retrieval_and_never_her_private_passage(
+    settings: Settings, r: redis.Redis, embedder: Embedder, pair: tuple[str, str],
+    tmp_path: Path, user: str,
+) -> None:
+    upper, lower = pair
+    tower = f"Vardo{uuid.uuid4().hex[:6]}"
+    question = f"Where is the spare key to the {tower} lamp room?"
+    public, private = tmp_path / "public", tmp_path / "private"
+    public.mkdir()
+    private.mkdir()
+    (public / f"{tower}.md").write_text(
+        f"# {tower} lamp room\n\nVisitors to the {tower} lamp room ask the harbour office "
+        "for the visitors' key; the spare key is never lent out.\n")
+    (private / f"{tower}.md").write_text(DOC.replace("lamp room", f"{tower} lamp room"))
+    ingest_paths(r, embedder, [public], progress=False)
+    ingest_paths(r, embedder, [private], scope=f"user:{upper}", progress=False)
+
+    (own,) = kb_cached(settings, [(upper, question)])
+    assert "blue step" in own.result.content and "harbour office" in own.result.content
+    assert dict(own.parts) == {"global": False, "user": False}
+
+    others = {
+        "case variant": lower,
+        "UPPER": upper.upper(),
+        "fresh": user,
+        "tag syntax": f"x.{upper}@example-org.com",
+    }
+    got = kb_cached(settings, [(other, question) for other in others.values()])
+    for (who, _), routed in zip(others.items(), got, strict=True):
+        assert dict(routed.parts) == {"global": True, "user": False}, who  # shared, own missed
+        assert "harbour office" in routed.result.content, who
+        assert "blue step" not in routed.result.content and SECRET not in routed.result.content
+
+    for lookalike in ("\u0430" + lower[1:], "\uff41" + lower[1:], lower + "\u200b"):
+        (odd,) = kb_cached(settings, [(lookalike, question)])
+        assert odd.result.error is not None and not odd.cached, lookalike  # refused, not folded
+        assert "blue step" not in odd.result.content

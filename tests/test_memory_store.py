@@ -86,7 +86,8 @@ def test_a_different_fact_of_the_same_kind_is_a_new_memory(
     out = store.write(user, None, [Fact("location", "lives in Porto")])
     assert out.inserted == 1
     assert [c for _, _, c in rows(pg, user)] == ["lives in Lisbon", "lives in Porto"]
-    near = nearest(r, embedder.embed("lives in Lisbon"), user, "location", k=2)
+    near = nearest(r, embedder.embed("lives in Lisbon"), user, "location", k=2,
+                   model=embedder.model_id)
     assert near[0].content == "lives in Lisbon" and near[0].distance < 0.01
     assert near[1].distance > store.merge_distance
 

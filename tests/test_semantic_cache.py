@@ -66,6 +66,10 @@ class CountingEmbedder(Embedder):
         self.inner = shared_embedder()
         self.calls = 0
 
+    @property
+    def model_id(self) -> str:
+        return self.inner.model_id
+
     def embed(self, text: str) -> Vector:
         self.calls += 1
         return self.inner.embed(text)
@@ -335,3 +339,14 @@ def test_a_probe_reports_the_candidate_it_judged_even_on_a_miss(
     exact = probe(settings, tool, user, "how many replicas does redis need for 3 shards")
     assert exact is not None and exact.exact_entry and exact.hit is not None
     assert exact.candidate == "How many replicas does Redis need for 3 shards?"
+
+
+def test_a_tool_that_opts_out_is_never_cached(
+    settings: Settings, r: redis.Redis, user: str
+) -> None:
+    tool = CountingTool()
+    assert tool.policy is not None
+    tool.policy = dataclasses.replace(tool.policy, enabled=False)
+    routed = ask(settings, tool, [(user, "Is the east pier open?")] * 2)
+    assert [x.cached for x in routed] == [False, False] and tool.runs == 2
+    assert list(r.scan_iter(match=f"{keys.cache_prefix(tool.spec.name)}*")) == []

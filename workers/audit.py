@@ -34,7 +34,7 @@ from app.embeddings import shared_embedder
 from app.settings import Settings
 from app.stores.clients import async_redis_client, redis_client
 from app.tools import make_tools
-from app.tools.base import CachePolicy, ToolContext, ToolResult
+from app.tools.base import CachePolicy, ToolContext, ToolResult, split_of
 
 log = logging.getLogger("backbone.audit")
 
@@ -62,7 +62,8 @@ def overlap(cached: ToolResult, fresh: ToolResult) -> float:
 
 
 async def _run_tool(
-    settings: Settings, tool: str, arguments: dict[str, Any], ctx: ToolContext
+    settings: Settings, tool: str, arguments: dict[str, Any], ctx: ToolContext,
+    part: str | None = None,
 ) -> tuple[ToolResult, CachePolicy | None] | None:
     client = async_redis_client(settings.redis_url or "")
     try:
@@ -70,6 +71,12 @@ async def _run_tool(
         found = tools.get(tool)
         if found is None:
             return None
+        split = split_of(found)
+        if split is not None:  # the entry holds one part: compare it with that part afresh
+            parts = [p for p in split.parts(ctx) if p.policy and p.policy.scope == part]
+            if not parts:
+                return None
+            found = parts[0]
         return await found.run(arguments, ctx), found.policy
     finally:
         await client.aclose()
@@ -122,25 +129,26 @@ def audit_cache_entry(
     user_id: str,
     distance: float,
     tenant_id: str | None = None,
+    part: str | None = None,
 ) -> dict[str, Any]:
     """Audit one served entry; return what was found (status, overlap, invalidated)."""
     settings = Settings.from_env()
     client = redis_client(settings.redis_url or "")
     try:
         return _audit(client, settings, entry_key, tool, arguments,
-                      ToolContext(user_id, tenant_id), distance)  # fmt: skip
+                      ToolContext(user_id, tenant_id), distance, part)  # fmt: skip
     finally:
         client.close()
 
 
 def _audit(
     client: redis.Redis, settings: Settings, key: str, tool: str, arguments: dict[str, Any],
-    ctx: ToolContext, distance: float,
+    ctx: ToolContext, distance: float, part: str | None = None,
 ) -> dict[str, Any]:
     raw, created_at = client.hmget(key, ["result", "created_at"])
     if raw is None:
         return {"status": "gone", "entry_key": key}
-    ran = asyncio.run(_run_tool(settings, tool, arguments, ctx))
+    ran = asyncio.run(_run_tool(settings, tool, arguments, ctx, part))
     if ran is None or ran[1] is None:
         log.warning("cache audit of %s: tool %r is not offered here", key, tool)
         return {"status": "unknown_tool", "entry_key": key}

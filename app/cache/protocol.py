@@ -21,6 +21,14 @@ class CacheHit:
     tool_ms: float
 
 
+@dataclass(frozen=True)
+class Flight:
+    """A miss's place in the single flight of its call (`app.cache.flight`)."""
+
+    hit: CacheHit | None = None  # the result another caller's run stored while this one waited
+    claim: Any = None  # the lock this caller holds while it runs the tool; `Cache.land` drops it
+
+
 class Cache(Protocol):
     async def lookup(
         self, tool: Tool, arguments: dict[str, Any], query: str, vector: Vector | None,
@@ -35,3 +43,15 @@ class Cache(Protocol):
     def needs_vector(self, tool: Tool, arguments: dict[str, Any], query: str) -> bool: ...
 
     async def flush_counts(self) -> None: ...
+
+    async def join_flight(
+        self, tool: Tool, arguments: dict[str, Any], query: str, ctx: ToolContext,
+        *, wait_seconds: float, lock_seconds: float,
+    ) -> Flight:
+        """After a miss: lead the call's one run (`claim` set), or wait up to `wait_seconds`
+        for the leader's result (`hit`); neither: run the tool unled."""
+        ...
+
+    async def land(self, flight: Flight) -> None:
+        """Release what `join_flight` claimed, after the result is stored (or the run failed)."""
+        ...

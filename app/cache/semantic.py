@@ -1,6 +1,6 @@
 """The semantic cache in front of tools and retrieval (the router's `Cache`).
 
-One entry is one hash `cache:<tool>:<sha256(scope + canonical arguments)>`
+One entry is one hash `cache:<tool>:<sha256(scope + model + canonical arguments)>`
 indexed by `idx:cache`. A lookup tries, in one round trip:
 
 1. the exact entry (same scope, same canonical arguments): served without
@@ -8,6 +8,13 @@ indexed by `idx:cache`. A lookup tries, in one round trip:
 2. else the single nearest entry of the same tool *and* the same scope
    (`KNN 1` behind a TAG pre-filter), served when its distance is within the
    tool's current threshold and `cache_decision.decide` agrees on the texts.
+
+Both paths see only entries of the embedding model in use (its id is in the key
+hash and in the KNN filter), so vectors of two models are never compared. For a
+`versioned` policy (kb_search's parts) the same round trip reads
+`kb-version:<scope>`; an entry records the version read before its tool ran,
+and one older than the current is never served: it is a miss, and the lookup
+unlinks it.
 
 The scope is part of both the key hash and the KNN filter, so an entry is
 never served outside it: a `user`-scoped result reaches only that user, even
@@ -35,6 +42,7 @@ call: a Redis error on lookup is a miss, on store is a skipped store.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -50,8 +58,9 @@ import numpy as np
 import redis.asyncio as aredis
 import redis.exceptions as rexc
 
+from app.cache import flight
 from app.cache.decision import AdaptiveThreshold, Decision, HitPolicy, canonical_text, decide
-from app.cache.protocol import CacheHit
+from app.cache.protocol import CacheHit, Flight
 from app.embeddings import Embedder, Vector, shared_embedder
 from app.settings import Settings
 from app.stores import keys
@@ -62,8 +71,8 @@ from app.tools.kb_search import escape_tag, parse_search_reply
 log = logging.getLogger("backbone.cache")
 
 AuditEnqueuer = Callable[[dict[str, Any]], None]
-ENTRY_FIELDS = ("result", "tool_ms", "scope", "query")
-KNN_FIELDS = ("query", "scope", "result", "tool_ms", "distance")
+ENTRY_FIELDS = ("result", "tool_ms", "scope", "query", "version")
+KNN_FIELDS = ("query", "scope", "result", "tool_ms", "version", "distance")
 # Entries this process stored or served exactly: `needs_vector` is sync and must not
 # wait on Redis, so it trusts this memo and `lookup` still checks the key itself.
 MEMO_SIZE = 4096
@@ -100,19 +109,27 @@ def canonical_arguments(arguments: Mapping[str, Any], query: str) -> str:
     return json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def entry_key(tool: str, scope: str, arguments: Mapping[str, Any], query: str) -> str:
-    digest = hashlib.sha256(
-        f"{scope}\n{canonical_arguments(arguments, query)}".encode()
-    ).hexdigest()
-    return keys.cache_entry(tool, digest)
+def entry_digest(scope: str, arguments: Mapping[str, Any], query: str, model: str) -> str:
+    """The hash both the entry and its single-flight lock are named by."""
+    basis = f"{scope}\n{model}\n{canonical_arguments(arguments, query)}"
+    return hashlib.sha256(basis.encode()).hexdigest()
 
 
-def knn_command(index: str, tool: str, scope: str, vector: Vector) -> tuple[Any, ...]:
-    """The nearest entry of one tool in one scope: the FT.SEARCH every lookup runs."""
+def entry_key(
+    tool: str, scope: str, arguments: Mapping[str, Any], query: str, *, model: str
+) -> str:
+    return keys.cache_entry(tool, entry_digest(scope, arguments, query, model))
+
+
+def knn_command(
+    index: str, tool: str, scope: str, vector: Vector, model: str
+) -> tuple[Any, ...]:
+    """The nearest entry of one tool in one scope and model: the FT.SEARCH every lookup runs."""
     blob = np.asarray(vector, dtype=np.float32).tobytes()
     return (
         "FT.SEARCH", index,
-        f"(@tool:{{{escape_tag(tool)}}} @scope:{{{escape_tag(scope)}}})"
+        f"(@tool:{{{escape_tag(tool)}}} @scope:{{{escape_tag(scope)}}}"
+        f" @model:{{{escape_tag(model)}}})"
         "=>[KNN 1 @embedding $vec EF_RUNTIME $ef AS distance]",
         "PARAMS", 4, "vec", blob, "ef", EF_RUNTIME,
         "SORTBY", "distance", "ASC",
@@ -145,6 +162,14 @@ def _s(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def _version(value: Any) -> int:
+    """A stored or current version; an entry without one (stored before versions) is -1."""
+    try:
+        return int(_s(value)) if value is not None else -1
+    except ValueError:
+        return -1
+
+
 @dataclass(frozen=True)
 class Probe:
     """One lookup's finding, hit or not: the candidate entry the decision judged (None when
@@ -156,6 +181,9 @@ class Probe:
     decision: Decision
     hit: CacheHit | None
     exact_entry: bool = False  # found by the exact key, not the KNN
+    # A neighbour older than its scope's knowledge base, for `lookup` to unlink (an old
+    # entry under the caller's own key is left to the store that follows the miss).
+    stale: str | None = None
 
 
 _NOTHING = Decision(False, 0.0, "no candidate")
@@ -185,6 +213,9 @@ class SemanticCache:
         self._memo: OrderedDict[str, float] = OrderedDict()  # call -> monotonic expiry
         # Vectors `lookup` had to make itself, handed on to the `store` after the miss.
         self._pending: OrderedDict[str, Vector] = OrderedDict()
+        # entry key -> the oldest kb version a lookup read for it: the version the
+        # `store` after the miss records (the tool ran on data at least that new).
+        self._observed: OrderedDict[str, int] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._counts: Counter[tuple[str, str]] = Counter()  # (tool, field) -> not yet written
         self._flusher: asyncio.Task[None] | None = None
@@ -217,6 +248,8 @@ class SemanticCache:
             return None
         if found is None:
             return None
+        if found.stale is not None:
+            self._background(self._unlink(found.stale))
         hit = found.hit
         kind = "exact_hits" if found.exact_entry else "hits"
         if hit is None:
@@ -226,7 +259,7 @@ class SemanticCache:
         # Counters and the audit enqueue never hold up the caller.
         self._count(name, hit, kind)
         if hit is not None:
-            self._background(self._maybe_audit(name, hit, arguments, ctx))
+            self._background(self._maybe_audit(name, hit, arguments, ctx, tool.policy.scope))
         return hit
 
     async def probe(
@@ -240,19 +273,27 @@ class SemanticCache:
         if policy is None or scope is None or self._memo_key(tool, arguments, query) is None:
             return None
         name = tool.spec.name
-        key = entry_key(name, scope, arguments, query)
-        replies = await self._fetch(name, scope, key, vector)
-        found = self._exact(key, replies[0], scope)
-        if found is not None:
+        key = self._key(name, scope, arguments, query)
+        version = keys.kb_version(scope) if policy.versioned else None
+        replies = await self._fetch(name, scope, key, vector, version)
+        current = self._observe(key, replies[2]) if version is not None else None
+        found = self._exact(key, replies[0], scope, current)
+        if found is not None and found.hit is not None:
             return found
         if vector is None:  # the memo was wrong for this caller: embed after all
             vector = await self.embedder.aembed(query)
             self._pending[key] = vector
             while len(self._pending) > 64:  # stores that never came (tool failed)
                 self._pending.popitem(last=False)
-            replies = await self._fetch(name, scope, key, vector)
+            replies = await self._fetch(name, scope, key, vector, version)
+            current = self._observe(key, replies[2]) if version is not None else None
         threshold = threshold_state(replies[1], policy)
-        return self._nearest(query, replies[2], threshold, scope)
+        near = self._nearest(query, replies[3], threshold, scope, current)
+        if near.stale == key:
+            # This caller's own key: the store after the miss replaces it. Unlinking it
+            # in the background could remove that fresh result instead.
+            return dataclasses.replace(near, stale=None)
+        return near
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -277,11 +318,15 @@ class SemanticCache:
         memo = self._memo_key(tool, arguments, query)
         if policy is None or scope is None or memo is None or result.error is not None:
             return
-        key = entry_key(tool.spec.name, scope, arguments, query)
+        key = self._key(tool.spec.name, scope, arguments, query)
         vector = self._pending.pop(key, vector)
+        version = self._observed.pop(key, None)
+        if policy.versioned and version is None:
+            return  # no lookup read the version this result was computed on: not safe
         fields: dict[str, str | bytes | float] = {
             "tool": tool.spec.name,
             "scope": scope,
+            "model": self.embedder.model_id,
             # As asked: `decide` needs the capitals, apostrophes and digit groups.
             "query": query,
             "created_at": time.time(),
@@ -289,6 +334,8 @@ class SemanticCache:
             "tool_ms": tool_ms,
             "args": json.dumps(arguments, sort_keys=True, default=str),
         }
+        if version is not None:
+            fields["version"] = version
         if vector is not None:
             # Without a vector the entry still serves exact repeats, just not neighbours.
             fields["embedding"] = np.asarray(vector, dtype=np.float32).tobytes()
@@ -302,18 +349,92 @@ class SemanticCache:
             return
         self._remember(memo, policy)
 
-    async def _fetch(self, tool: str, scope: str, key: str, vector: Vector | None) -> list[Any]:
-        """[exact entry fields, threshold state, KNN reply or None], in one round trip."""
+    def _key(self, tool: str, scope: str, arguments: Mapping[str, Any], query: str) -> str:
+        return entry_key(tool, scope, arguments, query, model=self.embedder.model_id)
+
+    async def join_flight(
+        self, tool: Tool, arguments: dict[str, Any], query: str, ctx: ToolContext,
+        *, wait_seconds: float, lock_seconds: float,
+    ) -> Flight:
+        policy = tool.policy
+        scope = scope_value(policy, ctx) if policy is not None else None
+        if policy is None or scope is None or self._memo_key(tool, arguments, query) is None:
+            return Flight()
+        name = tool.spec.name
+        digest = entry_digest(scope, arguments, query, self.embedder.model_id)
+        key, lock = keys.cache_entry(name, digest), keys.cache_flight(name, digest)
+        version = keys.kb_version(scope) if policy.versioned else None
+
+        async def poll() -> tuple[CacheHit | None, bool]:
+            return await self._poll(key, scope, lock, version)
+
+        try:
+            held = await flight.claim(self.redis, lock, lock_seconds)
+            if held.leader:
+                hit, _ = await poll()  # stored between this caller's lookup and its claim?
+                if hit is None:
+                    return Flight(claim=held)
+                await flight.release(self.redis, held)
+            else:
+                hit = await flight.wait(poll, wait_seconds)
+        except rexc.RedisError as e:
+            log.warning("single flight for %s unavailable, running the tool: %s", name, e)
+            return Flight()
+        if hit is not None:
+            self._count(name, hit, "flight_hits")
+        return Flight(hit=hit)
+
+    async def land(self, flight_: Flight) -> None:
+        if isinstance(flight_.claim, flight.Claim):
+            try:
+                await flight.release(self.redis, flight_.claim)
+            except rexc.RedisError as e:  # the lock expires on its own
+                log.warning("single-flight lock %s left to expire: %s", flight_.claim.lock, e)
+
+    async def _poll(
+        self, key: str, scope: str, lock: str, version: str | None
+    ) -> tuple[CacheHit | None, bool]:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(key, list(ENTRY_FIELDS))
+        pipe.exists(lock)
+        if version is not None:
+            pipe.get(version)
+        entry, held, *current = await pipe.execute()
+        now = max(_version(current[0]), 0) if current else None
+        found = self._exact(key, entry, scope, now)
+        return (found.hit if found is not None else None), bool(held)
+
+    async def _fetch(
+        self, tool: str, scope: str, key: str, vector: Vector | None, version: str | None
+    ) -> list[Any]:
+        """[exact entry fields, threshold state, current version or None, KNN reply or
+        None], in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(key, list(ENTRY_FIELDS))
         pipe.hgetall(threshold_key(tool))
+        if version is not None:
+            pipe.get(version)
         if vector is not None:
             pipe.execute_command(*self._knn(tool, scope, vector))
         replies: list[Any] = await pipe.execute(raise_on_error=False)
-        for reply in replies[:2]:
+        fixed = 3 if version is not None else 2
+        for reply in replies[:fixed]:
             if isinstance(reply, Exception):
                 raise reply
+        if version is None:
+            replies.insert(2, None)
         return replies if vector is not None else [*replies, None]
+
+    def _observe(self, key: str, raw: Any) -> int:
+        """The current version of the entry's scope, remembered (the oldest seen) for the
+        store that follows a miss."""
+        current = max(_version(raw), 0)  # no counter yet: nothing was ever ingested there
+        seen = self._observed.get(key)
+        self._observed[key] = current if seen is None else min(seen, current)
+        self._observed.move_to_end(key)
+        while len(self._observed) > MEMO_SIZE:
+            self._observed.popitem(last=False)
+        return current
 
     def _memo_key(self, tool: Tool, arguments: dict[str, Any], query: str) -> str | None:
         # needs_vector gets no caller, so the memo cannot hold the scope: a repeat by
@@ -324,20 +445,24 @@ class SemanticCache:
         return f"{tool.spec.name}\n{canonical_arguments(arguments, query)}"
 
     def _knn(self, tool: str, scope: str, vector: Vector) -> tuple[Any, ...]:
-        return knn_command(self.index, tool, scope, vector)
+        return knn_command(self.index, tool, scope, vector, self.embedder.model_id)
 
-    def _exact(self, key: str, reply: Any, scope: str) -> Probe | None:
-        raw, tool_ms, stored_scope, stored_query = reply
+    def _exact(self, key: str, reply: Any, scope: str, current: int | None) -> Probe | None:
+        raw, tool_ms, stored_scope, stored_query, stored_version = reply
         if raw is None:
             return None
         fields = {"scope": _s(stored_scope)} if stored_scope is not None else {}
         if not admitted([(key, fields)], "scope", (scope,), "cache exact"):
             return None
-        hit = CacheHit(decode_result(raw), 0.0, key, float(_s(tool_ms or b"0")))
         text = _s(stored_query) if stored_query is not None else None
+        if current is not None and _version(stored_version) < current:
+            return Probe(key, text, 0.0, Decision(False, 0.0, "stale"), None, True)
+        hit = CacheHit(decode_result(raw), 0.0, key, float(_s(tool_ms or b"0")))
         return Probe(key, text, 0.0, Decision(True, 1.0, "exact"), hit, True)
 
-    def _nearest(self, query: str, reply: Any, state: AdaptiveThreshold, scope: str) -> Probe:
+    def _nearest(
+        self, query: str, reply: Any, state: AdaptiveThreshold, scope: str, current: int | None
+    ) -> Probe:
         if reply is None:
             return Probe(None, None, None, _NOTHING, None)
         if isinstance(reply, Exception):
@@ -352,12 +477,20 @@ class SemanticCache:
         candidate = f.get("query", "")
         if distance > state.max_distance or "result" not in f:
             return Probe(key, candidate, distance, Decision(False, 0.0, "distance"), None)
+        if current is not None and _version(f.get("version")) < current:
+            return Probe(key, candidate, distance, Decision(False, 0.0, "stale"), None, stale=key)
         decision = decide(query, candidate, distance, state.policy(self.base_policy))
         if not decision.hit:
             log.debug("cache near miss on %s at %.4f: %s", key, distance, decision.reason)
             return Probe(key, candidate, distance, decision, None)
         hit = CacheHit(decode_result(f["result"]), distance, key, float(f.get("tool_ms", "0")))
         return Probe(key, candidate, distance, decision, hit)
+
+    async def _unlink(self, key: str) -> None:
+        try:
+            await self.redis.unlink(key)
+        except rexc.RedisError as e:
+            log.warning("stale cache entry %s not removed (never served): %s", key, e)
 
     def _remember(self, memo: str, policy: CachePolicy) -> None:
         self._memo[memo] = time.monotonic() + policy.ttl_seconds
@@ -370,10 +503,13 @@ class SemanticCache:
         trip for all tools: a task and a round trip per lookup cost more CPU than the
         lookup itself. A crash loses at most that second of counts (they are statistics)."""
         counts = self._counts
-        counts[tool, "lookups"] += 1
-        if hit is None:
+        if kind == "flight_hits":  # a miss already counted, answered by another's run
+            counts[tool, kind] += 1
+        elif hit is None:
+            counts[tool, "lookups"] += 1
             counts[tool, "misses"] += 1
         else:
+            counts[tool, "lookups"] += 1
             counts[tool, "hits"] += 1
             if kind == "exact_hits":
                 counts[tool, "exact_hits"] += 1
@@ -401,7 +537,7 @@ class SemanticCache:
                         sum(counts.values()), e)
 
     async def _maybe_audit(
-        self, tool: str, hit: CacheHit, arguments: dict[str, Any], ctx: ToolContext
+        self, tool: str, hit: CacheHit, arguments: dict[str, Any], ctx: ToolContext, part: str
     ) -> None:
         rate = self.settings.retrieval_cache_audit_rate
         if self.enqueue_audit is None or rate <= 0.0 or self.rng.random() >= rate:
@@ -413,6 +549,7 @@ class SemanticCache:
             "user_id": ctx.user_id,
             "tenant_id": ctx.tenant_id,
             "distance": hit.distance,
+            "part": part,  # a tool run in parts (kb_search): the audit re-runs this part only
         }
         try:
             # One fast enqueue (a sync rq client), off the event loop.

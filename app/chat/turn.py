@@ -244,4 +244,6 @@ def _result_event(call: ToolCall, routed: Routed) -> dict[str, Any]:
     if routed.cached:
         data["distance"] = routed.distance
         data["saved_ms"] = routed.saved_ms
+    if routed.parts:  # kb_search: which of its parts (global, user, tenant) were cached
+        data["cached_parts"] = [scope for scope, cached in routed.parts if cached]
     return data

@@ -47,6 +47,26 @@ def default_model_path() -> str:
     return str(get_model_path())
 
 
+PACKAGED_NAME = "all-MiniLM-L6-v2"
+
+
+def _configured_dims(folder: Path) -> int | None:
+    """The output width a sentence-transformers folder declares, without loading it:
+    the last Dense layer's, else the pooling's, else the transformer's hidden size."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+        for module in reversed(modules):
+            if str(module.get("type", "")).endswith("Dense"):
+                dense = json.loads((folder / module["path"] / "config.json").read_text())
+                return int(dense["out_features"])
+        pooling = folder / "1_Pooling" / "config.json"
+        if pooling.is_file():
+            return int(json.loads(pooling.read_text())["word_embedding_dimension"])
+        return int(json.loads((folder / "config.json").read_text())["hidden_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 MAX_BATCH = 64
 RECENT = 2048  # texts whose vectors are kept (a turn embeds its question more than once)
 # One intra-op thread: on a 2-core box serving many requests a second thread
@@ -177,6 +197,7 @@ class Embedder:
         self._threads = threads
         self._lock = threading.Lock()
         self._runner_: _Runner | None = None
+        self._model_id: str | None = None
         self._ready = threading.Event()
         self.warm_error: str | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -256,6 +277,23 @@ class Embedder:
     @property
     def dims(self) -> int:
         return self._runner.dims
+
+    @property
+    def model_id(self) -> str:
+        """`<name>:<dims>`, the same for both backends (they give the same vectors): the
+        tag every cache, kb and memory entry carries, so vectors of two models never meet.
+        Read from the model's config files, so asking does not load the model."""
+        if self._model_id is None:
+            if self._packaged:
+                name, folder = PACKAGED_NAME, Path(self.model_name)
+            else:
+                folder = Path(self.model_name)
+                name = folder.name if folder.is_dir() else self.model_name
+                if not folder.is_dir():
+                    folder = _local_folder(self.model_name)
+            dims = _configured_dims(folder) or self.dims
+            self._model_id = f"{name}:{dims}"
+        return self._model_id
 
     def embed(self, text: str) -> Vector:
         one: Vector = self.embed_many([text])[0]

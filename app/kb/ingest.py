@@ -1,13 +1,18 @@
 """Knowledge-base ingestion: chunk text and markdown files, embed them, store them for kb_search.
 
 Each file is one document, `doc` = the first 32 hex characters of SHA-256 over its
-resolved path. Its chunks live at `kb:<doc>:<n>` (hash: doc, scope, source, title,
-text, chunk, embedding as float32 bytes) and its fingerprint at `kb-file:<doc>`
-(SHA-256 over the content, the scope, the chunker version and the model).
+resolved path. Its chunks live at `kb:<doc>:<n>` (hash: doc, scope, source, model,
+title, text, chunk, embedding as float32 bytes) and its fingerprint at
+`kb-file:<doc>` (SHA-256 over the content, the scope, the chunker version and the
+model id).
 
 An unchanged file is skipped. A changed one is replaced in one MULTI/EXEC: its
 old chunk keys are deleted and the new ones written together, so a search never
-sees a half-replaced document and no stale chunk outlives the change.
+sees a half-replaced document and no stale chunk outlives the change. The same
+MULTI bumps `kb-version:<scope>` of the document's scope (and of its old scope,
+when it moved): a cached retrieval records the version it was computed from,
+and the cache never serves one older than the current (`app.cache.semantic`).
+`delete_paths` removes documents the same way.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ OVERLAP_CHARS = 120
 BATCH = 64
 SUFFIXES = frozenset({".md", ".markdown", ".txt", ".rst"})
 CHUNKER_VERSION = "1"
-_SCOPE = re.compile(r"^(global|(user|tenant):[A-Za-z0-9_.@-]{1,64})$")
 _HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _BOUNDARY = re.compile(r"[.!?]\s+|\n\s*\n")  # sentence end or paragraph break
@@ -61,7 +65,7 @@ def doc_id(path: Path) -> str:
 
 
 def check_scope(scope: str) -> str:
-    if not _SCOPE.fullmatch(scope):
+    if not keys.KB_SCOPE.fullmatch(scope):
         raise BadRequest(
             f"scope must be 'global', 'user:<id>' or 'tenant:<id>', got {scope!r}",
             code="invalid_scope",
@@ -175,29 +179,48 @@ def _files(paths: Sequence[Path]) -> list[Path]:
     return list(unique.values())
 
 
-def _old_chunk_keys(client: redis.Redis, doc: str) -> list[str]:
-    """The chunk keys stored for `doc`, from the index (a SCAN if there is none)."""
+@dataclass(frozen=True)
+class _Old:
+    """What is stored for a document now: its chunk keys and the scopes they are in."""
+
+    chunks: list[str]
+    scopes: set[str]
+
+
+def _old_chunks(client: redis.Redis, doc: str) -> _Old:
+    """The chunk keys stored for `doc` and their scopes (a SCAN if there is no index)."""
     try:
         reply = client.execute_command(  # type: ignore[no-untyped-call]
-            "FT.SEARCH", keys.INDEX_KB, f"@doc:{{{doc}}}", "NOCONTENT", "LIMIT", 0, 10_000,
-            "DIALECT", 2,
+            "FT.SEARCH", keys.INDEX_KB, f"@doc:{{{doc}}}", "RETURN", 1, "scope",
+            "LIMIT", 0, 10_000, "DIALECT", 2,
         )  # fmt: skip
-        return [key for key, _ in parse_search_reply(reply)[1]]
+        rows = parse_search_reply(reply)[1]
+        return _Old([key for key, _ in rows], {f["scope"] for _, f in rows if "scope" in f})
     except redis.ResponseError:
-        return [k.decode() if isinstance(k, bytes) else k
-                for k in client.scan_iter(match=f"kb:{doc}:*", count=1000)]  # fmt: skip
+        found = [k.decode() if isinstance(k, bytes) else k
+                 for k in client.scan_iter(match=f"kb:{doc}:*", count=1000)]  # fmt: skip
+        scopes = {v.decode() for v in (client.hget(k, "scope") for k in found)
+                  if isinstance(v, bytes)}  # fmt: skip
+        return _Old(found, scopes)
 
 
-def _write(client: redis.Redis, d: _Doc, scope: str, stale: list[str]) -> None:
+def _bump(pipe: redis.client.Pipeline, scopes: set[str]) -> None:
+    """INCR the version of every scope whose documents this MULTI changes."""
+    for scope in sorted(s for s in scopes if keys.KB_SCOPE.fullmatch(s)):
+        pipe.incr(keys.kb_version(scope))
+
+
+def _write(client: redis.Redis, d: _Doc, scope: str, model: str, old: _Old) -> None:
     pipe = client.pipeline(transaction=True)
-    if stale:
-        pipe.delete(*stale)
+    if old.chunks:
+        pipe.delete(*old.chunks)
     for n, (text, vector) in enumerate(zip(d.chunks, d.vectors, strict=True)):
         assert vector is not None
         mapping: dict[str | bytes, str | bytes | int] = {
             "doc": d.doc,
             "scope": scope,
             "source": str(d.path.resolve()),
+            "model": model,
             "title": d.title,
             "text": text,
             "chunk": n,
@@ -205,6 +228,7 @@ def _write(client: redis.Redis, d: _Doc, scope: str, stale: list[str]) -> None:
         }
         pipe.hset(keys.kb_chunk(d.doc, n), mapping=mapping)  # type: ignore[arg-type]
     pipe.set(keys.kb_file(d.doc), d.fingerprint)
+    _bump(pipe, old.scopes | {scope})
     pipe.execute()
 
 
@@ -218,11 +242,12 @@ def ingest_paths(
     """Ingest files and directories (recursively: .md .markdown .txt .rst) into `scope`."""
     check_scope(scope)
     files = _files([Path(p) for p in paths])
+    model = embedder.model_id
     todo: list[_Doc] = []
     for path in files:
         text = path.read_text(encoding="utf-8", errors="replace")
         doc = doc_id(path)
-        basis = f"{CHUNKER_VERSION}\0{scope}\0{embedder.model_name}\0{text}"
+        basis = f"{CHUNKER_VERSION}\0{scope}\0{embedder.model_name}\0{model}\0{text}"
         fingerprint = hashlib.sha256(basis.encode()).hexdigest()
         stored = client.get(keys.kb_file(doc))
         if isinstance(stored, bytes):
@@ -243,7 +268,7 @@ def ingest_paths(
         for (d, n), v in zip(batch, vectors, strict=True):
             d.vectors[n] = v
             if n == len(d.chunks) - 1:  # chunks arrive in order: this file is complete
-                _write(client, d, scope, _old_chunk_keys(client, d.doc))
+                _write(client, d, scope, model, _old_chunks(client, d.doc))
                 written += len(d.chunks)
                 d.vectors = []
         bar.update(len(batch))
@@ -253,13 +278,36 @@ def ingest_paths(
         for d in todo:
             d.vectors = [None] * len(d.chunks)
             if not d.chunks:  # emptied file: drop its old chunks, remember the new state
-                _write(client, d, scope, _old_chunk_keys(client, d.doc))
+                _write(client, d, scope, model, _old_chunks(client, d.doc))
             for n in range(len(d.chunks)):
                 batch.append((d, n))
                 if len(batch) == BATCH:
                     flush()
         flush()
     return IngestReport(len(files), len(todo), len(files) - len(todo), written)
+
+
+def delete_paths(client: redis.Redis, paths: Sequence[Path]) -> int:
+    """Remove the documents ingested from these files (or from the files under these
+    folders); a path that is gone from disk is still removed. Returns how many
+    documents were stored. Each goes in one MULTI that bumps its scope's version."""
+    removed = 0
+    for path in paths:
+        path = Path(path)
+        files = _files([path]) if path.exists() else [path]
+        for f in files:
+            doc = doc_id(f)
+            old = _old_chunks(client, doc)
+            if not old.chunks and not client.exists(keys.kb_file(doc)):
+                continue
+            pipe = client.pipeline(transaction=True)
+            if old.chunks:
+                pipe.delete(*old.chunks)
+            pipe.delete(keys.kb_file(doc))
+            _bump(pipe, old.scopes)
+            pipe.execute()
+            removed += 1
+    return removed
 
 
 def sample_corpus_dir() -> Path:

@@ -1,10 +1,12 @@
 """Recall: the caller's long-term memories nearest to a question, for the turn's context.
 
 KNN over `idx:memory`, filtered by the user tag (escaped: user text never
-becomes query syntax), bounded by cosine distance so an unrelated memory does
-not reach the prompt. Each row's `user` is compared again, exactly, with the
-caller (`app.scope_guard`): another user's memory is dropped and logged. The
-embedding model is CPU-bound, so it runs in a thread.
+becomes query syntax) and by the embedding model's tag (a memory embedded by
+another model is never compared with this one's vector), bounded by cosine
+distance so an unrelated memory does not reach the prompt. Each row's `user` is
+compared again, exactly, with the caller (`app.scope_guard`): another user's
+memory is dropped and logged. The embedding model is CPU-bound, so it runs in a
+thread.
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ async def recall(
     if not question.strip() or k <= 0:
         return []
     vector = await embedder.aembed(question)
+    filt = f"@user:{{{escape_tag(user)}}} @model:{{{escape_tag(embedder.model_id)}}}"
     reply = await redis_async.execute_command(
         "FT.SEARCH", index,
-        f"(@user:{{{escape_tag(user)}}})=>[KNN {int(k)} @embedding $vec AS distance]",
+        f"({filt})=>[KNN {int(k)} @embedding $vec AS distance]",
         "PARAMS", 2, "vec", np.asarray(vector, dtype=np.float32).tobytes(),
         "SORTBY", "distance", "ASC",
         "RETURN", 4, "user", "kind", "content", "distance",

@@ -82,11 +82,12 @@ class Neighbour:
 
 def nearest(
     client: redis.Redis, vector: Vector, user: str, kind: str | None = None, k: int = 1,
-    *, index: str = keys.INDEX_MEMORY,
+    *, model: str, index: str = keys.INDEX_MEMORY,
 ) -> list[Neighbour]:
-    """The k memories of `user` (of `kind`, when given) nearest to `vector`, nearest first."""
+    """The k memories of `user` (of `kind`, when given) nearest to `vector`, nearest first,
+    among those embedded by `model` (the only vectors `vector` may be compared with)."""
     keys.check_user_id(user)
-    filt = f"@user:{{{escape_tag(user)}}}"
+    filt = f"@user:{{{escape_tag(user)}}} @model:{{{escape_tag(model)}}}"
     if kind is not None:
         filt += f" @kind:{{{escape_tag(kind)}}}"
     reply = client.execute_command(
@@ -106,11 +107,12 @@ def nearest(
 
 
 def _hash_fields(
-    user: str, kind: str, content: str, vector: Vector
+    user: str, kind: str, content: str, vector: Vector, model: str
 ) -> dict[FieldT, EncodableT]:
     return {
         "user": user,
         "kind": kind,
+        "model": model,
         "content": content,
         "updated_at": time.time(),
         "embedding": np.asarray(vector, dtype=np.float32).tobytes(),
@@ -149,7 +151,8 @@ class MemoryStore:
         row = self.pg.execute("SELECT 1 FROM memories WHERE id = %s", (mid,)).fetchone()
         if row is not None:
             return Stored(unchanged=1)
-        near = nearest(self.redis, vector, user, fact.kind, index=self.index)
+        near = nearest(self.redis, vector, user, fact.kind,
+                       model=self.embedder.model_id, index=self.index)
         if near and near[0].distance < self.merge_distance:
             if canonical_content(near[0].content) == canonical_content(fact.content):
                 return Stored(unchanged=1)
@@ -161,7 +164,8 @@ class MemoryStore:
             if updated:
                 self.redis.hset(
                     keys.memory(user, near[0].id),
-                    mapping=_hash_fields(user, fact.kind, fact.content, vector),
+                    mapping=_hash_fields(user, fact.kind, fact.content, vector,
+                                         self.embedder.model_id),
                 )
                 return Stored(updated=1)
             # The copy outlived its row (deleted meanwhile): insert afresh below.
@@ -172,7 +176,8 @@ class MemoryStore:
             (mid, user, sid, fact.kind, fact.content, source_hash),
         )
         self.redis.hset(
-            keys.memory(user, mid), mapping=_hash_fields(user, fact.kind, fact.content, vector)
+            keys.memory(user, mid),
+            mapping=_hash_fields(user, fact.kind, fact.content, vector, self.embedder.model_id),
         )
         return Stored(inserted=1)
 

@@ -16,6 +16,7 @@ that reports extra defaults does not cause a rebuild at every start.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -154,4 +155,31 @@ def status(client: redis.Redis) -> dict[str, dict[str, Any]]:
             "num_docs": int(info.get("num_docs", 0)),
             "indexing": bool(int(info.get("indexing", 0))),
         }
+    return out
+
+
+_TAG_SPECIAL = re.compile(r"([^A-Za-z0-9_])")
+
+
+def models(client: redis.Redis, index_name: str) -> dict[str, int]:
+    """model id -> how many of the index's entries that embedding model made; entries
+    written before entries carried one count under "(none)" (no query ever matches them)."""
+    info = client.ft(index_name).info()  # type: ignore[no-untyped-call]
+    total = int(info.get("num_docs", 0))
+    raw = client.execute_command("FT.TAGVALS", index_name, "model")  # type: ignore[no-untyped-call]
+    out: dict[str, int] = {}
+    for value in raw or []:
+        model = value.decode() if isinstance(value, bytes) else str(value)
+        escaped = _TAG_SPECIAL.sub(r"\\\1", model)
+        reply = client.execute_command(  # type: ignore[no-untyped-call]
+            "FT.SEARCH", index_name, f"@model:{{{escaped}}}",
+            "LIMIT", 0, 0, "DIALECT", 2,
+        )  # fmt: skip
+        if isinstance(reply, dict):  # RESP3
+            reply = {(k.decode() if isinstance(k, bytes) else k): v for k, v in reply.items()}
+            out[model] = int(reply["total_results"])
+        else:
+            out[model] = int(reply[0] if isinstance(reply, list) else reply)
+    if total > sum(out.values()):
+        out["(none)"] = total - sum(out.values())
     return out

@@ -17,8 +17,10 @@
 | `cache:<tool>:<hash>`                | hash + HNSW | per tool                   | one cached tool or retrieval result     |
 | `cache-stats:<tool>`                 | hash        | none                       | lookup/hit/audit counters               |
 | `cache-threshold:<tool>`             | hash        | none                       | the tool's adaptive hit threshold       |
+| `cache-flight:<tool>:<hash>`         | string      | TOOL_TIMEOUT_SECONDS       | single-flight: owner token of the one run of a missed call |
 | `kb:<doc>:<chunk>`                   | hash + HNSW | none                       | one knowledge-base chunk                |
 | `kb-file:<doc>`                      | string      | none                       | content hash of an ingested file        |
+| `kb-version:<scope>`                 | string      | none                       | counter: bumped by every ingest or delete in the scope (global, user:<uid>, tenant:<tid>) |
 | `memory:<uid>:<id>`                  | hash + HNSW | none                       | one long-term memory (recall copy)      |
 | `idx:cache`, `idx:kb`, `idx:memory`  | indexes     |                            | RediSearch indexes over the hashes      |
 | `rq:*`                               | rq's own    | rq's                       | queues, jobs, registries                |
@@ -43,6 +45,8 @@ SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 USER_ID = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 TOOL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 HEX = re.compile(r"^[0-9a-f]{1,64}$")
+# A knowledge-base scope: `global`, `user:<uid>` or `tenant:<tid>` (ids as USER_ID).
+KB_SCOPE = re.compile(r"^(global|(user|tenant):[A-Za-z0-9_.@-]{1,64})$")
 
 UNPERSISTED_SHARDS = 16
 SWEEP_TICK = "persist-sweep-tick"
@@ -152,6 +156,18 @@ def cache_stats(tool: str) -> str:
 
 def cache_threshold(tool: str) -> str:
     return f"cache-threshold:{check_tool(tool)}"
+
+
+def cache_flight(tool: str, digest: str) -> str:
+    """Single-flight lock of one cache entry's key: the one caller running the tool."""
+    return f"cache-flight:{check_tool(tool)}:{_hex(digest)}"
+
+
+def kb_version(scope: str) -> str:
+    """The knowledge-base version of one scope; cached retrievals record it."""
+    if not KB_SCOPE.fullmatch(scope):
+        raise ValueError(f"not a knowledge-base scope: {scope!r}")
+    return f"kb-version:{scope}"
 
 
 def kb_chunk(doc: str, chunk: int) -> str:

@@ -211,6 +211,11 @@ def release_lock(sid: str, token: str) -> Call[int]:
     return _call("release_lock", [keys.memory_lock(sid)], [token], _int)
 
 
+def release_flight(lock: str, token: str) -> Call[int]:
+    """1 released | 0 not held by this token. `lock` comes from `keys.cache_flight`."""
+    return _call("release_flight", [lock], [token], _int)
+
+
 def advance_cursor(
     sid: str, token: str, expected: str | None, new: str, summary: str, ttl: int,
     *, expected_seq: int | None, new_seq: int,

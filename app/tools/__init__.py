@@ -7,6 +7,8 @@ and routes each ToolCall to `tools[call.name]`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import redis.asyncio as aredis
 
 from app.embeddings import Embedder
@@ -31,4 +33,7 @@ def make_tools(settings: Settings, redis: aredis.Redis, embedder: Embedder) -> d
     tools: list[Tool] = [KbSearch(redis, embedder)]
     if settings.searxng_url:
         tools.append(WebSearch(settings.searxng_url, timeout=settings.tool_timeout_seconds))
+    for tool in tools:
+        if tool.spec.name in settings.cache_skip_tools and tool.policy is not None:
+            tool.policy = dataclasses.replace(tool.policy, enabled=False)  # this instance only
     return {t.spec.name: t for t in tools}

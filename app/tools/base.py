@@ -48,6 +48,12 @@ class CachePolicy:
     max_distance: float  # cosine distance under which a cached query counts as the same
     ttl_seconds: int
     scope: Literal["global", "tenant", "user"]  # who may share one cached result
+    # The result depends on the knowledge base of the entry's scope: an entry records
+    # `kb-version:<scope>` and is never served once that version has moved on.
+    versioned: bool = False
+    # False: the tool opts out, its calls bypass the cache (CACHE_SKIP_TOOLS sets it per
+    # deployment); for a tool whose run costs less than a lookup (bench/cache_value.py).
+    enabled: bool = True
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,24 @@ class Tool(Protocol):
     async def run(
         self, arguments: dict[str, Any], ctx: ToolContext, query_vector: Vector | None = None
     ) -> ToolResult: ...
+
+
+class SplitTool(Tool, Protocol):
+    """A tool whose result is the merge of independent parts, each over one scope (a
+    retrieval over global documents and one over the caller's). The router caches each
+    part in its own scope, so the part everyone may read is shared by everyone."""
+
+    def parts(self, ctx: ToolContext) -> list[Tool]:
+        """The parts for this caller, each a cacheable tool of one scope."""
+        ...
+
+    def merge(self, results: list[ToolResult]) -> ToolResult:
+        """The whole result from the parts' results, in the order `parts` gave them."""
+        ...
+
+
+def split_of(tool: Tool) -> SplitTool | None:
+    return tool if callable(getattr(tool, "parts", None)) else None  # type: ignore[return-value]
 
 
 class ArgumentError(ValueError):

@@ -1,11 +1,20 @@
 """kb_search: KNN over the knowledge base (`idx:kb`), limited to what the caller may see.
 
-A chunk's `scope` tag is `global`, `user:<uid>` or `tenant:<tid>`; a search sees
-`global`, the caller's own user scope and, when the context names one, its
-tenant's. Scope values are escaped before they enter the query, and the query
-vector travels as a PARAMS blob, so no user text is ever query syntax. The
-scope of every chunk the index returns is compared again, exactly, with the
-caller's (`app.scope_guard`): a chunk outside them is dropped and logged.
+A chunk's `scope` tag is `global`, `user:<uid>` or `tenant:<tid>`; a search
+sees `global`, the caller's own user scope and, when the context names one, its
+tenant's, and only chunks embedded by the same model (`model` tag).
+
+Through the cache the search runs in parts (`KbSearch.parts`): one per scope,
+each cached in its own scope and versioned by `kb-version:<scope>`, then merged
+(`KbSearch.merge`: the k nearest of the parts' k nearest each, which is the k
+nearest of the union). So a retrieval over global documents is shared by every
+user, the caller's private part stays in the caller's scope, and a document
+change makes only its own scope's entries stale.
+
+Scope values are escaped before they enter the query, and the query vector
+travels as a PARAMS blob, so no user text is ever query syntax. The scope of
+every chunk the index returns is compared again, exactly, with the caller's
+(`app.scope_guard`): a chunk outside them is dropped and logged.
 
 The raw FT.SEARCH reply is read in both shapes Redis sends (a flat RESP2 array
 or the RESP3 map), whichever protocol the client negotiated.
@@ -14,7 +23,7 @@ or the RESP3 map), whichever protocol the client negotiated.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import redis.asyncio as aredis
@@ -29,6 +38,7 @@ from app.tools.base import (
     QUERY_PARAMETERS,
     ArgumentError,
     CachePolicy,
+    Tool,
     ToolContext,
     ToolResult,
     check_query,
@@ -37,6 +47,8 @@ from app.tools.base import (
 from app.tools.passages import format_passages
 
 RETURN_FIELDS = ("doc", "scope", "source", "title", "text", "chunk", "distance")
+TTL_SECONDS = 3600
+PartScope = Literal["global", "tenant", "user"]
 # A cached result serves reworded questions too: its text never quotes the asker's words.
 HEADING = "Knowledge-base passages:"
 NOTHING_FOUND = "The knowledge base has no passage relevant to this query."
@@ -100,9 +112,10 @@ class KbSearch:
         ),
         parameters=QUERY_PARAMETERS,
     )
-    # The fitted hit bound (app.cache_decision): at most 1 % false hits on QQP.
+    # The fitted hit bound (app.cache_decision): at most 1 % false hits on QQP. The router
+    # caches the parts (each in its own scope); this policy says the tool is cacheable.
     policy: CachePolicy | None = CachePolicy(
-        max_distance=FITTED_MAX_DISTANCE, ttl_seconds=3600, scope="user"
+        max_distance=FITTED_MAX_DISTANCE, ttl_seconds=TTL_SECONDS, scope="user", versioned=True
     )
 
     def __init__(
@@ -124,12 +137,40 @@ class KbSearch:
     def query_text(self, arguments: dict[str, Any]) -> str:
         return query_text_of(arguments)
 
+    def parts(self, ctx: ToolContext) -> list[Tool]:
+        """The global part, the caller's own part and, with a tenant, the tenant's."""
+        kinds: list[PartScope] = ["global", "user"]
+        if ctx.tenant_id is not None:
+            kinds.append("tenant")
+        return [KbPart(self, kind) for kind in kinds]
+
+    def merge(self, results: list[ToolResult]) -> ToolResult:
+        for result in results:
+            if result.error is not None:
+                return result
+        items = sorted((i for r in results for i in r.items), key=lambda i: i["distance"])
+        return self._result(items[: self.k])
+
+    def _result(self, items: list[dict[str, Any]]) -> ToolResult:
+        if not items:
+            return ToolResult(NOTHING_FOUND, [])
+        return ToolResult(format_passages(HEADING, items), items)
+
     async def run(
         self, arguments: dict[str, Any], ctx: ToolContext, query_vector: Vector | None = None
     ) -> ToolResult:
         try:
-            query = check_query(arguments)
             scopes = scopes_for(ctx)
+        except ArgumentError as e:
+            return ToolResult.failed(str(e))
+        return await self.run_in(arguments, scopes, query_vector)
+
+    async def run_in(
+        self, arguments: dict[str, Any], scopes: list[str], query_vector: Vector | None
+    ) -> ToolResult:
+        """The search over `scopes` (already checked to be the caller's)."""
+        try:
+            query = check_query(arguments)
         except ArgumentError as e:
             return ToolResult.failed(str(e))
         try:
@@ -139,16 +180,16 @@ class KbSearch:
             items = await self.search(np.asarray(query_vector, dtype=np.float32), scopes)
         except rexc.RedisError as e:
             return ToolResult.failed(f"the knowledge base is unavailable: {e}")
-        if not items:
-            return ToolResult(NOTHING_FOUND, [])
-        return ToolResult(format_passages(HEADING, items), items)
+        return self._result(items)
 
     async def search(self, vector: Vector, scopes: list[str]) -> list[dict[str, Any]]:
-        """The k nearest chunks in `scopes`, nearest first, within max_distance."""
+        """The k nearest chunks in `scopes` embedded by this model, nearest first, within
+        max_distance."""
         tags = "|".join(escape_tag(s) for s in scopes)
+        model = escape_tag(self.embedder.model_id)
         reply = await self.client.execute_command(
             "FT.SEARCH", self.index,
-            f"(@scope:{{{tags}}})=>[KNN {self.k} @embedding $vec AS distance]",
+            f"(@scope:{{{tags}}} @model:{{{model}}})=>[KNN {self.k} @embedding $vec AS distance]",
             "PARAMS", 2, "vec", vector.tobytes(),
             "SORTBY", "distance", "ASC",
             "RETURN", len(RETURN_FIELDS), *RETURN_FIELDS,
@@ -175,3 +216,31 @@ class KbSearch:
                 }
             )
         return items
+
+
+class KbPart:
+    """kb_search over one scope of the caller's: the unit the cache stores and shares."""
+
+    def __init__(self, whole: KbSearch, kind: PartScope) -> None:
+        self.whole = whole
+        self.kind = kind
+        self.spec = whole.spec
+        policy = whole.policy
+        assert policy is not None
+        self.policy: CachePolicy | None = CachePolicy(
+            policy.max_distance, policy.ttl_seconds, kind, versioned=True
+        )
+
+    def query_text(self, arguments: dict[str, Any]) -> str:
+        return query_text_of(arguments)
+
+    async def run(
+        self, arguments: dict[str, Any], ctx: ToolContext, query_vector: Vector | None = None
+    ) -> ToolResult:
+        try:
+            mine = [s for s in scopes_for(ctx) if s.split(":", 1)[0] == self.kind]
+        except ArgumentError as e:
+            return ToolResult.failed(str(e))
+        if not mine:
+            return ToolResult.failed(f"the caller has no {self.kind} scope")
+        return await self.whole.run_in(arguments, mine, query_vector)

@@ -1,0 +1,72 @@
+"""Single-flight: of concurrent misses for one cache entry, on any node, one runs the tool.
+
+The entry's key hash names a lock, `cache-flight:<tool>:<hash>` (the same hash
+as the entry, so the same scope, model and canonical arguments: identical and
+near-identical questions, `What is X?` and `  what is x`, share it). The first
+miss takes it with `SET NX PX` and a random token, runs the tool, stores the
+result and releases the lock (`release_flight`, only with its token). Every
+other miss meanwhile waits: it polls the entry and the lock in one round trip,
+10 ms apart at first and then up to 50 ms, and takes the leader's result as
+soon as it is stored. It stops waiting after its bound, or as soon as the lock
+is gone without an entry (the leader's tool failed, or its node died and the
+lock expired), and runs the tool itself. The lock lives as long as the tool
+may run (TOOL_TIMEOUT_SECONDS), so a dead leader holds the others up at most
+that long, and each of them at most its own bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import redis.asyncio as aredis
+
+from app.cache.protocol import CacheHit
+from app.stores import scripts
+
+FIRST_POLL_SECONDS = 0.01
+LAST_POLL_SECONDS = 0.05
+# Poll: (the entry's hit if it is there and may be served, whether the lock is still held).
+Poll = Callable[[], Awaitable[tuple[CacheHit | None, bool]]]
+
+
+@dataclass(frozen=True)
+class Claim:
+    lock: str
+    token: str
+    leader: bool
+
+
+async def claim(redis: aredis.Redis, lock: str, ttl_seconds: float) -> Claim:
+    """Take the lock if nobody holds it; `leader` says whether this caller did."""
+    token = secrets.token_hex(16)
+    taken = await redis.set(lock, token, nx=True, px=max(int(ttl_seconds * 1000), 1))
+    return Claim(lock, token, bool(taken))
+
+
+async def release(redis: aredis.Redis, held: Claim) -> None:
+    """Drop the lock, only if this claim still holds it (it may have expired)."""
+    if held.leader:
+        await scripts.arun(redis, scripts.release_flight(held.lock, held.token))
+
+
+async def wait(poll: Poll, bound_seconds: float) -> CacheHit | None:
+    """The leader's result once stored; None when the bound passes or the leader gave up."""
+    deadline = time.monotonic() + bound_seconds
+    pause = FIRST_POLL_SECONDS
+    while True:
+        hit, held = await poll()
+        if hit is not None:
+            return hit
+        if not held:
+            # One more look: the leader stores, then releases.
+            hit, _ = await poll()
+            return hit
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 2, LAST_POLL_SECONDS)

@@ -1,0 +1,150 @@
+"""A cached retrieval is never older than the documents: every ingest or delete bumps its
+scope's `kb-version:<scope>` in the MULTI that writes the chunks, and the cache never
+serves an entry computed on an older version. Real Redis Stack, real model, real
+kb_search through the real router and cache; each test writes its own made-up document.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+from test_semantic_cache import CountingEmbedder
+
+from app.cache.semantic import SemanticCache, entry_key
+from app.chat.tool_router import Routed, ToolRouter
+from app.embeddings import shared_embedder
+from app.kb.ingest import delete_paths, doc_id, ingest_paths
+from app.llm.base import ToolCall
+from app.settings import Settings
+from app.stores import keys
+from app.stores.clients import async_redis_client
+from app.tools import KbSearch
+from app.tools.base import ToolContext
+
+
+def ask(settings: Settings, calls: list[tuple[str, str]]) -> list[Routed]:
+    """kb_search through one ToolRouter + SemanticCache, each (user, question) in order."""
+    emb = CountingEmbedder()
+
+    async def main() -> list[Routed]:
+        client = async_redis_client(settings.redis_url or "")
+        try:
+            cache = SemanticCache(client, settings, embedder=emb)
+            kb = KbSearch(client, emb)
+            router = ToolRouter({"kb_search": kb}, emb, 30.0, cache=cache)
+            out = []
+            for i, (user, question) in enumerate(calls):
+                call = ToolCall(id=f"c{i}", name="kb_search", arguments={"query": question})
+                out.append(await router.run(call, ToolContext(user)))
+            await cache.drain()
+            return out
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def doc(name: str, fact: str) -> str:
+    return f"# The {name} lighthouse\n\nThe {name} lighthouse keeper's log says: {fact}.\n"
+
+
+def version(r: redis.Redis, scope: str) -> int:
+    return int(r.get(keys.kb_version(scope)) or 0)
+
+
+def cached_entries(r: redis.Redis, scope: str) -> dict[Any, Any]:
+    """entry key -> recorded version, for kb_search entries of one scope."""
+    out = {}
+    for key in r.scan_iter(match=f"{keys.cache_prefix('kb_search')}*", count=1000):
+        fields = r.hmget(key, ["scope", "version"])
+        if fields[0] == scope.encode():
+            out[key] = fields[1] or b""
+    return out
+
+
+def test_a_changed_global_document_is_served_fresh_to_the_same_and_a_reworded_question(
+    settings: Settings, r: redis.Redis, tmp_path: Path, user: str,
+) -> None:
+    name = f"Skarv{uuid.uuid4().hex[:6]}"
+    path = tmp_path / f"{name}.md"
+    path.write_text(doc(name, "the lamp is lit at dusk with whale oil"))
+    before = version(r, "global")
+    ingest_paths(r, shared_embedder(), [path], progress=False)
+    assert version(r, "global") == before + 1
+
+    question = f"What does the {name} lighthouse keeper's log say?"
+    reworded = f"What is written in the {name} lighthouse keeper's log?"
+    first, again = ask(settings, [(user, question), (user, question)])
+    assert "whale oil" in first.result.content and not first.cached
+    assert again.cached and again.result.content == first.result.content  # the cache is live
+    mine = entry_key("kb_search", "global", {"query": question}, question,
+                     model=shared_embedder().model_id)
+    assert r.hget(mine, "version") == str(before + 1).encode()  # cached in global scope
+
+    path.write_text(doc(name, "the lamp is now electric and needs no oil"))
+    ingest_paths(r, shared_embedder(), [path], progress=False)
+    assert version(r, "global") > before + 1
+
+    same, other = ask(settings, [(user, question), (f"{user}-b", reworded)])
+    for got in (same, other):
+        assert "electric" in got.result.content and "whale oil" not in got.result.content
+    assert dict(same.parts) == {"global": False, "user": True}  # own part: still fresh
+    # The stale entry was replaced by the fresh result, at the version it was computed on.
+    assert r.hget(mine, "version") == str(version(r, "global")).encode()
+
+
+def test_a_private_change_leaves_the_shared_global_entries_alone(
+    settings: Settings, r: redis.Redis, tmp_path: Path, user: str,
+) -> None:
+    name = f"Tern{uuid.uuid4().hex[:6]}"
+    path = tmp_path / f"{name}.md"
+    path.write_text(doc(name, "the fog horn sounds twice a minute"))
+    ingest_paths(r, shared_embedder(), [path], scope=f"user:{user}", progress=False)
+    question = f"How often does the {name} fog horn sound?"
+    first, = ask(settings, [(user, question)])
+    assert "twice a minute" in first.result.content
+
+    path.write_text(doc(name, "the fog horn sounds once every ten seconds"))
+    global_before = version(r, "global")
+    ingest_paths(r, shared_embedder(), [path], scope=f"user:{user}", progress=False)
+    assert version(r, "global") == global_before  # only the user's own scope moved
+
+    second, = ask(settings, [(user, question)])
+    assert dict(second.parts) == {"global": True, "user": False}
+    assert "ten seconds" in second.result.content and "twice" not in second.result.content
+
+
+def test_deleting_a_document_bumps_its_scope_and_its_passages_stop_being_served(
+    settings: Settings, r: redis.Redis, tmp_path: Path, user: str,
+) -> None:
+    name = f"Puffin{uuid.uuid4().hex[:6]}"
+    path = tmp_path / f"{name}.md"
+    path.write_text(doc(name, "the keeper rings the bell at noon"))
+    scope = f"user:{user}"
+    ingest_paths(r, shared_embedder(), [path], scope=scope, progress=False)
+    question = f"When does the {name} keeper ring the bell?"
+    first, again = ask(settings, [(user, question), (user, question)])
+    assert "at noon" in first.result.content and again.cached
+
+    at = version(r, scope)
+    assert delete_paths(r, [path]) == 1
+    assert version(r, scope) == at + 1
+    assert not list(r.scan_iter(match=f"kb:{doc_id(path)}:*"))
+    gone, = ask(settings, [(user, question)])
+    assert "at noon" not in gone.result.content
+    assert dict(gone.parts)["user"] is False
+    assert delete_paths(r, [path]) == 0  # nothing left: no bump
+    assert version(r, scope) == at + 1
+
+
+def test_an_entry_is_stored_with_the_version_read_before_its_tool_ran(
+    settings: Settings, r: redis.Redis, user: str,
+) -> None:
+    scope = f"user:{user}"
+    r.set(keys.kb_version(scope), 7)
+    ask(settings, [(user, f"Which harbour does {uuid.uuid4().hex[:8]} sail from?")])
+    assert set(cached_entries(r, scope).values()) == {b"7"}
