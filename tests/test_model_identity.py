@@ -27,7 +27,7 @@ from app.memory.facts import Fact
 from app.memory.recall import recall
 from app.memory.store import MemoryStore
 from app.settings import Settings
-from app.stores import indexes, keys
+from app.stores import indexes, keys, scripts
 from app.stores.clients import async_redis_client
 from app.tools import KbSearch
 from app.tools.base import ToolContext
@@ -120,3 +120,45 @@ def test_index_info_says_which_model_built_what(
     assert info["idx:memory"]["models"]["other-model:384"] >= 1
     assert info["idx:memory"]["models"]["all-MiniLM-L6-v2:384"] >= 0
     assert set(info["idx:kb"]["models"]) >= {"all-MiniLM-L6-v2:384"}
+
+
+def test_entries_from_before_model_tags_are_tagged_once_at_start_and_found_again(
+    settings: Settings, r: redis.Redis, pg: psycopg.Connection[Any], tmp_path: Path, user: str,
+) -> None:
+    # An upgrade must not leave the knowledge base answering nothing and memories unrecalled.
+    name = f"Utsira{uuid.uuid4().hex[:6]}"
+    path = tmp_path / f"{name}.md"
+    path.write_text(f"# {name} ferry\n\nThe {name} ferry carries bicycles free on Sundays.\n")
+    ingest_paths(r, shared_embedder(), [path], scope=f"user:{user}", progress=False)
+    MemoryStore(r, pg, shared_embedder()).write(user, None, [Fact("note", f"lives on {name}")])
+    untagged = [k for prefix in ("kb:", "memory:") for k in r.scan_iter(match=f"{prefix}*")
+                if name.encode() in b" ".join(v for v in r.hgetall(k).values()
+                                              if isinstance(v, bytes) and len(v) < 4000)]
+    assert untagged
+    for key in untagged:  # as written before the upgrade
+        r.hdel(key, "model")
+    question = f"Does the {name} ferry carry bicycles?"
+
+    async def search() -> tuple[str, list[str]]:
+        client = async_redis_client(settings.redis_url or "")
+        try:
+            found = await KbSearch(client, shared_embedder()).run(
+                {"query": question}, ToolContext(user))
+            return found.content, await recall(client, shared_embedder(), user,
+                                               f"Where do I live, {name}?")
+        finally:
+            await client.aclose()
+
+    kb, memories = asyncio.run(search())
+    assert "bicycles free" not in kb and memories == []  # what an upgrade left
+    for name_ in ("idx:kb", "idx:memory", "idx:cache"):
+        r.delete(f"{name_}:model-tagged")
+    model = shared_embedder().model_id
+    done = indexes.tag_untagged(r, model)
+    assert done["idx:kb"] >= 1 and done["idx:memory"] >= 1
+    assert all(r.hget(k, "model") == model.encode() for k in untagged)
+    kb, memories = asyncio.run(search())
+    assert "bicycles free" in kb and any(name in m for m in memories)
+    assert indexes.tag_untagged(r, model) == {}  # once: the markers stand
+    gone = f"memory:{uuid.uuid4().hex}"
+    assert scripts.run(r, scripts.tag_model(gone, model)) == 0 and not r.exists(gone)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from app.embeddings import shared_embedder
 from app.settings import Settings
 from app.stores import indexes, migrations, scripts
 from app.stores.clients import check_modules, pg_connect, redis_client
@@ -53,6 +54,8 @@ def prepare(settings: Settings, dims: int | None = None) -> Prepared:
         modules = check_modules(client)
         created = indexes.create_all(client, dims)
         scripts.preload(client)
+        indexes.tag_untagged(client, shared_embedder(
+            settings.embedding_model, settings.embedding_backend).model_id)
         risk = eviction_warning(client)
     finally:
         client.close()

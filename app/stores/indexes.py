@@ -26,6 +26,8 @@ from redisvl.exceptions import RedisSearchError
 from redisvl.index import SearchIndex
 from redisvl.schema import IndexSchema
 
+from app.stores import scripts
+
 log = logging.getLogger("backbone.indexes")
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
@@ -129,6 +131,48 @@ def create_all(client: redis.Redis, dims: int | None = None) -> list[str]:
         if ensure(client, want) is not None:
             done.append(str(want.index.name))
     return done
+
+
+def tag_untagged(client: redis.Redis, model: str, batch: int = 1000) -> dict[str, int]:
+    """Tag entries written before the `model` TAG existed; return how many per index.
+
+    Every KNN filters on the model (so two models' vectors never meet), which makes
+    an untagged entry invisible: after the upgrade the knowledge base would answer
+    nothing and memories would not be recalled. The first start after it tags
+    them with the configured model, the one that made them unless EMBEDDING_MODEL
+    changed in the same upgrade. Once per index: `<index>:model-tagged` records it.
+    """
+    done: dict[str, int] = {}
+    for name in NAMES:
+        s = schema(name)
+        marker = f"{s.index.name}:model-tagged"
+        if client.exists(marker):
+            continue
+        tagged = 0
+        keys_: list[str] = []
+        for key in client.scan_iter(match=f"{s.index.prefix}*", count=batch, _type="HASH"):
+            keys_.append(key.decode() if isinstance(key, bytes) else str(key))
+            if len(keys_) >= batch:
+                tagged += _tag(client, keys_, model)
+                keys_.clear()
+        tagged += _tag(client, keys_, model)
+        client.set(marker, model)
+        if tagged:
+            log.warning("%s: tagged %d entries from before model tags with %s",
+                        s.index.name, tagged, model)
+        done[str(s.index.name)] = tagged
+    return done
+
+
+def _tag(client: redis.Redis, entries: list[str], model: str) -> int:
+    if not entries:
+        return 0
+    scripts.preload(client)  # EVALSHA in a pipeline cannot fall back to EVAL
+    pipe = client.pipeline(transaction=False)
+    for key in entries:
+        call = scripts.tag_model(key, model)
+        pipe.evalsha(call.script.sha, call.script.numkeys, *call.keys, *call.args)
+    return sum(int(r) for r in pipe.execute())
 
 
 def drop_all(client: redis.Redis, *, with_documents: bool = False) -> list[str]:

@@ -211,6 +211,12 @@ def release_lock(sid: str, token: str) -> Call[int]:
     return _call("release_lock", [keys.memory_lock(sid)], [token], _int)
 
 
+def tag_model(key: str, model: str) -> Call[int]:
+    """1 tagged | 0 already tagged or gone. `key` is an entry of idx:cache, idx:kb or
+    idx:memory (`app.stores.indexes.tag_untagged`)."""
+    return _call("tag_model", [key], [model], _int)
+
+
 def release_flight(lock: str, token: str) -> Call[int]:
     """1 released | 0 not held by this token. `lock` comes from `keys.cache_flight`."""
     return _call("release_flight", [lock], [token], _int)
