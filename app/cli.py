@@ -30,7 +30,7 @@ from app.ops import logs, metrics
 from app.settings import Settings
 from app.stack import running as running_stack
 from app.stack.bootstrap import eviction_warning, prepare
-from app.stack.embedded import EmbeddedStack, running_urls
+from app.stack.embedded import EmbeddedStack, check_port_free, running_urls
 from app.stores import indexes, migrations
 from app.stores.clients import check_modules, pg_connect, redis_client
 
@@ -100,6 +100,8 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     # A SIGTERM (systemd, a supervisor, `kill`) stops everything like Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
     settings = with_secret(settings)
+    # Before anything starts or the banner is printed (uvicorn would fail to bind last).
+    check_port_free(settings.host, settings.port, "the app", "PORT")
     stack = EmbeddedStack(settings)
     print("starting the stores ...", flush=True)
     resolved = stack.start()

@@ -89,6 +89,24 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def check_port_free(host: str, port: int, what: str, setting: str, also: str = "") -> None:
+    """Raise a clear EmbeddedStartError when `what` could not listen on host:port.
+
+    Checked before anything is started, so a taken port costs nothing and shows
+    no banner for a server that then fails to bind. SO_REUSEADDR as servers bind:
+    a port in TIME_WAIT is free, one with a listener (on any address) is not.
+    """
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise EmbeddedStartError(
+                f"{what} cannot listen on {host}:{port} ({e.strerror or e}): stop what uses "
+                f"that port, or pick another with {setting}{also}"
+            ) from e
+
+
 def _probe(port: int, **kw: Any) -> redis.Redis:
     """A client that fails at once: redis-py would otherwise retry with backoff for seconds."""
     return redis.Redis(port=port, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0), **kw)
@@ -163,11 +181,8 @@ class EmbeddedRedis:
         if attach and self.serves_our_data():
             self.attached = True
             return self.url
-        if _ping(self.port):
-            raise EmbeddedStartError(
-                f"port {self.port} already answers as a Redis; stop it, or pick another "
-                "with EMBEDDED_REDIS_PORT, or point REDIS_URL at it"
-            )
+        check_port_free("127.0.0.1", self.port, "the embedded Redis", "EMBEDDED_REDIS_PORT",
+                        also=" (or, if it is a Redis with the modules, point REDIS_URL at it)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # Its own session: a Ctrl-C reaches us, and we stop it in order (AOF flushed).
         with self.stderr_path.open("wb") as stderr:
