@@ -4,6 +4,13 @@ One waiting job per session. The job id is `memory-extract-<sid>`; while that
 one runs, a follow-up goes under `memory-extract-<sid>-next`, so a turn that
 ends during extraction is mined right after it rather than at the next turn.
 The job is named by its import path, so the app never imports `workers`.
+
+"Waiting" is checked, not taken from the job's status alone: a worker moves a
+job out of the queue list (BLMOVE into rq's intermediate list) before it marks
+it started, and a worker killed in between leaves it QUEUED in no queue. rq's
+intermediate-queue cleanup retries it only after a minute; until then such a
+job counts as running (its slot is skipped), never as waiting, or every turn
+of the session would enqueue nothing (the chaos test's "never mined").
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from datetime import timedelta
 import redis
 from rq import Queue, Retry
 from rq.exceptions import DuplicateJobError
-from rq.job import JobStatus
+from rq.job import Job, JobStatus
 
 from app.sessions.messages import Message
 from app.stores import keys
@@ -29,6 +36,16 @@ RETRIES = 2  # safe: the job is idempotent (lock, compare-and-set cursor, idempo
 _WAITING = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED}
 
 
+def _state(client: redis.Redis, q: Queue, job: Job | None) -> str:
+    """'free' (none, or ended), 'waiting' (it will run by itself) or 'running'."""
+    status = job.get_status(refresh=False) if job is not None else None
+    if job is None or status not in {*_WAITING, JobStatus.STARTED}:
+        return "free"
+    if status == JobStatus.QUEUED and client.lpos(q.key, job.id) is None:
+        return "running"  # dequeued, not yet started: in flight, or lost with its worker
+    return "running" if status == JobStatus.STARTED else "waiting"
+
+
 def job_ids(sid: str) -> tuple[str, str]:
     keys.check_session_id(sid)
     return f"memory-extract-{sid}", f"memory-extract-{sid}-next"
@@ -40,12 +57,12 @@ def enqueue_extraction(client: redis.Redis, sid: str, *, queue: str = QUEUE) -> 
     slots = []
     for jid in job_ids(sid):
         job = q.fetch_job(jid)
-        status = job.get_status(refresh=False) if job is not None else None
-        if status in _WAITING:
+        state = _state(client, q, job)
+        if state == "waiting":
             return False
-        slots.append((jid, job, status))
-    for jid, job, status in slots:
-        if status == JobStatus.STARTED:
+        slots.append((jid, job, state))
+    for jid, job, state in slots:
+        if state == "running":
             continue
         if job is not None:
             job.delete()  # finished, failed or stopped: free its id
@@ -70,7 +87,7 @@ def enqueue_after_lock(client: redis.Redis, sid: str, delay_seconds: float, *,
     q = Queue(queue, connection=client)
     jid = f"memory-extract-{keys.check_session_id(sid)}-after-lock"
     job = q.fetch_job(jid)
-    if job is not None and job.get_status(refresh=False) in _WAITING:
+    if _state(client, q, job) == "waiting":
         return False
     if job is not None:
         job.delete()
