@@ -12,7 +12,8 @@ COPY app app
 COPY workers workers
 COPY lua lua
 COPY schemas schemas
-# Editable, so the package finds lua/ and schemas/ beside it.
+# Editable, so the package finds lua/ and schemas/ beside it. Without the `embedded`
+# extra: compose runs real Redis and PostgreSQL, so their wheels would be dead weight.
 RUN pip install --no-cache-dir -e .
 # Export the ONNX model now, so a container's first start does not spend ~10 s on it.
 RUN python -c "from app.embeddings import shared_embedder; shared_embedder().warm()"

@@ -45,7 +45,8 @@ from app.stores.clients import async_redis_client, async_session_redis_client, r
 from app.tools import make_tools
 
 log = logging.getLogger("backbone.api")
-SHUTDOWN_GRACE = 10.0
+# On a forced quit, how long the cut turns may take to persist what they stored.
+FORCED_PERSIST_SECONDS = 5.0
 
 
 def error_response(err: BackboneError) -> JSONResponse:
@@ -98,6 +99,18 @@ def routes() -> list[Route]:
     ]
 
 
+async def _stop_turns(turns: set[asyncio.Task[None]], grace: float) -> None:
+    """Turns outlive their responses (a client that left, say): give them `grace`
+    seconds, then cancel them. A cancelled turn logs `server_stopping` for its
+    resumers and persists what it stored (its finish is shielded)."""
+    if not turns:
+        return
+    _, pending = await asyncio.wait(set(turns), timeout=grace)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+
+
 def create_app(settings: Settings) -> Starlette:
     """Build the app for settings whose REDIS_URL and DATABASE_URL are resolved."""
     assert settings.redis_url and settings.database_url, "resolve the store URLs first"
@@ -131,21 +144,31 @@ def create_app(settings: Settings) -> Starlette:
         deps = TurnDeps(sessions, make_provider(settings), router,
                         recall=make_recall(redis, embedder), after_turn=[extraction])
         state = AppState(settings, redis, pg, embedder, sessions, deps)
+        forced = False
         try:
             yield {"backbone": state}
+        except asyncio.CancelledError:
+            # A forced quit (a second Ctrl-C): uvicorn skips the lifespan shutdown and
+            # asyncio cancels every task, turns and pool workers included. Close what
+            # is left without a traceback, once the cancelled turns have persisted.
+            forced = True
+            log.warning("forced quit: turns in flight were cut without their grace")
         finally:
             warming.cancel()
-            # Turns outlive their responses; on shutdown give them a moment, then
-            # cancel (their finish is shielded, so what they stored gets persisted).
-            if state.turns:
-                _, pending = await asyncio.wait(set(state.turns), timeout=SHUTDOWN_GRACE)
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-            await cache.drain()
+            if forced:
+                if state.turns:
+                    await asyncio.wait(set(state.turns), timeout=FORCED_PERSIST_SECONDS)
+            else:
+                await _stop_turns(state.turns, settings.shutdown_grace_seconds)
+                await cache.drain()
             extraction.close()
             audit_conn.close()
-            await pg.close()
+            try:
+                await pg.close()
+            except asyncio.CancelledError:
+                if not forced:
+                    raise
+                # its workers were cancelled under it: the connections close with the process
             if session_redis is not redis:
                 await session_redis.aclose()
             await redis.aclose()

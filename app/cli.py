@@ -33,7 +33,7 @@ from app.settings import Settings
 from app.stack import running as running_stack
 from app.stack.bootstrap import eviction_warning, prepare
 from app.stack.cluster import EmbeddedCluster
-from app.stack.embedded import EmbeddedStack, running_urls
+from app.stack.embedded import EmbeddedStack, check_port_free, running_urls
 from app.stores import indexes, migrations
 from app.stores.clients import check_modules, pg_connect, redis_client
 
@@ -101,9 +101,13 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         store_children,
     )
 
-    # A SIGTERM (systemd, a supervisor, `kill`) stops everything like Ctrl-C does.
+    # A SIGTERM (systemd, a supervisor, `kill`) or SIGHUP (the terminal closed) stops
+    # everything like Ctrl-C does: the children, in their own process groups, get neither.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
     settings = with_secret(settings)
+    # Before anything starts or the banner is printed (uvicorn would fail to bind last).
+    check_port_free(settings.host, settings.port, "the app", "PORT")
     stack = EmbeddedStack(settings)
     print("starting the stores ...", flush=True)
     resolved = stack.start()
@@ -206,12 +210,21 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.api import create_app
+    from app.chat.routes import STOP_MARGIN_SECONDS
 
+    # SIGTERM stops like Ctrl-C: uvicorn drains, then re-raises the signal it caught,
+    # which must end in KeyboardInterrupt (uvicorn.run returns), not kill us before
+    # the stores this command started are stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
     with _stores(with_secret(settings)) as resolved:
         prepare(resolved, _dims(resolved))
+        drain = int(resolved.shutdown_grace_seconds + STOP_MARGIN_SECONDS) + 2
         uvicorn.run(
             create_app(resolved), host=resolved.host, port=resolved.port,
-            log_level=resolved.log_level.lower(), timeout_graceful_shutdown=10,
+            log_level=resolved.log_level.lower(),
+            # Past the streams' own shutdown grace (app.chat.routes): uvicorn cancels
+            # what still runs after this, cutting a turn's last event.
+            timeout_graceful_shutdown=drain,
             # uvicorn's 5 s default closes idle keep-alive connections while busy
             # clients are about to reuse them (ReadErrors at 500 streams); proxies
             # in front should time out idle connections sooner than this.

@@ -15,6 +15,7 @@
         ├── RedisUnavailable       redis_unavailable
         ├── MissingModules         Redis lacks the search or JSON module (start-up)
         ├── DatabaseUnavailable    database_unavailable
+        ├── ServerStopping         server_stopping: this node stopped the turn (shutdown)
         └── EmbeddedStartError     the embedded Redis or PostgreSQL did not start
 
 Route bodies raise these and never catch; `app.api` renders them as
@@ -111,6 +112,10 @@ class MissingModules(DependencyError):
 
 class DatabaseUnavailable(DependencyError):
     code = "database_unavailable"
+
+
+class ServerStopping(DependencyError):
+    code = "server_stopping"
 
 
 class EmbeddedStartError(DependencyError):

@@ -113,6 +113,7 @@ class Settings:
     llm_timeout_seconds: float = 60.0
     offline_token_delay_ms: int = 20
     stream_coalesce_ms: int = 25
+    shutdown_grace_seconds: float = 5.0
     worker_class: str = "simple"
     tool_timeout_seconds: float = 10.0
     retrieval_cache_audit_rate: float = 0.05
@@ -157,6 +158,7 @@ class Settings:
             llm_timeout_seconds=_float(e, "LLM_TIMEOUT_SECONDS", 60.0, lo=1.0, hi=600.0),
             offline_token_delay_ms=_int(e, "OFFLINE_TOKEN_DELAY_MS", 20),
             stream_coalesce_ms=_int(e, "STREAM_COALESCE_MS", 25),
+            shutdown_grace_seconds=_float(e, "SHUTDOWN_GRACE_SECONDS", 5.0, lo=0.0, hi=300.0),
             worker_class=_choice(e, "WORKER_CLASS", WORKER_CLASSES),
             tool_timeout_seconds=_float(e, "TOOL_TIMEOUT_SECONDS", 10.0, lo=0.1, hi=300.0),
             retrieval_cache_audit_rate=_float(

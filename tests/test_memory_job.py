@@ -20,7 +20,7 @@ from rq.utils import import_attribute
 
 from app.embeddings import shared_embedder
 from app.memory import Fact, RuleExtractor, queue
-from app.memory.queue import enqueue_extraction, job_ids
+from app.memory.queue import enqueue_after_lock, enqueue_extraction, job_ids
 from app.sessions.messages import Message, build, canonical_json
 from app.settings import Settings
 from app.stores import keys, scripts
@@ -292,6 +292,49 @@ def test_one_waiting_job_per_session_and_one_more_behind_a_running_one(
         found = q.fetch_job(jid)
         if found is not None:
             found.delete()
+
+
+def _dequeued_by_a_worker_that_then_died(r: redis.Redis, q: Queue, jid: str) -> None:
+    """What rq's worker does first (BLMOVE into its intermediate list), for this job;
+    killed before it marks the job started, it leaves the job QUEUED in no queue."""
+    pipe = r.pipeline(transaction=True)
+    pipe.lrem(q.key, 1, jid)
+    pipe.rpush(q.intermediate_queue_key, jid)
+    assert pipe.execute()[0] == 1
+
+
+def test_a_job_whose_worker_died_as_it_dequeued_it_does_not_block_the_next_turns(
+    r: redis.Redis, pg: psycopg.Connection[Any], user: str
+) -> None:
+    # Chaos test, WORKER_CLASS=simple: such a job looked "waiting" to every later turn,
+    # which enqueued nothing, and rq only retries it after a minute.
+    sid = new_session(r, pg, user)
+    first, follow_up = job_ids(sid)
+    after_lock = f"memory-extract-{sid}-after-lock"
+    q = Queue("memory", connection=r)
+    try:
+        assert enqueue_extraction(r, sid) is True
+        _dequeued_by_a_worker_that_then_died(r, q, first)
+        lost = q.fetch_job(first)
+        assert lost is not None and lost.get_status() == JobStatus.QUEUED
+        assert enqueue_extraction(r, sid) is True
+        assert r.lpos(q.key, follow_up) is not None
+        assert enqueue_extraction(r, sid) is False  # the follow-up is really waiting
+
+        assert enqueue_after_lock(r, sid, 60) is True
+        assert enqueue_after_lock(r, sid, 60) is False
+        scheduled = q.fetch_job(after_lock)
+        assert scheduled is not None
+        q.enqueue_job(scheduled)  # due: the scheduler queues it ...
+        _dequeued_by_a_worker_that_then_died(r, q, after_lock)  # ... and it is lost
+        assert enqueue_after_lock(r, sid, 60) is True
+    finally:
+        for jid in (first, follow_up, after_lock):
+            r.lrem(q.key, 0, jid)
+            r.lrem(q.intermediate_queue_key, 0, jid)
+            found = q.fetch_job(jid)
+            if found is not None:
+                found.delete()
 
 
 def test_the_job_runs_in_process_under_a_simple_worker(

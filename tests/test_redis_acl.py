@@ -152,6 +152,7 @@ SID = "0" * 32
     ("JSON.TYPE", f"session:{{{SID}}}"), ("EXISTS", f"session:{{{SID}}}:deleted"),
     ("ZCARD", "ratelimit:{someone}:sessions"), ("FT._LIST",), ("SCAN", "0", "MATCH", "cache:*"),
     ("HGETALL", "cache-stats:kb_search"), ("LLEN", "rq:queue:memory"),
+    ("LPOS", "rq:queue:memory", "memory-extract-x"),  # app.memory.queue: is it really waiting
 ])
 def test_the_limited_user_may_run_what_the_app_runs_on_its_own_keys(
     limited: Settings, command: tuple[str, ...]

@@ -11,6 +11,14 @@ The turn runs as its own task, not inside the response: a client that
 disconnects only stops reading, and the turn completes, stores and persists
 its messages and keeps logging events, so the client can reconnect to any node
 and get the rest. A client disconnect is not an error.
+
+When the server stops (SIGTERM, SIGINT), sse-starlette notices within half a
+second and would cut every stream. A live turn instead gets
+SHUTDOWN_GRACE_SECONDS to finish; then its task is cancelled, and the turn ends
+with `error` `server_stopping`, which still reaches its client (the stream is
+held open STOP_MARGIN_SECONDS longer for it) before the connection closes. A
+resumed stream (`GET .../events`) is just closed: its turn may run on another
+node, and the client's reconnect with Last-Event-ID finds the rest there.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 
+import anyio
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.routing import Route
@@ -36,6 +45,9 @@ from app.state import AppState
 from app.stores import scripts
 
 PING_SECONDS = 15
+# How long a live stream stays open past the grace for its stopped turn's last
+# event and persist; uvicorn's graceful-shutdown timeout leaves room for it.
+STOP_MARGIN_SECONDS = 3.0
 HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
 
@@ -98,7 +110,21 @@ async def post_message(request: Request) -> EventSourceResponse:
             if event is None or event.event in event_log.TERMINAL:
                 return  # the turn still persists in its task; the client need not wait
 
-    return EventSourceResponse(stream(), ping=PING_SECONDS, headers=HEADERS)
+    grace = state.settings.shutdown_grace_seconds
+    stopping = anyio.Event()  # set by sse-starlette when the server begins to stop
+
+    async def stop_turn_on_shutdown() -> None:
+        """Runs as long as the response: once the server stops, the turn gets
+        `grace` seconds, then is cancelled (it ends with `server_stopping`)."""
+        await stopping.wait()
+        await asyncio.wait({task}, timeout=grace)
+        task.cancel()  # a no-op when it is done
+
+    return EventSourceResponse(
+        stream(), ping=PING_SECONDS, headers=HEADERS, shutdown_event=stopping,
+        shutdown_grace_period=grace + STOP_MARGIN_SECONDS,
+        data_sender_callable=stop_turn_on_shutdown,
+    )
 
 
 async def get_events(request: Request) -> EventSourceResponse:

@@ -22,10 +22,15 @@ streams (in the batches it sends anyway), and the next append refuses anyway.
 The turn ends with an `error` event, code `session_deleted`; its persist is
 refused by the tombstone, no after-turn hook runs (no extraction), and the
 turn's event stream is removed once its last event is written.
+
+A stopping server cancels the turn's task (app.chat.routes, app.api): the turn
+ends with an `error` event, code `server_stopping`, sent to its live client and
+logged for a resumer, then persists what it stored as always.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -39,7 +44,7 @@ from app.chat import context
 from app.chat.coalesce import coalesce
 from app.chat.event_log import Event, EventLog
 from app.chat.tool_router import Routed, ToolRouter
-from app.errors import BackboneError, NotFound, translate
+from app.errors import BackboneError, NotFound, ServerStopping, translate
 from app.llm.base import Provider, StreamEnd, TextDelta, ToolCall, ToolCallRequest
 from app.ops import logs, metrics
 from app.sessions import messages
@@ -54,6 +59,14 @@ log = logging.getLogger("backbone.turn")
 MAX_STEPS = 6
 # Text deltas merged into one `message.delta` at most this often (STREAM_COALESCE_MS).
 COALESCE_MS = 25
+# A stopping turn waits at most this long for its `server_stopping` event to be logged:
+# on a forced quit the event writer may be cancelled too.
+STOP_FLUSH_SECONDS = 2.0
+STOPPING = ServerStopping(
+    "the server answering this turn is stopping, so the turn ended early; your message and "
+    "what was answered so far are saved. Send the message again to get a full answer "
+    "(another server takes it)."
+)
 Recall = Callable[[str, str], Awaitable[list[str]]]
 AfterTurn = Callable[[str, str, list[Message]], Awaitable[None]]
 
@@ -106,6 +119,11 @@ class Turn:
         try:
             async for event in self._steps():
                 yield watch.sent(event)
+        except asyncio.CancelledError:
+            # Only a stopping server cancels a turn's task (a client that goes away
+            # just stops reading). Say so, then let the cancellation go on.
+            yield watch.sent(await self._error(STOPPING, within=STOP_FLUSH_SECONDS))
+            raise
         except Exception as exc:
             err = translate(exc)
             if err is None:
@@ -194,10 +212,11 @@ class Turn:
         self.stored.extend(stored)
         return stored
 
-    async def _error(self, err: BackboneError) -> Event:
+    async def _error(self, err: BackboneError, *, within: float | None = None) -> Event:
         event = self.log.emit("error", {"code": err.code, "message": err.message})
         try:
-            await self.log.flush()
+            with anyio.move_on_after(within):
+                await self.log.flush()
         except Exception as exc:
             # Redis itself is down: the error still reaches this client, not the log.
             log.warning("could not log the error event of %s: %s", self.sid, exc)

@@ -15,7 +15,7 @@ from datetime import timedelta
 import redis
 from rq import Queue, Retry
 from rq.exceptions import DuplicateJobError
-from rq.job import JobStatus
+from rq.job import Job, JobStatus
 
 from app.sessions.messages import Message
 from app.stores import keys
@@ -34,23 +34,45 @@ def job_ids(sid: str) -> tuple[str, str]:
     return f"memory-extract-{sid}", f"memory-extract-{sid}-next"
 
 
+def _state(q: Queue, job: Job | None) -> str:
+    """'free' (none, or ended), 'waiting' (it will run by itself), 'running' or 'lost'.
+
+    A worker takes a job out of the queue list before it marks it started; one killed
+    in between leaves it QUEUED. A worker on one queue moved it into rq's intermediate
+    list (BLMOVE), whose cleanup retries it after a minute: running until then. A
+    worker on several queues (ours: persist, memory, audit) popped it with BLPOP
+    into no list: nothing would ever run it again, so it is lost and queued anew.
+    Read as waiting instead, every later turn of the session would enqueue nothing.
+    """
+    status = job.get_status(refresh=False) if job is not None else None
+    if job is None or status not in {*_WAITING, JobStatus.STARTED}:
+        return "free"
+    if status == JobStatus.STARTED:
+        return "running"
+    if status != JobStatus.QUEUED or q.connection.lpos(q.key, job.id) is not None:
+        return "waiting"
+    if q.connection.lpos(q.intermediate_queue_key, job.id) is not None:
+        return "running"
+    return "lost"
+
+
 def enqueue_extraction(client: redis.Redis, sid: str, *, queue: str = QUEUE) -> bool:
     """Enqueue one extraction for `sid` unless one is already waiting; True if enqueued."""
     q = Queue(queue, connection=client)
     slots = []
     for jid in job_ids(sid):
         job = q.fetch_job(jid)
-        status = job.get_status(refresh=False) if job is not None else None
-        if job is not None and status == JobStatus.QUEUED and _dropped(q, jid):
+        state = _state(q, job)
+        if job is not None and state == "lost":
             q.enqueue_job(job)
             log.warning("memory job %s was queued but in no queue (its worker died as it "
                         "dequeued it): queued again", jid)
             return True
-        if status in _WAITING:
+        if state == "waiting":
             return False
-        slots.append((jid, job, status))
-    for jid, job, status in slots:
-        if status == JobStatus.STARTED:
+        slots.append((jid, job, state))
+    for jid, job, state in slots:
+        if state == "running":
             continue
         if job is not None:
             job.delete()  # finished, failed or stopped: free its id
@@ -65,15 +87,6 @@ def enqueue_extraction(client: redis.Redis, sid: str, *, queue: str = QUEUE) -> 
     return False  # both slots running: the next turn enqueues again
 
 
-def _dropped(q: Queue, jid: str) -> bool:
-    """A job whose status says queued but that no list holds: a worker listening on
-    several queues dequeues with BLPOP (rq keeps its intermediate list only for one
-    queue), and one killed before it marked the job started lost it. Left so, the
-    session would never be mined again (its slot looks taken forever)."""
-    conn = q.connection
-    return conn.lpos(q.key, jid) is None and conn.lpos(q.intermediate_queue_key, jid) is None
-
-
 def enqueue_after_lock(client: redis.Redis, sid: str, delay_seconds: float, *,
                        queue: str = QUEUE) -> bool:
     """Mine `sid` again once its lock can have expired; True if scheduled.
@@ -84,7 +97,7 @@ def enqueue_after_lock(client: redis.Redis, sid: str, delay_seconds: float, *,
     q = Queue(queue, connection=client)
     jid = f"memory-extract-{keys.check_session_id(sid)}-after-lock"
     job = q.fetch_job(jid)
-    if job is not None and job.get_status(refresh=False) in _WAITING:
+    if _state(q, job) == "waiting":
         return False
     if job is not None:
         job.delete()

