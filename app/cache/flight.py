@@ -3,8 +3,9 @@
 The entry's key hash names a lock, `cache-flight:<tool>:<hash>` (the same hash
 as the entry, so the same scope, model and canonical arguments: identical and
 near-identical questions, `What is X?` and `  what is x`, share it). The first
-miss takes it with `SET NX PX` and a random token, runs the tool, stores the
-result and releases the lock (`release_flight`, only with its token). Every
+miss takes it with `SET NX PX` and a random token (in one round trip with a
+second look at the entry), runs the tool, stores the result and releases the
+lock in the store's round trip (`release_flight`, only with its token). Every
 other miss meanwhile waits: it polls the entry and the lock in one round trip,
 10 ms apart at first and then up to 50 ms, and takes the leader's result as
 soon as it is stored. It stops waiting after its bound, or as soon as the lock
@@ -21,6 +22,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aredis
 
@@ -40,11 +42,26 @@ class Claim:
     leader: bool
 
 
-async def claim(redis: aredis.Redis, lock: str, ttl_seconds: float) -> Claim:
-    """Take the lock if nobody holds it; `leader` says whether this caller did."""
+def claim_in(pipe: Any, lock: str, ttl_seconds: float) -> str:
+    """Queue the claim (`SET NX PX`) on a pipeline, so the look at the entry that must
+    follow it shares its round trip; returns the token. The pipeline's reply to it
+    says whether this caller leads (`claimed`)."""
     token = secrets.token_hex(16)
-    taken = await redis.set(lock, token, nx=True, px=max(int(ttl_seconds * 1000), 1))
-    return Claim(lock, token, bool(taken))
+    pipe.set(lock, token, nx=True, px=max(int(ttl_seconds * 1000), 1))
+    return token
+
+
+def claimed(lock: str, token: str, reply: Any) -> Claim:
+    return Claim(lock, token, bool(reply))
+
+
+def release_in(pipe: Any, held: Claim) -> None:
+    """Queue the release on a pipeline (the store's: one round trip for both)."""
+    if held.leader:
+        call = scripts.release_flight(held.lock, held.token)
+        # EVAL, not EVALSHA: after a Redis restart the script cache is empty, and a
+        # NOSCRIPT inside the store's MULTI would fail the whole store.
+        pipe.eval(call.script.source, call.script.numkeys, *call.keys, *call.args)
 
 
 async def release(redis: aredis.Redis, held: Claim) -> None:

@@ -37,8 +37,11 @@ class Cache(Protocol):
 
     async def store(
         self, tool: Tool, arguments: dict[str, Any], query: str, vector: Vector | None,
-        ctx: ToolContext, result: ToolResult, tool_ms: float,
-    ) -> None: ...
+        ctx: ToolContext, result: ToolResult, tool_ms: float, flight: Flight | None = None,
+    ) -> bool:
+        """Store the result; True when `flight`'s claim was released with it (in the
+        same round trip), so `land` is not needed."""
+        ...
 
     def needs_vector(self, tool: Tool, arguments: dict[str, Any], query: str) -> bool: ...
 

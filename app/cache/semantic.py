@@ -311,18 +311,18 @@ class SemanticCache:
 
     async def store(
         self, tool: Tool, arguments: dict[str, Any], query: str, vector: Vector | None,
-        ctx: ToolContext, result: ToolResult, tool_ms: float,
-    ) -> None:
+        ctx: ToolContext, result: ToolResult, tool_ms: float, flight_: Flight | None = None,
+    ) -> bool:
         policy = tool.policy
         scope = scope_value(policy, ctx) if policy is not None else None
         memo = self._memo_key(tool, arguments, query)
         if policy is None or scope is None or memo is None or result.error is not None:
-            return
+            return False
         key = self._key(tool.spec.name, scope, arguments, query)
         vector = self._pending.pop(key, vector)
         version = self._observed.pop(key, None)
         if policy.versioned and version is None:
-            return  # no lookup read the version this result was computed on: not safe
+            return False  # no lookup read the version this result was computed on: not safe
         fields: dict[str, str | bytes | float] = {
             "tool": tool.spec.name,
             "scope": scope,
@@ -339,15 +339,21 @@ class SemanticCache:
         if vector is not None:
             # Without a vector the entry still serves exact repeats, just not neighbours.
             fields["embedding"] = np.asarray(vector, dtype=np.float32).tobytes()
+        held = flight_.claim if flight_ is not None else None
         try:
             pipe = self.redis.pipeline(transaction=True)
             pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
             pipe.expire(key, policy.ttl_seconds)
+            if isinstance(held, flight.Claim):
+                # After the entry, in the same MULTI: a waiter that sees the lock gone
+                # finds the result.
+                flight.release_in(pipe, held)
             await pipe.execute()
         except rexc.RedisError as e:
             log.warning("cache store for %s failed, not cached: %s", tool.spec.name, e)
-            return
+            return False
         self._remember(memo, policy)
+        return isinstance(held, flight.Claim)
 
     def _key(self, tool: str, scope: str, arguments: Mapping[str, Any], query: str) -> str:
         return entry_key(tool, scope, arguments, query, model=self.embedder.model_id)
@@ -366,16 +372,20 @@ class SemanticCache:
         version = keys.kb_version(scope) if policy.versioned else None
 
         async def poll() -> tuple[CacheHit | None, bool]:
-            return await self._poll(key, scope, lock, version)
+            hit, locked, _ = await self._poll(key, scope, lock, version)
+            return hit, locked
 
         try:
-            held = await flight.claim(self.redis, lock, lock_seconds)
+            # The claim, then a second look at the entry (stored between this caller's
+            # lookup and its claim?), in one round trip.
+            hit, _, held = await self._poll(key, scope, lock, version,
+                                            claim_seconds=lock_seconds)
+            assert held is not None
             if held.leader:
-                hit, _ = await poll()  # stored between this caller's lookup and its claim?
                 if hit is None:
                     return Flight(claim=held)
                 await flight.release(self.redis, held)
-            else:
+            elif hit is None:
                 hit = await flight.wait(poll, wait_seconds)
         except rexc.RedisError as e:
             log.warning("single flight for %s unavailable, running the tool: %s", name, e)
@@ -392,17 +402,23 @@ class SemanticCache:
                 log.warning("single-flight lock %s left to expire: %s", flight_.claim.lock, e)
 
     async def _poll(
-        self, key: str, scope: str, lock: str, version: str | None
-    ) -> tuple[CacheHit | None, bool]:
+        self, key: str, scope: str, lock: str, version: str | None,
+        *, claim_seconds: float | None = None,
+    ) -> tuple[CacheHit | None, bool, flight.Claim | None]:
+        """The entry's hit (if it may be served) and whether the lock is held; with
+        `claim_seconds`, the lock is claimed first, in the same round trip."""
         pipe = self.redis.pipeline(transaction=False)
+        token = flight.claim_in(pipe, lock, claim_seconds) if claim_seconds else None
         pipe.hmget(key, list(ENTRY_FIELDS))
         pipe.exists(lock)
         if version is not None:
             pipe.get(version)
-        entry, held, *current = await pipe.execute()
+        replies = await pipe.execute()
+        held = flight.claimed(lock, token, replies.pop(0)) if token is not None else None
+        entry, locked, *current = replies
         now = max(_version(current[0]), 0) if current else None
         found = self._exact(key, entry, scope, now)
-        return (found.hit if found is not None else None), bool(held)
+        return (found.hit if found is not None else None), bool(locked), held
 
     async def _fetch(
         self, tool: str, scope: str, key: str, vector: Vector | None, version: str | None

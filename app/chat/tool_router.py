@@ -117,8 +117,10 @@ class ToolRouter:
             tool_started = time.perf_counter()
             result = await tool.run(call.arguments, ctx, vector)
             tool_ms = _ms(tool_started)
-            if cache is not None and result.error is None:
-                await cache.store(tool, call.arguments, query, vector, ctx, result, tool_ms)
+            if cache is not None and result.error is None and await cache.store(
+                tool, call.arguments, query, vector, ctx, result, tool_ms, flight
+            ):
+                flight = Flight()  # released with the store, in its round trip
         finally:
             if cache is not None:
                 await cache.land(flight)
