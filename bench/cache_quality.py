@@ -29,7 +29,7 @@ Definitions (per lookup of one `b`):
   duplicates on a wrong partner are rare; they lower precision only.
 
 `--fit` also runs the grid search on the FIT split that produced the
-constants in `app/cache_decision.py` and prints the best policy; the defaults
+constants in `app/cache/decision.py` and prints the best policy; the defaults
 are never changed by a run. Embeddings are cached under `bench/results/` (git
 ignores it), so a second run skips the model.
 """

@@ -208,3 +208,32 @@ def test_the_benchmark_counts_hits_exactly_as_decide_does() -> None:
     for policy in (HitPolicy(), HitPolicy.distance_only(0.05), HitPolicy(0.1, 0.9, 0.2)):
         expected = [decide(q, c, d, policy).hit for q, c, d, _ in texts]
         assert list(bench.hits(f, policy)) == expected
+
+
+def _verifiers() -> ModuleType:
+    path = Path(__file__).resolve().parent.parent / "bench" / "cache_verifiers.py"
+    spec = importlib.util.spec_from_file_location("cache_verifiers", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_verifier_bench_fits_a_logistic_rule_that_ranks_held_out_rows_right() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 3))
+    truth = 2.0 * x[:, 0] - x[:, 1]  # the third column is noise
+    y = rng.random(2000) < 1.0 / (1.0 + np.exp(-truth))
+    log_odds = _verifiers().fit_logistic(x[:1500], y[:1500])
+    held = log_odds(x[1500:])
+    assert np.corrcoef(held, truth[1500:])[0, 1] > 0.95
+
+
+def test_the_verifier_features_see_a_changed_question_word_and_words_on_one_side() -> None:
+    features = _verifiers().pair_features
+    same = features("How do I learn Python?", "How do I learn Python fast?")
+    other = features("How do I learn Python?", "Why do I learn Python?")
+    assert same[7] == 0.0 and other[7] == 1.0
+    assert same[2] == 1.0 and same[4] == 0.0  # "fast" on one side only
