@@ -201,7 +201,7 @@ def server_usec(client: redis.Redis) -> float:
 
 
 def cpu_split(samples: list[tuple[float, float]]) -> str:
-    """"client + Redis" CPU ms per lookup, the median of each."""
+    """CPU ms per lookup as "client + Redis", the median of each."""
     client = percentile([c for c, _ in samples], 50)
     server = percentile([s for _, s in samples], 50)
     return f"{client:.2f} + {server:.2f}"

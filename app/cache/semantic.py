@@ -320,7 +320,8 @@ class SemanticCache:
         ctx: ToolContext,
     ) -> Probe | None:
         """The hit decision and what it judged, with no side effect but the embedding a
-        wrong memo costs; None for a call the cache cannot take. Raises RedisError."""
+        wrong memo costs and a due count of the KNN's filter (`QueryCounts`, in the
+        background); None for a call the cache cannot take. Raises RedisError."""
         policy = tool.policy
         scope = scope_value(policy, ctx) if policy is not None else None
         if policy is None or scope is None or self._memo_key(tool, arguments, query) is None:
