@@ -126,8 +126,8 @@ def knn_plan(selected: int | None, indexed: int | None) -> str:
     RediSearch 2.10 either scans the selected entries (ADHOC_BF: cost grows with their
     number) or walks the HNSW graph in batches and drops what the filter rejects
     (BATCHES: about one search, whatever the filter selects). Its own choice, a decision
-    tree fitted at EF_RUNTIME 10, scans up to 30,000 entries at k=1 and 384 dims: 1.3 to
-    4 ms at 10k, where one batch takes 0.4 ms. Up to ADHOC_MAX entries a scan is as fast
+    tree fitted at EF_RUNTIME 10, scans up to 30,000 entries at k=1 and 384 dims: 2 to 6
+    ms at 10k, where one batch takes 0.4 to 0.7 ms. Up to ADHOC_MAX entries a scan is as fast
     as a batch, and a batch in a small scope is a search for nothing, so the counts
     decide (bench/cache_lookup.py). The batch search needs a wider beam as the graph
     grows: at EF_RUNTIME 64 recall@1 is 1.000 at 10k but 0.995 at 30k and 0.84 at 100k,
