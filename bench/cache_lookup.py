@@ -4,13 +4,20 @@
 
 Bulk entries carry random unit vectors (the model would take far too long for
 100k); KNN queries are stored vectors plus noise, so each has a true nearest
-neighbour. Recall@1 compares the HNSW index (idx:cache's own settings) with an
-exact FLAT index over the same hashes. "ours" is the real path,
+neighbour. All bulk entries share one tool and scope, so the filter selects them
+all; SMALL_SCOPE more entries sit in a scope of their own, as a user's would.
+The KNN is `knn_command` itself, timed with the plan the cache picks from the
+filter's count and with RediSearch's own choice (no count). Recall@1 compares
+the HNSW index (idx:cache's own settings) with an exact FLAT index over the
+same hashes. "ours" is the real path,
 `SemanticCache.lookup` (exact HMGET, threshold, KNN 1 with the tool+scope filter
 in one round trip, `decide`; its counters run after it returns, as in the app).
 redisvl's `SemanticCache.check` is loaded with the same vectors under its own
 prefix, with the same model as its vectorizer. Both are timed given the vector
-and as a whole lookup that embeds a short question first.
+and as a whole lookup that embeds a short question first, taking turns going
+first. CPU per lookup given the vector is this process's thread time and the
+Redis server's own time for the commands it ran (INFO commandstats, read off the
+clock), medians of each: less swayed than wall time by what else the machine runs.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.cache.semantic import EF_RUNTIME, SemanticCache
+from app.cache.semantic import SemanticCache, knn_command, knn_filter
 from app.embeddings import Vector, shared_embedder
 from app.llm.base import ToolSpec
 from app.settings import Settings
@@ -43,7 +50,9 @@ PREFIX = "bcache:"
 HNSW, FLAT = "idx:bcache", "idx:bcache-flat"
 RVL = "rvlbench"
 TOOL = "bench_tool"
+MODEL = shared_embedder().model_id  # the cache filters every KNN on its model
 BATCH = 1000
+SMALL_SCOPE = 10  # entries in the user-like scope, apart from the bulk ones
 QUESTIONS = [f"How do I configure setting number {i} of service {i % 7}?" for i in range(50)]
 
 
@@ -86,7 +95,7 @@ def load(client: redis.Redis, vectors: np.ndarray[Any, Any], start: int) -> None
             pipe.hset(f"{PREFIX}{j}", mapping={
                 "tool": TOOL, "scope": "global", "query": f"synthetic question {j}",
                 "created_at": j, "embedding": blob, "result": '{"content":"x","items":[]}',
-                "tool_ms": 1.0,
+                "tool_ms": 1.0, "model": MODEL,
             })  # fmt: skip
             pipe.hset(f"{RVL}:{j}", mapping={
                 "entry_id": str(j), "prompt": f"synthetic question {j}", "response": "x",
@@ -104,20 +113,99 @@ def wait_indexed(client: redis.Redis, *names: str) -> None:
             time.sleep(0.2)
 
 
-def knn_top1(client: redis.Redis, index: str, v: np.ndarray[Any, Any]) -> tuple[str, float]:
-    # The production query (EF_RUNTIME as in app.semantic_cache); FLAT takes no EF_RUNTIME.
-    ef = "" if index == FLAT else " EF_RUNTIME $ef"
-    params = ["vec", v.tobytes()] + ([] if index == FLAT else ["ef", EF_RUNTIME])
+def store_small_scope(client: redis.Redis, vectors: np.ndarray[Any, Any]) -> None:
+    pipe = client.pipeline(transaction=False)
+    for j, v in enumerate(vectors):
+        pipe.hset(f"{PREFIX}small:{j}", mapping={
+            "tool": TOOL, "scope": "user:small", "query": f"small scope question {j}",
+            "created_at": j, "embedding": v.tobytes(), "result": '{"content":"x","items":[]}',
+            "tool_ms": 1.0, "model": MODEL,
+        })  # fmt: skip
+    pipe.execute()
+
+
+def knn_top1(
+    client: redis.Redis, scope: str, v: np.ndarray[Any, Any], counts: tuple[int, int] | None
+) -> tuple[str, float]:
+    """The production query (`knn_command`), timed: with the plan for `counts` (entries the
+    filter selects, entries indexed) or, for None, RediSearch's own."""
+    command = knn_command(HNSW, TOOL, scope, v, *(counts or (None, None)), model=MODEL)
     t0 = time.perf_counter()
-    reply = client.execute_command(
-        "FT.SEARCH", index,
-        f"(@tool:{{{TOOL}}} @scope:{{global}})=>[KNN 1 @embedding $vec{ef} AS distance]",
-        "PARAMS", len(params), *params, "SORTBY", "distance", "ASC",
-        "RETURN", 1, "distance", "LIMIT", 0, 1, "DIALECT", 2,
-    )  # type: ignore[no-untyped-call]  # fmt: skip
+    reply = client.execute_command(*command)  # type: ignore[no-untyped-call]
     elapsed = (time.perf_counter() - t0) * 1000
     _, rows = parse_search_reply(reply)
     return (rows[0][0] if rows else ""), elapsed
+
+
+def exact_top1(client: redis.Redis, scope: str, v: np.ndarray[Any, Any]) -> str:
+    reply = client.execute_command(
+        "FT.SEARCH", FLAT, f"{knn_filter(TOOL, scope, MODEL)}=>[KNN 1 @embedding $vec AS distance]",
+        "PARAMS", 2, "vec", v.tobytes(), "SORTBY", "distance", "ASC",
+        "RETURN", 1, "distance", "LIMIT", 0, 1, "DIALECT", 2,
+    )  # type: ignore[no-untyped-call]  # fmt: skip
+    _, rows = parse_search_reply(reply)
+    return rows[0][0] if rows else ""
+
+
+def noisy(
+    rng: np.random.Generator, stored: np.ndarray[Any, Any], n: int, sigma: float
+) -> np.ndarray[Any, np.dtype[np.float32]]:
+    picks = stored[rng.integers(0, len(stored), n)]
+    out = picks + rng.normal(0, sigma, (n, DIMS))
+    result: np.ndarray[Any, np.dtype[np.float32]] = (
+        out / np.linalg.norm(out, axis=1, keepdims=True)
+    ).astype(np.float32)
+    return result
+
+
+@dataclass
+class Knn:
+    ours: list[float] = field(default_factory=list)  # the plan from the filter's count
+    planner: list[float] = field(default_factory=list)  # RediSearch's own choice
+    hits: int = 0
+    small: list[float] = field(default_factory=list)  # ours, in the small scope
+    small_hits: int = 0
+
+
+def knn_figures(
+    client: redis.Redis, n: int, queries: np.ndarray[Any, Any], small: np.ndarray[Any, Any]
+) -> Knn:
+    out, indexed = Knn(), n + SMALL_SCOPE
+    # HNSW timings first, then the exact answers: a FLAT scan between two timed
+    # queries would evict the graph from the CPU caches.
+    found = []
+    for i, v in enumerate(queries):
+        plans = (((n, indexed), out.ours), (None, out.planner))
+        for counts, samples in plans if i % 2 == 0 else plans[::-1]:
+            key, elapsed = knn_top1(client, "global", v, counts)
+            samples.append(elapsed)
+            if counts is not None:
+                found.append(key)
+    small_found = []
+    for v in small:
+        key, elapsed = knn_top1(client, "user:small", v, (SMALL_SCOPE, indexed))
+        out.small.append(elapsed)
+        small_found.append(key)
+    exact = [exact_top1(client, "global", v) for v in queries]
+    out.hits = sum(a == b for a, b in zip(found, exact, strict=True))
+    exact = [exact_top1(client, "user:small", v) for v in small]
+    out.small_hits = sum(a == b for a, b in zip(small_found, exact, strict=True))
+    return out
+
+
+def server_usec(client: redis.Redis) -> float:
+    """Redis's own time spent in commands so far, INFO itself left out."""
+    stats = client.info("commandstats")
+    return sum(
+        float(v["usec"]) for k, v in stats.items() if k != "cmdstat_info" and isinstance(v, dict)
+    )
+
+
+def cpu_split(samples: list[tuple[float, float]]) -> str:
+    """CPU ms per lookup as "client + Redis", the median of each."""
+    client = percentile([c for c, _ in samples], 50)
+    server = percentile([s for _, s in samples], 50)
+    return f"{client:.2f} + {server:.2f}"
 
 
 def ms(samples: list[float]) -> str:
@@ -131,9 +219,12 @@ class Lookups:
     theirs: list[float] = field(default_factory=list)  # given the vector
     ours_whole: list[float] = field(default_factory=list)  # embed + lookup
     theirs_whole: list[float] = field(default_factory=list)  # check(prompt=...) embeds itself
+    # Given the vector: (this process's CPU ms, Redis's ms) per lookup.
+    ours_cpu: list[tuple[float, float]] = field(default_factory=list)
+    theirs_cpu: list[tuple[float, float]] = field(default_factory=list)
 
 
-async def lookups(url: str, questions: list[str], rvl: Any) -> Lookups:
+async def lookups(url: str, questions: list[str], rvl: Any, sync: redis.Redis) -> Lookups:
     """Ours and redisvl's check, taking turns going first, so machine noise hits both.
 
     Both embed with the same model, which is most of either lookup and the noisiest
@@ -158,12 +249,20 @@ async def lookups(url: str, questions: list[str], rvl: Any) -> Lookups:
             rvl.check(vector=vector.tolist(), num_results=1)
 
     async def timed(samples: list[float], q: str, vector: Vector | None, mine: bool) -> None:
-        t0 = time.perf_counter()
+        server0 = server_usec(sync)
+        cpu0, t0 = time.thread_time(), time.perf_counter()
         await ours(q, vector) if mine else theirs(q, vector)
         samples.append((time.perf_counter() - t0) * 1000)
+        if vector is not None:
+            cpu = ((time.thread_time() - cpu0) * 1000, (server_usec(sync) - server0) / 1000)
+            (out.ours_cpu if mine else out.theirs_cpu).append(cpu)
         await cache.drain()  # our counters, off the clock as in the app
 
     try:
+        # The filter's count, which picks the KNN plan, is taken once a minute per
+        # process in the background: in before the timings, as in a running app.
+        await ours(questions[0], await asyncio.to_thread(embedder.embed, questions[0]))
+        await cache.drain()
         for i, q in enumerate(questions):
             t0 = time.perf_counter()
             vector = await asyncio.to_thread(embedder.embed, q)
@@ -205,6 +304,8 @@ def main() -> None:
         rvl = RvlCache(name=RVL, distance_threshold=0.12, vectorizer=vectorizer,
                        redis_client=client, overwrite=True)  # fmt: skip
         stored = np.zeros((0, DIMS), dtype=np.float32)
+        small = unit(rng, SMALL_SCOPE)
+        store_small_scope(client, small)
         for n in sizes:
             t0 = time.perf_counter()
             fresh = unit(rng, n - len(stored))
@@ -212,42 +313,41 @@ def main() -> None:
             stored = np.vstack([stored, fresh])
             wait_indexed(client, HNSW, FLAT, RVL)
             load_s = time.perf_counter() - t0
-            picks = rng.integers(0, n, args.queries)
-            noisy = stored[picks] + rng.normal(0, args.noise, (args.queries, DIMS))
-            noisy = (noisy / np.linalg.norm(noisy, axis=1, keepdims=True)).astype(np.float32)
-            # HNSW timings first, then the exact answers: a FLAT scan between two
-            # timed queries would evict the graph from the CPU caches.
-            found = [knn_top1(client, HNSW, v) for v in noisy]
-            truth = [knn_top1(client, FLAT, v)[0] for v in noisy]
-            knn_ms = [t for _, t in found]
-            hits = sum(got == want for (got, _), want in zip(found, truth, strict=True))
+            knn = knn_figures(
+                client, n, noisy(rng, stored, args.queries, args.noise),
+                noisy(rng, small, args.queries, args.noise),
+            )  # fmt: skip
             qs = [QUESTIONS[i % len(QUESTIONS)] for i in range(min(args.queries, 100))]
-            lk = asyncio.run(lookups(redis_url, qs, rvl))
-            rows.append(
-                (
-                    n,
-                    load_s,
-                    ms(lk.embed),
-                    ms(knn_ms),
-                    hits / len(noisy),
-                    ms(lk.ours),
-                    ms(lk.theirs),
-                    ms(lk.ours_whole),
-                    ms(lk.theirs_whole),
-                )
+            lk = asyncio.run(lookups(redis_url, qs, rvl, client))
+            rows.append((
+                n, load_s, ms(lk.embed), ms(knn.ours), ms(knn.planner), knn.hits / args.queries,
+                f"{percentile(knn.small, 50):.2f} / {knn.small_hits / args.queries:.3f}",
+                ms(lk.ours), ms(lk.theirs),
+                cpu_split(lk.ours_cpu), cpu_split(lk.theirs_cpu),
+                ms(lk.ours_whole), ms(lk.theirs_whole),
+            ))  # fmt: skip
+            counts = []  # what QueryCounts costs Redis once a minute per process
+            for query in (knn_filter(TOOL, "global", MODEL), "*"):
+                before = server_usec(client)
+                client.execute_command("FT.SEARCH", HNSW, query, "LIMIT", 0, 0, "DIALECT", 2)  # type: ignore[no-untyped-call]
+                counts.append((server_usec(client) - before) / 1000)
+            print(
+                f"... {n} entries done ({load_s:.1f} s to load and index; counting the filter "
+                f"took Redis {counts[0]:.2f} ms, the index {counts[1]:.2f} ms)",
+                file=sys.stderr,
             )
-            print(f"... {n} entries done ({load_s:.1f} s to load and index)", file=sys.stderr)
         rvl.delete()
     print(
-        "\n| entries | load+index s | embed p50 / p99 ms | KNN p50 / p99 ms "
-        "| recall@1 HNSW vs FLAT | given the vector: ours p50 / p99 ms | redisvl p50 / p99 ms "
+        "\n| entries | load+index s | embed p50 / p99 ms | KNN p50 / p99 ms: ours "
+        "| RediSearch's plan | recall@1 HNSW vs FLAT | 10-entry scope: KNN p50 ms / recall@1 "
+        "| given the vector: ours p50 / p99 ms | redisvl p50 / p99 ms "
+        "| CPU ms per lookup given the vector, client + Redis: ours | redisvl "
         "| whole lookup: ours p50 / p99 ms | redisvl p50 / p99 ms |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for n, load_s, emb, knn, recall, *lookup in rows:
-        print(
-            f"| {n:,} | {load_s:.1f} | {emb} | {knn} | {recall:.3f} | " + " | ".join(lookup) + " |"
-        )
+    print("| ---: " * 13 + "|")
+    for n, load_s, emb, knn_ms, planner, recall, *rest in rows:
+        cells = [f"{n:,}", f"{load_s:.1f}", emb, knn_ms, planner, f"{recall:.3f}", *rest]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
