@@ -35,7 +35,8 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.cache.semantic import SemanticCache, knn_command, knn_filter
+from app.cache.knn import knn_command, knn_filter
+from app.cache.semantic import SemanticCache
 from app.embeddings import Vector, shared_embedder
 from app.llm.base import ToolSpec
 from app.settings import Settings

@@ -20,16 +20,16 @@ from redisvl.schema import IndexSchema
 from test_case_isolation import wait_indexed
 from test_semantic_cache import CountingEmbedder, CountingTool
 
-from app.cache.semantic import (
+from app.cache.knn import (
     ADHOC_MAX,
     EF_RUNTIME,
     KNN_BATCH_SIZE,
     QueryCounts,
-    SemanticCache,
     knn_command,
     knn_filter,
     knn_plan,
 )
+from app.cache.semantic import SemanticCache
 from app.embeddings import shared_embedder
 from app.settings import Settings
 from app.stores import indexes
