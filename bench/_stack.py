@@ -46,9 +46,11 @@ def stores() -> Iterator[Settings]:
 
 @contextlib.contextmanager
 def servers(
-    settings: Settings, count: int = 1, *, pids: list[int] | None = None, **env: str
+    settings: Settings, count: int = 1, *, pids: list[int] | None = None,
+    cwd: Path | None = None, **env: str,
 ) -> Iterator[list[str]]:
-    """`count` app processes; their pids are appended to `pids` (for `cpu_seconds`)."""
+    """`count` app processes; their pids are appended to `pids` (for `cpu_seconds`).
+    `cwd`: run the `app` package of another checkout (a side-by-side comparison)."""
     procs, urls = [], []
     try:
         for _ in range(count):
@@ -58,7 +60,7 @@ def servers(
                 env={**os.environ, "REDIS_URL": settings.redis_url or "",
                      "DATABASE_URL": settings.database_url or "", "AUTH_SECRET": SECRET,
                      "PORT": str(port), "LOG_LEVEL": "WARNING", **env},
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             urls.append(f"http://127.0.0.1:{port}")
             if pids is not None:
                 pids.append(procs[-1].pid)

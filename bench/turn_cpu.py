@@ -16,12 +16,18 @@ backends, Redis's rewrite forks) is read from /proc/<pid>/stat before and
 after the N turns; for PostgreSQL the postmaster and every live child. The
 load generator is this process. Stores on another machine show as n/a.
 With WORKER_CLASS=simple there are no work horses: the jobs' CPU is the worker's row.
+
+`--against DIR` measures instead the app's CPU per turn of this checkout and of
+the checkout in DIR (`git worktree add /tmp/base <commit>`), both servers on the
+same stores and driven at the same time by the same load, so a shared machine's
+noise falls on both alike; `--rounds` repeats it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import os
 import sys
@@ -207,6 +213,44 @@ def measure(settings_redis: str, settings_pg: str, port: str, backend: str,
     return run
 
 
+def against(args: argparse.Namespace) -> None:
+    """This checkout's app and DIR's, side by side under the same load at the same time."""
+    other = Path(args.against).resolve()
+    env = {"OFFLINE_TOKEN_DELAY_MS": str(args.pace_ms),
+           "STREAM_COALESCE_MS": str(args.coalesce_ms[0])}
+    labels = ["this checkout", str(other)]
+    totals = [[0.0, 0, 0] for _ in labels]
+    with stores() as settings, contextlib.ExitStack() as stack:
+        bases = [stack.enter_context(servers(settings, cwd=cwd, **env))[0]
+                 for cwd in (None, other)]
+        stack.enter_context(workers(settings, **env))
+        apps = [_env_pid("PORT", b.rsplit(":", 1)[1], "app.cli", "serve")[0] for b in bases]
+        for base in bases:
+            asyncio.run(drive(base, Run("warm"), 2 * args.concurrency, args.concurrency,
+                              f"warm-{base[-5:]}"))
+        for rnd in range(args.rounds):
+            runs = [Run(label) for label in labels]
+            before = [cpu_seconds(a) for a in apps]
+
+            async def both(rnd: int = rnd, runs: list[Run] = runs) -> None:
+                await asyncio.gather(*(drive(b, runs[i], args.turns, args.concurrency,
+                                             f"vs{rnd}-{i}-{b[-5:]}")
+                                       for i, b in enumerate(bases)))
+
+            asyncio.run(both())
+            for i, app in enumerate(apps):
+                totals[i][0] += cpu_seconds(app) - before[i]
+                totals[i][1] += runs[i].turns
+                totals[i][2] += len(runs[i].errors)
+    print(f"{args.rounds} x {args.turns} turns each, {args.concurrency} concurrent chats per "
+          f"app, both apps at once, offline provider at {args.pace_ms} ms/token, coalesce "
+          f"{args.coalesce_ms[0]} ms, load average {os.getloadavg()[0]:.1f} at the end\n")
+    print("| app | turns | errors | app CPU ms per turn |")
+    print("|---|---:|---:|---:|")
+    for label, (cpu, turns, errors) in zip(labels, totals, strict=True):
+        print(f"| {label} | {turns} | {errors} | {cpu * 1000 / max(turns, 1):.1f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--turns", type=int, default=200)
@@ -216,7 +260,12 @@ def main() -> None:
     p.add_argument("--worker-classes", nargs="+", default=["fork", "simple"],
                    choices=["fork", "simple"])
     p.add_argument("--coalesce-ms", nargs="+", type=int, default=[25])
+    p.add_argument("--against", help="another checkout's folder: its app side by side")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of --against")
     args = p.parse_args()
+    if args.against:
+        against(args)
+        return
     runs = []
     configs = list(itertools.product(args.backends, args.worker_classes, args.coalesce_ms))
     with stores() as settings:
