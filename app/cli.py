@@ -116,7 +116,8 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     except BaseException:
         stack.stop()
         raise
-    running_stack.record(resolved)  # the other commands find these stores from here
+    # The other commands find these stores (and the session cluster) from here.
+    running_stack.record(resolved, session_redis_url=cluster.url if cluster else "")
     env = {**os.environ, "REDIS_URL": resolved.redis_url or "",
            "DATABASE_URL": resolved.database_url or "",
            "AUTH_SECRET": resolved.auth_secret or ""}

@@ -198,3 +198,24 @@ def test_forget_removes_only_this_processs_record(settings: Settings, tmp_path: 
     running_stack.record(dataclasses.replace(settings, data_dir=tmp_path))
     running_stack.forget(tmp_path)
     assert not (tmp_path / running_stack.FILE_NAME).exists()
+
+
+def test_commands_beside_up_cluster_find_its_session_plane_unless_the_environment_names_one(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # A `.venv/bin/backbone worker` started next to `up --cluster` must not write session
+    # keys into the single Redis while the app writes them into the cluster.
+    running_stack.record(dataclasses.replace(settings, data_dir=tmp_path),
+                         session_redis_url="redis://127.0.0.1:7001")
+    mine = _unset_stores(settings, tmp_path)
+    used, found = running_stack.use(mine)
+    assert found is not None and "session-plane cluster redis://127.0.0.1:7001" in found.describe()
+    assert used.session_redis_url == "redis://127.0.0.1:7001" and used.session_redis_cluster
+    assert (used.redis_url, used.database_url) == (settings.redis_url, settings.database_url)
+    own = dataclasses.replace(mine, session_redis_url="redis://10.0.0.9:6379")
+    assert running_stack.use(own)[0].session_redis_url == "redis://10.0.0.9:6379"
+    running_stack.forget(tmp_path)
+    plain = running_stack.record(dataclasses.replace(settings, data_dir=tmp_path))
+    assert running_stack.use(mine)[0].session_redis_url is None and "cluster" not in (
+        plain.describe())
+    running_stack.forget(tmp_path)

@@ -1,7 +1,8 @@
 """The stack `backbone up` runs, recorded in the data folder for the other commands.
 
 `backbone up` writes `<DATA_DIR>/running-stack.json` (its pid, the Redis and
-PostgreSQL URLs it resolved, the app's URL) once its stores answer, and removes
+PostgreSQL URLs it resolved, the app's URL and, with `--cluster`, a node of its
+session-plane cluster) once its stores answer, and removes
 it when it stops. Every other command that needs the stores (`ingest`,
 `doctor`, `index`, `cache`, `serve`, `worker`) reads it first: while that `up`
 is alive (its pid exists and its Redis answers) they use its stores, whatever
@@ -9,14 +10,15 @@ EMBEDDED_REDIS_PORT they were started with; otherwise they start their own
 embedded servers (or fail, for the commands that only inspect). A record left
 by an `up` that was killed is ignored, and replaced by the next `up`.
 
-REDIS_URL / DATABASE_URL, when set, always win over the record.
+REDIS_URL / DATABASE_URL (and SESSION_REDIS_URL), when set, always win over the
+record.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import redis
@@ -34,23 +36,29 @@ class RunningStack:
     redis_url: str
     database_url: str
     app_url: str
+    session_redis_url: str = ""  # a node of `up --cluster`'s session plane, else ""
 
     def describe(self) -> str:
+        cluster = (f", session-plane cluster {self.session_redis_url}"
+                   if self.session_redis_url else "")
         return (f"the running `backbone up` (pid {self.pid}, app {self.app_url}): "
-                f"redis {self.redis_url}, postgres {self.database_url}")
+                f"redis {self.redis_url}, postgres {self.database_url}{cluster}")
 
 
 def path(data_dir: Path) -> Path:
     return data_dir / FILE_NAME
 
 
-def record(resolved: Settings, pid: int | None = None) -> RunningStack:
+def record(
+    resolved: Settings, pid: int | None = None, *, session_redis_url: str = ""
+) -> RunningStack:
     """Write the record for `resolved` (settings with both URLs filled in)."""
     stack = RunningStack(
         pid=os.getpid() if pid is None else pid,
         redis_url=resolved.redis_url or "",
         database_url=resolved.database_url or "",
         app_url=f"http://{resolved.host}:{resolved.port}",
+        session_redis_url=session_redis_url,
     )
     resolved.data_dir.mkdir(parents=True, exist_ok=True)
     # Written aside then renamed: a reader never sees half a file. 0600: the URLs
@@ -82,7 +90,8 @@ def _read(data_dir: Path) -> RunningStack | None:
     try:
         raw = json.loads(path(data_dir).read_text())
         return RunningStack(pid=int(raw["pid"]), redis_url=str(raw["redis_url"]),
-                            database_url=str(raw["database_url"]), app_url=str(raw["app_url"]))
+                            database_url=str(raw["database_url"]), app_url=str(raw["app_url"]),
+                            session_redis_url=str(raw.get("session_redis_url") or ""))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # absent, or not ours to understand: as if nothing ran
 
@@ -118,5 +127,10 @@ def use(settings: Settings) -> tuple[Settings, RunningStack | None]:
     found = find(settings.data_dir)
     if found is None:
         return settings, None
-    return settings.with_urls(settings.redis_url or found.redis_url,
-                              settings.database_url or found.database_url), found
+    used = settings.with_urls(settings.redis_url or found.redis_url,
+                              settings.database_url or found.database_url)
+    if found.session_redis_url and used.session_redis_url is None:
+        # A worker or serve started beside `up --cluster` must write sessions where it does.
+        used = replace(used, session_redis_url=found.session_redis_url,
+                       session_redis_cluster=True)
+    return used, found
