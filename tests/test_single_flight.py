@@ -19,6 +19,7 @@ from fakes import FakeSearxng, searx_result
 from test_semantic_cache import CountingEmbedder
 
 from app.cache.semantic import SemanticCache
+from app.cache.stats import cache_stats
 from app.chat.tool_router import Routed, ToolRouter
 from app.llm.base import ToolCall
 from app.settings import Settings
@@ -39,6 +40,7 @@ def test_twenty_concurrent_misses_over_two_app_processes_run_the_search_once(
                        delay=0.5)  # fmt: skip
     go = tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    before = _flight_hits(settings)
     with fake.serve() as base:
         nodes = [
             subprocess.Popen(
@@ -63,6 +65,20 @@ def test_twenty_concurrent_misses_over_two_app_processes_run_the_search_once(
     assert len(fake.queries) == 1  # one execution for twenty calls on two nodes
     assert all(c["urls"] == [f"https://example.org/{place}"] for c in calls)
     assert sum(not c["cached"] for c in calls) == 1
+    # Callers that waited on the leader are counted, and `cache stats` shows them.
+    assert _flight_hits(settings) - before >= 1
+
+
+def _flight_hits(settings: Settings) -> int:
+    async def read() -> int:
+        client = async_redis_client(settings.redis_url or "")
+        try:
+            return int((await cache_stats(client, None)).get("web_search", {}).get(
+                "flight_hits", 0))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(read())
 
 
 def route_at_once(settings: Settings, tool: WebSearch, n: int, question: str) -> list[Routed]:

@@ -32,7 +32,7 @@ from app.tools.web_search import WebSearch
 
 log = logging.getLogger("backbone.cache")
 
-COUNTERS = ("lookups", "hits", "exact_hits", "misses", "audits", "invalidations")
+COUNTERS = keys.CACHE_STATS_COUNTERS
 STATS_PREFIX = "cache-stats:"
 THRESHOLD_PREFIX = "cache-threshold:"
 CLEAR_BATCH = 1000
@@ -90,7 +90,7 @@ async def cache_stats(
     pg_pool: AsyncConnectionPool[Any] | None,
     policies: Mapping[str, CachePolicy] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """tool -> lookups, hits, exact_hits, misses, hit_rate, audits, mean_overlap,
+    """tool -> lookups, hits, exact_hits, misses, flight_hits, hit_rate, audits, mean_overlap,
     p10_overlap, invalidations, threshold (the audited bound, else the policy's;
     None only for a tool with neither). `policies` defaults to the shipped tools'."""
     known = builtin_policies() if policies is None else policies

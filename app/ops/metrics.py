@@ -40,7 +40,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from app.stores import keys
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-CACHE_COUNTERS = ("lookups", "hits", "exact_hits", "misses", "audits", "invalidations")
+CACHE_COUNTERS = keys.CACHE_STATS_COUNTERS
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 TURNS = Counter("backbone_turns", "Chat turns ended, by outcome (done, an error code, "

@@ -150,6 +150,14 @@ def cache_prefix(tool: str | None = None) -> str:
     return "cache:" if tool is None else f"cache:{check_tool(tool)}:"
 
 
+# The counters of a `cache-stats:<tool>` hash (besides `overlap_sum`): what
+# `cache stats` shows and `/metrics` exports. flight_hits: misses answered by
+# another caller's run of the same call (single flight).
+CACHE_STATS_COUNTERS = (
+    "lookups", "hits", "exact_hits", "misses", "flight_hits", "audits", "invalidations",
+)
+
+
 def cache_stats(tool: str) -> str:
     return f"cache-stats:{check_tool(tool)}"
 
