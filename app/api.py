@@ -81,9 +81,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 async def metrics_endpoint(request: Request) -> Response:
     """`GET /metrics`: Prometheus text; see app.ops.metrics and the README table."""
     state = app_state(request)
-    cache = state.turn_deps.router.cache
-    if cache is not None:  # this node's lookup counts of the last second, written first
-        await cache.flush_counts()
+    await cache_routes.flush_counts(state)
     shared = await metrics.read_shared(state.redis, state.sessions.redis)
     body, content_type = metrics.render(shared)
     return Response(body, media_type=content_type)

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from app.stack.embedded import EmbeddedRedis, free_port
 from app.stores import indexes, keys
 from app.stores.clients import async_redis_client, redis_client
 from app.tools import KbSearch
-from app.tools.base import ToolContext, ToolResult
+from app.tools.base import Tool, ToolContext, ToolResult
 from app.tools.kb_search import escape_tag, parse_search_reply
 
 SECRET = "the spare key to the lamp room hides under the third blue step"
@@ -243,16 +243,19 @@ def test_kb_search_never_hands_alice_the_private_chunks_of_Alice(
 # ---- the semantic cache --------------------------------------------------------------
 
 
-def cache_ask(
-    settings: Settings, tool: CountingTool, calls: list[tuple[str, str]],
+def route(
+    settings: Settings, make: Callable[[Any, Embedder], Tool], calls: list[tuple[str, str]],
     index: str = keys.INDEX_CACHE,
 ) -> list[Routed]:
+    """Each (user, question) in order through one real ToolRouter + SemanticCache, to
+    the tool `make(client, embedder)` builds."""
     emb = CountingEmbedder()
 
     async def main() -> list[Routed]:
         client = async_redis_client(settings.redis_url or "")
         try:
             cache = SemanticCache(client, settings, embedder=emb, index=index)
+            tool = make(client, emb)
             router = ToolRouter({tool.spec.name: tool}, emb, 30.0, cache=cache)
             out = []
             for i, (user, question) in enumerate(calls):
@@ -264,6 +267,13 @@ def cache_ask(
             await client.aclose()
 
     return asyncio.run(main())
+
+
+def cache_ask(
+    settings: Settings, tool: CountingTool, calls: list[tuple[str, str]],
+    index: str = keys.INDEX_CACHE,
+) -> list[Routed]:
+    return route(settings, lambda _client, _emb: tool, calls, index)
 
 
 def test_a_cached_private_retrieval_of_Alice_never_serves_alice_by_knn(
@@ -368,23 +378,7 @@ def test_Alices_memory_never_suppresses_alices_identical_one_as_a_duplicate(
 
 def kb_cached(settings: Settings, calls: list[tuple[str, str]]) -> list[Routed]:
     """kb_search through the real router and cache, each (user, question) in order."""
-    emb = CountingEmbedder()
-
-    async def main() -> list[Routed]:
-        client = async_redis_client(settings.redis_url or "")
-        try:
-            cache = SemanticCache(client, settings, embedder=emb)
-            router = ToolRouter({"kb_search": KbSearch(client, emb)}, emb, 30.0, cache=cache)
-            out = []
-            for i, (user, question) in enumerate(calls):
-                call = ToolCall(id=f"c{i}", name="kb_search", arguments={"query": question})
-                out.append(await router.run(call, ToolContext(user)))
-            await cache.drain()
-            return out
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
+    return route(settings, KbSearch, calls)
 
 
 def test_every_user_is_served_alices_cached_global_retrieval_and_never_her_private_passage(

@@ -6,46 +6,18 @@ kb_search through the real router and cache; each test writes its own made-up do
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
 
 import redis
-from test_semantic_cache import CountingEmbedder
+from test_case_isolation import kb_cached as ask
 
-from app.cache.semantic import SemanticCache, entry_key
-from app.chat.tool_router import Routed, ToolRouter
+from app.cache.semantic import entry_key
 from app.embeddings import shared_embedder
 from app.kb.ingest import delete_paths, doc_id, ingest_paths
-from app.llm.base import ToolCall
 from app.settings import Settings
 from app.stores import keys
-from app.stores.clients import async_redis_client
-from app.tools import KbSearch
-from app.tools.base import ToolContext
-
-
-def ask(settings: Settings, calls: list[tuple[str, str]]) -> list[Routed]:
-    """kb_search through one ToolRouter + SemanticCache, each (user, question) in order."""
-    emb = CountingEmbedder()
-
-    async def main() -> list[Routed]:
-        client = async_redis_client(settings.redis_url or "")
-        try:
-            cache = SemanticCache(client, settings, embedder=emb)
-            kb = KbSearch(client, emb)
-            router = ToolRouter({"kb_search": kb}, emb, 30.0, cache=cache)
-            out = []
-            for i, (user, question) in enumerate(calls):
-                call = ToolCall(id=f"c{i}", name="kb_search", arguments={"query": question})
-                out.append(await router.run(call, ToolContext(user)))
-            await cache.drain()
-            return out
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
 
 
 def doc(name: str, fact: str) -> str:

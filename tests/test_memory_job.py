@@ -77,6 +77,16 @@ def append(r: redis.Redis, pg: psycopg.Connection[Any], sid: str, batch: list[Me
         )
 
 
+def one_turn(
+    r: redis.Redis, pg: psycopg.Connection[Any], user: str
+) -> tuple[str, list[Message]]:
+    """A new session holding one turn (two messages), not mined yet."""
+    sid = new_session(r, pg, user)
+    batch = turn(sid, 0, 0)
+    append(r, pg, sid, batch)
+    return sid, batch
+
+
 def memories(pg: psycopg.Connection[Any], user: str) -> list[tuple[str, str]]:
     rows = pg.execute(
         "SELECT kind, content FROM memories WHERE user_id = %s ORDER BY kind, content", (user,)
@@ -430,9 +440,7 @@ def test_a_retried_job_takes_over_the_lock_its_killed_run_left_and_other_jobs_st
 ) -> None:
     # A simple worker SIGKILLed mid-job leaves its lock for MEMORY_LOCK_TTL_SECONDS;
     # rq re-runs the job (same id) once the heartbeat lapses: it must not wait 5 minutes.
-    sid = new_session(r, pg, user)
-    batch = turn(sid, 0, 0)
-    append(r, pg, sid, batch)
+    sid, batch = one_turn(r, pg, user)
     first, follow_up = job_ids(sid)
     q = Queue("memory", connection=r)
     assert scripts.run(r, scripts.acquire_lock(sid, f"job:{first}", 300_000)) == 1
@@ -447,10 +455,9 @@ def test_a_retried_job_takes_over_the_lock_its_killed_run_left_and_other_jobs_st
     assert outcome is not None and "skipped" not in outcome and outcome["delta"] == 2
     assert cursor(r, sid) == batch[-1]["hash"]
     assert r.get(keys.memory_lock(sid)) is None  # released, not left to its TTL
-    for jid in (f"memory-extract-{sid}-after-lock",):
-        job = q.fetch_job(jid)
-        if job is not None:
-            job.delete()
+    after_lock = q.fetch_job(f"memory-extract-{sid}-after-lock")  # the blocked job's
+    if after_lock is not None:
+        after_lock.delete()
 
 
 def test_a_job_dequeued_by_a_worker_killed_before_it_started_is_queued_again(
@@ -458,9 +465,7 @@ def test_a_job_dequeued_by_a_worker_killed_before_it_started_is_queued_again(
 ) -> None:
     # A worker on several queues pops with BLPOP; SIGKILLed before it marks the job
     # started, the job stays "queued" in no list, and the session was never mined again.
-    sid = new_session(r, pg, user)
-    batch = turn(sid, 0, 0)
-    append(r, pg, sid, batch)
+    sid, batch = one_turn(r, pg, user)
     first, _ = job_ids(sid)
     q = Queue("memory", connection=r)
     assert enqueue_extraction(r, sid) is True

@@ -79,28 +79,38 @@ def test_a_cache_entry_of_one_model_is_never_served_after_a_switch(
     assert tool.runs == 2
 
 
-def test_kb_chunks_and_memories_of_one_model_are_never_found_by_another(
-    settings: Settings, r: redis.Redis, pg: psycopg.Connection[Any], tmp_path: Path, user: str,
-) -> None:
-    name = f"Kvitsoy{uuid.uuid4().hex[:6]}"
-    path = tmp_path / f"{name}.md"
-    path.write_text(f"# {name} ferry\n\nThe {name} ferry carries bicycles free on Sundays.\n")
+def ferry(r: redis.Redis, pg: psycopg.Connection[Any], tmp_path: Path, user: str,
+          place: str) -> None:
+    """A private kb document about `place`'s ferry and a memory of living on `place`."""
+    path = tmp_path / f"{place}.md"
+    path.write_text(f"# {place} ferry\n\nThe {place} ferry carries bicycles free on Sundays.\n")
     ingest_paths(r, shared_embedder(), [path], scope=f"user:{user}", progress=False)
-    MemoryStore(r, pg, shared_embedder()).write(user, None, [Fact("note", f"lives on {name}")])
-    question = f"Does the {name} ferry carry bicycles?"
+    MemoryStore(r, pg, shared_embedder()).write(user, None, [Fact("note", f"lives on {place}")])
 
-    async def search(emb: Embedder) -> tuple[str, list[str]]:
+
+def ask_about(settings: Settings, emb: Embedder, user: str, place: str) -> tuple[str, list[str]]:
+    """What kb_search answers and what recall finds about `place`, through `emb`."""
+    async def search() -> tuple[str, list[str]]:
         client = async_redis_client(settings.redis_url or "")
         try:
-            found = await KbSearch(client, emb).run({"query": question}, ToolContext(user))
-            memories = await recall(client, emb, user, f"Where do I live, {name}?")
+            found = await KbSearch(client, emb).run(
+                {"query": f"Does the {place} ferry carry bicycles?"}, ToolContext(user))
+            memories = await recall(client, emb, user, f"Where do I live, {place}?")
             return found.content, memories
         finally:
             await client.aclose()
 
-    kb, memories = asyncio.run(search(shared_embedder()))
+    return asyncio.run(search())
+
+
+def test_kb_chunks_and_memories_of_one_model_are_never_found_by_another(
+    settings: Settings, r: redis.Redis, pg: psycopg.Connection[Any], tmp_path: Path, user: str,
+) -> None:
+    name = f"Kvitsoy{uuid.uuid4().hex[:6]}"
+    ferry(r, pg, tmp_path, user, name)
+    kb, memories = ask_about(settings, shared_embedder(), user, name)
     assert "bicycles free" in kb and any(name in m for m in memories)
-    kb, memories = asyncio.run(search(OtherModel()))
+    kb, memories = ask_about(settings, OtherModel(), user, name)
     assert "bicycles free" not in kb and memories == []
 
 
@@ -127,29 +137,14 @@ def test_entries_from_before_model_tags_are_tagged_once_at_start_and_found_again
 ) -> None:
     # An upgrade must not leave the knowledge base answering nothing and memories unrecalled.
     name = f"Utsira{uuid.uuid4().hex[:6]}"
-    path = tmp_path / f"{name}.md"
-    path.write_text(f"# {name} ferry\n\nThe {name} ferry carries bicycles free on Sundays.\n")
-    ingest_paths(r, shared_embedder(), [path], scope=f"user:{user}", progress=False)
-    MemoryStore(r, pg, shared_embedder()).write(user, None, [Fact("note", f"lives on {name}")])
+    ferry(r, pg, tmp_path, user, name)
     untagged = [k for prefix in ("kb:", "memory:") for k in r.scan_iter(match=f"{prefix}*")
                 if name.encode() in b" ".join(v for v in r.hgetall(k).values()
                                               if isinstance(v, bytes) and len(v) < 4000)]
     assert untagged
     for key in untagged:  # as written before the upgrade
         r.hdel(key, "model")
-    question = f"Does the {name} ferry carry bicycles?"
-
-    async def search() -> tuple[str, list[str]]:
-        client = async_redis_client(settings.redis_url or "")
-        try:
-            found = await KbSearch(client, shared_embedder()).run(
-                {"query": question}, ToolContext(user))
-            return found.content, await recall(client, shared_embedder(), user,
-                                               f"Where do I live, {name}?")
-        finally:
-            await client.aclose()
-
-    kb, memories = asyncio.run(search())
+    kb, memories = ask_about(settings, shared_embedder(), user, name)
     assert "bicycles free" not in kb and memories == []  # what an upgrade left
     for name_ in ("idx:kb", "idx:memory", "idx:cache"):
         r.delete(f"{name_}:model-tagged")
@@ -157,7 +152,7 @@ def test_entries_from_before_model_tags_are_tagged_once_at_start_and_found_again
     done = indexes.tag_untagged(r, model)
     assert done["idx:kb"] >= 1 and done["idx:memory"] >= 1
     assert all(r.hget(k, "model") == model.encode() for k in untagged)
-    kb, memories = asyncio.run(search())
+    kb, memories = ask_about(settings, shared_embedder(), user, name)
     assert "bicycles free" in kb and any(name in m for m in memories)
     assert indexes.tag_untagged(r, model) == {}  # once: the markers stand
     gone = f"memory:{uuid.uuid4().hex}"

@@ -8,13 +8,20 @@ from starlette.routing import Route
 
 from app.cache.stats import cache_stats
 from app.sessions.routes import caller
+from app.state import AppState
+
+
+async def flush_counts(state: AppState) -> None:
+    """This node's lookup counts of the last second, written before a report reads
+    them (here and `/metrics`): the cache writes them at most once a second."""
+    cache = state.turn_deps.router.cache
+    if cache is not None:
+        await cache.flush_counts()
 
 
 async def stats(request: Request) -> JSONResponse:
     state, _user = caller(request)
-    cache = state.turn_deps.router.cache
-    if cache is not None:  # this node's counts of the last second, written first
-        await cache.flush_counts()
+    await flush_counts(state)
     return JSONResponse({"tools": await cache_stats(state.redis, state.pg)})
 
 

@@ -100,9 +100,6 @@ class ClusterNode:
             time.sleep(0.05)
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            self.process = None
-            return
         terminate(self.process, timeout)
         self.process = None
 

@@ -61,9 +61,12 @@ def redis_module_paths() -> list[Path]:
     return [lib / name for name in REDIS_MODULES]
 
 
-def terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM, then SIGKILL after `timeout`. SIGTERM is Redis's graceful shutdown
-    (the AOF is flushed) and needs no credentials, unlike SHUTDOWN under an ACL."""
+def terminate(process: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after `timeout`; nothing for no process or one already gone.
+    SIGTERM is Redis's graceful shutdown (the AOF is flushed) and needs no
+    credentials, unlike SHUTDOWN under an ACL."""
+    if process is None or process.poll() is not None:
+        return
     process.terminate()
     try:
         process.wait(timeout)
@@ -204,9 +207,6 @@ class EmbeddedRedis:
         raise EmbeddedStartError(f"embedded redis-server did not answer: {self._log_tail()}")
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            self.process = None
-            return
         terminate(self.process, timeout)
         self.process = None
 

@@ -64,6 +64,14 @@ class Child(Protocol):
     def stop(self) -> None: ...
 
 
+def exit_cause_of(process: subprocess.Popen[bytes] | None) -> str | None:
+    """None while `process` runs; else why it is gone (a child's `exit_cause`)."""
+    if process is None:
+        return "not started"
+    rc = process.poll()
+    return None if rc is None else describe_exit(rc)
+
+
 def describe_exit(returncode: int) -> str:
     if returncode < 0:
         try:
@@ -89,10 +97,7 @@ class ProcessChild:
         self.process = subprocess.Popen(argv, env=self.env, process_group=0)
 
     def exit_cause(self) -> str | None:
-        if self.process is None:
-            return "not started"
-        rc = self.process.poll()
-        return None if rc is None else describe_exit(rc)
+        return exit_cause_of(self.process)
 
     def interrupt(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -121,11 +126,7 @@ class RedisChild:
         self.redis.start()  # waits out the AOF replay (PING answers -LOADING meanwhile)
 
     def exit_cause(self) -> str | None:
-        proc = self.redis.process
-        if proc is None:
-            return "not started"
-        rc = proc.poll()
-        return None if rc is None else describe_exit(rc)
+        return exit_cause_of(self.redis.process)
 
     def stop(self) -> None:
         self.redis.stop()
@@ -173,11 +174,7 @@ class ClusterNodeChild:
         self.node.wait_answering()
 
     def exit_cause(self) -> str | None:
-        proc = self.node.process
-        if proc is None:
-            return "not started"
-        rc = proc.poll()
-        return None if rc is None else describe_exit(rc)
+        return exit_cause_of(self.node.process)
 
     def stop(self) -> None:
         self.node.stop()

@@ -148,6 +148,9 @@ def tag_untagged(client: redis.Redis, model: str, batch: int = 1000) -> dict[str
         marker = f"{s.index.name}:model-tagged"
         if client.exists(marker):
             continue
+        # Loaded here, not trusted from start-up: EVALSHA in a pipeline has no EVAL
+        # fallback, and the script cache may be empty (a restarted Redis).
+        client.script_load(scripts.load_all()["tag_model"].source)
         tagged = 0
         keys_: list[str] = []
         for key in client.scan_iter(match=f"{s.index.prefix}*", count=batch, _type="HASH"):
@@ -167,7 +170,6 @@ def tag_untagged(client: redis.Redis, model: str, batch: int = 1000) -> dict[str
 def _tag(client: redis.Redis, entries: list[str], model: str) -> int:
     if not entries:
         return 0
-    scripts.preload(client)  # EVALSHA in a pipeline cannot fall back to EVAL
     pipe = client.pipeline(transaction=False)
     for key in entries:
         call = scripts.tag_model(key, model)

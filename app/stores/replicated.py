@@ -111,13 +111,22 @@ async def arun_waited(
         if isinstance(raw, NoScriptError) and not by_source:
             by_source = True  # the server lost its script cache: EVAL caches it again
             continue
-        if isinstance(raw, Exception):
-            raise raw
-        if isinstance(acked, Exception):
-            raise acked
-        if waiting:
-            short.saw("", int(acked), replicas)
-        return call.parse(raw), int(acked)
+        return _settled(call, raw, acked, replicas, short, "" if waiting else None)
+
+
+def _settled(
+    call: Call[T], raw: Any, acked: Any, replicas: int, short: ShortOfReplicas,
+    waited_on: str | None,
+) -> tuple[T, int]:
+    """The script's answer and the replicas WAIT counted; `waited_on` names the node
+    whose WAIT ran (None: it was skipped), which `short` then remembers."""
+    if isinstance(raw, Exception):
+        raise raw
+    if isinstance(acked, Exception):
+        raise acked
+    if waited_on is not None:
+        short.saw(waited_on, int(acked), replicas)
+    return call.parse(raw), int(acked)
 
 
 async def _on_slot_node(
@@ -143,10 +152,4 @@ async def _on_slot_node(
             await client.exists(call.keys[0])  # the cluster client refreshes its slot map
             await asyncio.sleep(REFUSED_PAUSE_SECONDS)
             continue
-        if isinstance(raw, Exception):
-            raise raw
-        if isinstance(acked, Exception):
-            raise acked
-        if waiting:
-            short.saw(node.name, int(acked), replicas)
-        return call.parse(raw), int(acked)
+        return _settled(call, raw, acked, replicas, short, node.name if waiting else None)
