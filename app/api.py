@@ -34,7 +34,7 @@ from app.embeddings import shared_embedder
 from app.errors import BackboneError, RateLimited, translate
 from app.llm import make_provider
 from app.memory import routes as memory_routes
-from app.memory.queue import make_after_turn
+from app.memory.queue import AfterTurnMark
 from app.memory.recall import make_recall
 from app.ops import logs, metrics
 from app.sessions import routes as session_routes
@@ -141,9 +141,8 @@ def create_app(settings: Settings) -> Starlette:
             make_tools(settings, redis, embedder), embedder, settings.tool_timeout_seconds,
             cache=cache,
         )
-        extraction = make_after_turn(settings.redis_url or "")
         deps = TurnDeps(sessions, make_provider(settings), router,
-                        recall=make_recall(redis, embedder), after_turn=[extraction])
+                        recall=make_recall(redis, embedder), after_turn=[AfterTurnMark(redis)])
         state = AppState(settings, redis, pg, embedder, sessions, deps)
         forced = False
         try:
@@ -162,7 +161,6 @@ def create_app(settings: Settings) -> Starlette:
             else:
                 await _stop_turns(state.turns, settings.shutdown_grace_seconds)
                 await cache.drain()
-            extraction.close()
             audit_conn.close()
             try:
                 await pg.close()

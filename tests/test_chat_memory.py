@@ -13,6 +13,7 @@ from starlette.testclient import TestClient
 from waits import wait_until
 
 from app.api import create_app
+from app.memory.queue import dispatch_all
 from app.settings import Settings
 
 Headers = Callable[[str], dict[str, str]]
@@ -37,8 +38,12 @@ def test_a_fact_told_in_one_session_is_recalled_into_the_context_of_another(
             _say(c, first, h, "I'm allergic to peanuts, please keep that in mind.")
 
             queue = Queue("memory", connection=r)
-            # The turn's task enqueues it after persisting, just after the stream ends.
-            wait_until(lambda: queue.count >= 1, "the turn to enqueue one extraction job")
+            # The turn's task marks the session due after persisting, just after the
+            # stream ends; a worker's dispatcher queues its job.
+            wait_until(lambda: r.zscore("memory-due", first) is not None,
+                       "the turn to mark its session due for extraction")
+            assert dispatch_all(r) >= 1
+            assert queue.count >= 1
             # The worker's environment names no LLM: the offline rule extractor mines the turn.
             SimpleWorker([queue], connection=r).work(burst=True)
             memories = c.get("/v1/memories", headers=h).json()["memories"]

@@ -20,6 +20,7 @@ from waits import wait_until
 from app.api import create_app
 from app.embeddings import shared_embedder
 from app.kb.ingest import ingest_paths
+from app.memory.queue import dispatch_all
 from app.settings import Settings
 
 DOC = """# Metrics probe
@@ -91,12 +92,17 @@ def test_metrics_move_after_real_turns_an_audit_and_an_extraction(
     hits = (moved("backbone_cache_hits_total", tool="kb_search")
             + moved("backbone_cache_exact_hits_total", tool="kb_search"))
     assert hits >= 1
-    # The memory jobs wait: no worker is running yet.
-    assert sample(mid, "backbone_rq_queue_jobs", queue="memory") >= 1
+    # The sessions wait to be dispatched, the audits in their queue: no worker runs yet.
+    due_before = sample(before, "backbone_memory_due_sessions")
+    wait_until(lambda: sample(audited.get("/metrics").text,
+                              "backbone_memory_due_sessions") == due_before + 2,
+               "both turns to mark their sessions due")
     assert sample(mid, "backbone_rq_queue_jobs", queue="audit") >= 1
     assert "backbone_persist_lag_seconds" in mid
 
-    # The workers' jobs, run in this process as rq's SimpleWorker runs them.
+    # The workers' jobs, run in this process as rq's SimpleWorker runs them, the memory
+    # jobs once dispatched as a worker's dispatcher does.
+    assert dispatch_all(r) >= 2
     for name in ("audit", "memory"):
         SimpleWorker([Queue(name, connection=r)], connection=r).work(burst=True)
     end = audited.get("/metrics").text
@@ -106,6 +112,7 @@ def test_metrics_move_after_real_turns_an_audit_and_an_extraction(
     assert moved("backbone_memory_jobs_total", end, result="done") >= 2
     assert moved("backbone_memory_delta_messages_count", end) >= 2
     assert sample(end, "backbone_rq_queue_jobs", queue="memory") == 0
+    assert sample(end, "backbone_memory_due_sessions") == 0
 
 
 _BUMP = """

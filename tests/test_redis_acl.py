@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from starlette.testclient import TestClient
 from waits import wait_until
 
 from app.api import create_app
+from app.memory.queue import dispatch_all
 from app.settings import Settings
 from app.stack.bootstrap import prepare
 from app.stack.embedded import EmbeddedRedis, free_port
@@ -88,7 +90,9 @@ def test_the_app_and_its_jobs_run_as_the_limited_user(
                       json={"content": "I live in Lisbon. How does AOF work?"}) as res:
             assert frames(res.iter_lines())[-1].event == "message.done"
     conn = redis.Redis.from_url(limited.redis_url or "")
-    wait_until(lambda: Queue("memory", connection=conn).count >= 1, "the extraction job")
+    wait_until(lambda: conn.zscore("memory-due", sid) is not None, "the turn's due mark")
+    assert dispatch_all(conn) >= 1  # as a worker's dispatcher, as the limited user
+    assert Queue("memory", connection=conn).count >= 1
     for name in ("memory", "persist"):
         q = Queue(name, connection=conn)
         if name == "persist":
@@ -133,10 +137,15 @@ def test_a_waiting_worker_blocks_for_jobs_as_the_limited_user(
     try:
         time.sleep(3)  # let it start waiting on its queues before the job arrives
         job = Queue("persist", connection=conn).enqueue("workers.jobs.sweep_unpersisted", 0.0)
+        # A turn's mark, as the app writes it: the worker's dispatcher queues its job.
+        sid = uuid.uuid4().hex
+        conn.zadd("memory-due", {sid: 1})
         deadline = time.monotonic() + 60
-        while job.get_status(refresh=True) != JobStatus.FINISHED:
+        while (job.get_status(refresh=True) != JobStatus.FINISHED
+               or conn.zscore("memory-due", sid) is not None):
             assert time.monotonic() < deadline and proc.poll() is None, job.get_status()
             time.sleep(0.2)
+        assert Queue("memory", connection=conn).fetch_job(f"memory-extract-{sid}") is not None
     finally:
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
@@ -153,6 +162,7 @@ SID = "0" * 32
     ("ZCARD", "ratelimit:{someone}:sessions"), ("FT._LIST",), ("SCAN", "0", "MATCH", "cache:*"),
     ("HGETALL", "cache-stats:kb_search"), ("LLEN", "rq:queue:memory"),
     ("LPOS", "rq:queue:memory", "memory-extract-x"),  # app.memory.queue: is it really waiting
+    ("ZADD", "memory-due", "1", SID),  # app.memory.queue.mark_due, after every turn
 ])
 def test_the_limited_user_may_run_what_the_app_runs_on_its_own_keys(
     limited: Settings, command: tuple[str, ...]

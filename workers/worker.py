@@ -4,7 +4,12 @@ Queues, in priority order: `persist` (turns left unpersisted), `memory`
 (long-term memory extraction), `audit` (semantic-cache audits). Each worker
 also runs a small ticker that enqueues the persistence sweep every
 SWEEP_INTERVAL_SECONDS; a `SET NX EX` on `persist-sweep-tick` makes sure only
-one worker of many enqueues it per interval.
+one worker of many enqueues it per interval. And a dispatcher: the app marks a
+session due for memory extraction after each turn (`memory-due`); the
+dispatcher enqueues those sessions' jobs (`app.memory.queue.dispatch_due`),
+looking every DISPATCH_SECONDS while nothing is due. Several workers may pass
+over the same marks; rq's one-waiting-job-per-session rule keeps that to one job.
+A burst worker dispatches what is due before it works.
 
 Redis outages. rq's `Worker.work()` retries a lost connection only while it
 waits for a job; anywhere else (a heartbeat, maintenance) it logs "unhandled
@@ -46,6 +51,7 @@ from rq.executions import Execution
 from rq.job import Job
 from rq.worker import WorkerStatus
 
+from app.memory.queue import dispatch_all, dispatch_due
 from app.settings import Settings
 from app.stores import keys
 from app.stores.clients import redis_client
@@ -59,6 +65,9 @@ MAX_RECONNECT_WAIT_SECONDS = 5.0
 HEARTBEAT_SECONDS = 5
 HEARTBEAT_TTL_SECONDS = 15
 MAINTENANCE_SECONDS = 15
+# How often an idle dispatcher looks for sessions due for memory extraction: the
+# most a turn's extraction waits for its job to be queued.
+DISPATCH_SECONDS = 0.25
 log = logging.getLogger("backbone.worker")
 
 
@@ -87,6 +96,21 @@ def _ticker(settings: Settings, stop: threading.Event) -> None:
             if not failing:  # once per outage, not every tick
                 log.warning("could not enqueue the persistence sweep: %s", e)
             failing = True
+
+
+def _dispatcher(settings: Settings, stop: threading.Event) -> None:
+    conn = redis_client(settings.redis_url or "")
+    failing = False
+    while not stop.is_set():
+        try:
+            cleared = dispatch_due(conn)
+            failing = False
+        except redis.RedisError as e:
+            if not failing:  # once per outage
+                log.warning("could not queue memory extraction for due sessions: %s", e)
+            failing, cleared = True, 0
+        if not cleared and stop.wait(DISPATCH_SECONDS if not failing else 1.0):
+            return
 
 
 def redis_answers(conn: redis.Redis) -> bool:
@@ -227,6 +251,11 @@ def run_worker(settings: Settings, *, burst: bool = False, dims: int | None = No
         prepare(settings, dims)
         # Loaded once here: jobs run in this process (simple) or in forks of it (fork).
         warm(settings)
+        if burst:
+            dispatch_all(conn)
+        else:
+            threading.Thread(target=_dispatcher, args=(settings, stop), daemon=True,
+                             name="memory-dispatch").start()
         worker_class = WORKER_CLASSES[settings.worker_class]
         for generation in range(1_000_000):
             _stop_on_signals(stop)

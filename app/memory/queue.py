@@ -1,4 +1,16 @@
-"""How the app enqueues memory extraction (the job itself is `workers.memory_job`).
+"""How a turn gets its memory extraction (the job itself is `workers.memory_job`).
+
+The app only marks the session due: one ZADD on `memory-due` (sid -> ms of the
+turn's end), on the event loop, after the turn persisted. A worker's dispatcher
+(`dispatch_due`, a thread of `backbone worker`) reads the oldest marks, enqueues
+each session's job, then clears the marks it handled unless a turn marked the
+session again meanwhile (`lua/clear_marks-1.lua`). Enqueueing through rq takes
+five to seven round trips of a sync client; done per turn on the API node it cost
+about a tenth of the node's CPU per turn (bench/turn_cpu.py), in a thread that
+fought the event loop for the GIL. A worker killed between the enqueue and the
+clear leaves the mark, so the next pass enqueues it again (rq dedupes a waiting
+job): a due session is never dropped, at worst mined twice (the job is
+idempotent). With no worker running, marks wait, one per session.
 
 One waiting job per session. The job id is `memory-extract-<sid>`; while that
 one runs, a follow-up goes under `memory-extract-<sid>-next`, so a turn that
@@ -8,18 +20,19 @@ The job is named by its import path, so the app never imports `workers`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import time
 from datetime import timedelta
 
 import redis
+import redis.asyncio as aredis
 from rq import Queue, Retry
 from rq.exceptions import DuplicateJobError
 from rq.job import Job, JobStatus
 
+from app.errors import BadRequest
 from app.sessions.messages import Message
-from app.stores import keys
-from app.stores.clients import redis_client
+from app.stores import keys, scripts
 
 log = logging.getLogger("backbone.memory")
 
@@ -106,24 +119,54 @@ def enqueue_after_lock(client: redis.Redis, sid: str, delay_seconds: float, *,
     return True
 
 
-class AfterTurnEnqueue:
-    """The orchestrator's after-turn hook: enqueue extraction off the event loop."""
+# Marks a dispatcher pass reads at once (oldest first).
+DISPATCH_BATCH = 100
 
-    def __init__(self, redis_url: str) -> None:
-        self.client = redis_client(redis_url)
+
+def dispatch_due(client: redis.Redis, *, batch: int = DISPATCH_BATCH,
+                 queue: str = QUEUE) -> int:
+    """One pass: enqueue extraction for the `batch` oldest due sessions, then clear
+    their marks (each unless marked again meanwhile). How many marks it cleared."""
+    due: list[tuple[bytes, float]] = client.zrange(  # type: ignore[assignment]
+        keys.MEMORY_DUE, 0, batch - 1, withscores=True)
+    handled: list[tuple[str, float]] = []
+    try:
+        for raw, score in due:
+            sid = raw.decode() if isinstance(raw, bytes) else str(raw)
+            try:
+                enqueue_extraction(client, sid, queue=queue)
+            except BadRequest:  # not a session id (written by hand?): nothing to mine
+                log.warning("dropping memory-due mark %r: not a session id", sid)
+            handled.append((sid, score))
+    finally:  # on a Redis error mid-batch, what was enqueued is still cleared
+        cleared = scripts.run(client, scripts.clear_due(handled)) if handled else 0
+    return cleared
+
+
+def dispatch_all(client: redis.Redis, *, batch: int = DISPATCH_BATCH, queue: str = QUEUE) -> int:
+    """Passes until a pass clears nothing (a burst worker's start, tests); how many."""
+    total = 0
+    while n := dispatch_due(client, batch=batch, queue=queue):
+        total += n
+    return total
+
+
+async def mark_due(client: aredis.Redis, sid: str) -> None:
+    """This session's last turn awaits extraction (a later mark raises its score)."""
+    await client.zadd(keys.MEMORY_DUE, {keys.check_session_id(sid): int(time.time() * 1000)})
+
+
+class AfterTurnMark:
+    """The orchestrator's after-turn hook: mark the session due, one round trip."""
+
+    def __init__(self, client: aredis.Redis) -> None:
+        self.client = client
 
     async def __call__(self, sid: str, user: str, stored: list[Message]) -> None:
         if not stored:
             return
         try:
-            await asyncio.to_thread(enqueue_extraction, self.client, sid)
+            await mark_due(self.client, sid)
         except redis.RedisError as e:
-            # Losing one enqueue loses nothing: the next turn's job mines this delta too.
-            log.warning("could not enqueue memory extraction for %s: %s", sid, e)
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def make_after_turn(redis_url: str) -> AfterTurnEnqueue:
-    return AfterTurnEnqueue(redis_url)
+            # Losing one mark loses nothing: the next turn's job mines this delta too.
+            log.warning("could not mark %s due for memory extraction: %s", sid, e)

@@ -130,6 +130,7 @@ class SharedState:
     oldest_unpersisted_ms: float | None
     queues: dict[str, tuple[int, int]]  # queue -> (waiting, failed)
     now_ms: float
+    memory_due: int = 0  # sessions marked due for extraction, not yet queued
 
 
 async def read_shared(client: aredis.Redis, sessions: aredis.Redis | None = None) -> SharedState:
@@ -151,10 +152,11 @@ async def read_shared(client: aredis.Redis, sessions: aredis.Redis | None = None
     for name in names:
         pipe.llen(f"rq:queue:{name}")
         pipe.zcard(f"rq:failed:{name}")
-    counts = await pipe.execute() if names else []
+    pipe.zcard(keys.MEMORY_DUE)
+    *counts, due = await pipe.execute()
     queues = {n: (int(counts[2 * i]), int(counts[2 * i + 1])) for i, n in enumerate(names)}
     return SharedState(cache, float(oldest[1]) if oldest else None, queues,
-                       time.time() * 1000)
+                       time.time() * 1000, int(due))
 
 
 class _SharedCollector:
@@ -184,6 +186,10 @@ class _SharedCollector:
             failed.add_metric([name], nfailed)
         yield depth
         yield failed
+        due = GaugeMetricFamily("backbone_memory_due_sessions", "Sessions whose last turn "
+                                "awaits a worker's dispatch to the memory queue (memory-due)")
+        due.add_metric([], s.memory_due)
+        yield due
 
 
 def render(state: SharedState) -> tuple[bytes, str]:

@@ -7,6 +7,7 @@
 | `session:{<sid>}:deleted`            | string      | SESSION_TTL_SECONDS        | fence: the session was deleted          |
 | `sessions:unpersisted:{<n>}`         | sorted set  | none                       | sid -> ms of its last unpersisted write (n = 0..15, from the sid) |
 | `persist-sweep-tick`                 | string      | SWEEP_INTERVAL_SECONDS     | one sweep enqueued per interval         |
+| `memory-due`                         | sorted set  | none                       | sid -> ms of its last turn not yet handed to the memory queue |
 | `memory-task-lock:{<sid>}`           | string      | MEMORY_LOCK_TTL_SECONDS    | owner token of the one extractor        |
 | `memory-last-extracted:{<sid>}`      | string      | MEMORY_TTL_SECONDS         | SHA-256 of the last mined message       |
 | `memory-last-extracted:{<sid>}:seq`  | string      | MEMORY_TTL_SECONDS         | seq of that message (cursor order)      |
@@ -53,6 +54,9 @@ SWEEP_TICK = "persist-sweep-tick"
 INDEX_CACHE = "idx:cache"
 INDEX_KB = "idx:kb"
 INDEX_MEMORY = "idx:memory"
+# Sessions whose last turn awaits memory extraction: the app marks them, a worker
+# enqueues their jobs (app.memory.queue). On REDIS_URL, beside rq's queues.
+MEMORY_DUE = "memory-due"
 
 
 def new_session_id() -> str:

@@ -178,9 +178,21 @@ def restore_session(sid: str, user: str, history_json: str, ttl: int) -> Call[in
     )
 
 
+def clear_marks(key: str, marks: Sequence[tuple[str, float]]) -> Call[int]:
+    """How many of `marks` (sid, score as read) left the sorted set `key`; a sid marked
+    again after it was read stays."""
+    return _call("clear_marks", [key], [a for sid, score in marks for a in (sid, repr(score))],
+                 _int)
+
+
 def clear_unpersisted(sid: str, score: float) -> Call[int]:
     """1 cleared | 0 the session was written again after the sweep read it."""
-    return _call("clear_unpersisted", [keys.unpersisted(sid)], [sid, repr(score)], _int)
+    return clear_marks(keys.unpersisted(sid), [(sid, score)])
+
+
+def clear_due(marks: Sequence[tuple[str, float]]) -> Call[int]:
+    """`memory-due` marks a worker handed to the memory queue (`clear_marks`)."""
+    return clear_marks(keys.MEMORY_DUE, marks)
 
 
 def rate_limit(
