@@ -9,7 +9,7 @@ process's CPU (time.process_time) over the run, minus the same loop with the
 emits left out, divided by the events. Both clients run in every round, one after
 the other, so a shared machine's noise falls on both; rounds are pooled.
 
-- hiredis packing: `app.stores.clients.async_redis_client`, what the app uses;
+- hiredis packing: `app.stores.clients.async_redis_client` (`LeanCommands`), what the app uses;
 - redis-py packer: the same pool with redis-py's async connection class, which
   packs every command in Python.
 """
@@ -55,7 +55,7 @@ async def measure(url: str, turns: int, events: int, rounds: int) -> dict[str, f
     fast = async_redis_client(url)
     plain = async_redis_client(url)
     plain.connection_pool.connection_class = aredis.Connection  # redis-py's packer
-    clients = {"hiredis packing (the app)": fast, "redis-py packer": plain}
+    clients = {"lean connections (the app)": fast, "redis-py packer": plain}
     spent = dict.fromkeys(clients, 0.0)
     for _ in range(rounds):
         for label, client in clients.items():

@@ -1,9 +1,15 @@
-"""The app's async Redis clients pack commands with hiredis: same bytes as redis-py's own
-packer for every argument it accepts, the same refusal of what it does not."""
+"""The app's async Redis connections (`LeanCommands`): commands packed by hiredis, the same
+bytes as redis-py's own packer for every argument it accepts and the same refusal of what
+it does not; a write bounded without a task per command, timing out as redis-py's does."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import threading
+import time
 import uuid
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -11,7 +17,7 @@ import redis
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 
 from app.settings import Settings
-from app.stores.clients import async_redis_client, with_hiredis_packing
+from app.stores.clients import async_redis_client, lean
 
 pytestmark = pytest.mark.anyio
 
@@ -38,7 +44,7 @@ ARGUMENTS = [
 @pytest.mark.parametrize("args", ARGUMENTS, ids=lambda a: " ".join(map(repr, a))[:40])
 def test_hiredis_packing_gives_redis_py_bytes(args: tuple[object, ...]) -> None:
     python = Connection()
-    fast = with_hiredis_packing(Connection)()
+    fast = lean(Connection)()
     assert b"".join(fast.pack_command(*args)) == b"".join(python.pack_command(*args))
 
 
@@ -47,12 +53,12 @@ def test_hiredis_packing_refuses_what_redis_py_refuses(bad: object) -> None:
     with pytest.raises(redis.DataError):
         Connection().pack_command("SET", "k", bad)
     with pytest.raises(redis.DataError):
-        with_hiredis_packing(Connection)().pack_command("SET", "k", bad)
+        lean(Connection)().pack_command("SET", "k", bad)
 
 
 def test_each_connection_class_gets_its_own_packing_subclass() -> None:
-    tcp, unix = with_hiredis_packing(Connection), with_hiredis_packing(UnixDomainSocketConnection)
-    assert tcp is with_hiredis_packing(Connection)
+    tcp, unix = lean(Connection), lean(UnixDomainSocketConnection)
+    assert tcp is lean(Connection)
     assert issubclass(tcp, Connection) and not issubclass(tcp, UnixDomainSocketConnection)
     assert issubclass(unix, UnixDomainSocketConnection)
 
@@ -62,7 +68,7 @@ async def test_async_client_round_trips_values_and_pipelines(settings: Settings)
     key = f"test-clients:{uuid.uuid4().hex}"
     vector = np.arange(4, dtype=np.float32)
     try:
-        assert client.connection_pool.connection_class.__name__.startswith("Hiredis")
+        assert client.connection_pool.connection_class.__name__.startswith("Lean")
         await client.hset(key, mapping={"text": "é", "n": 7, "x": 0.25,
                                         "vec": vector.tobytes()})
         pipe = client.pipeline(transaction=True)
@@ -74,4 +80,34 @@ async def test_async_client_round_trips_values_and_pipelines(settings: Settings)
             await client.set(key, None)  # type: ignore[arg-type]
     finally:
         await client.delete(key)
+        await client.aclose()
+
+
+@pytest.fixture
+def deaf_server() -> Iterator[int]:
+    """A TCP server that accepts and never reads: a write to it fills the socket buffers
+    and waits, as a write to a stalled Redis would."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(server.accept()[0]), daemon=True).start()
+    yield server.getsockname()[1]
+    for s in held:
+        s.close()
+    server.close()
+
+
+async def test_a_write_that_cannot_finish_fails_as_a_redis_timeout_in_time(
+    deaf_server: int,
+) -> None:
+    client = async_redis_client(f"redis://127.0.0.1:{deaf_server}", socket_timeout=0.5,
+                                driver_info=None)  # no CLIENT SETINFO handshake
+    try:
+        # Twice: the second proves the connection's bound is back after the first (an
+        # unbounded write would hang here, so the test's own bound is 10 s).
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(redis.TimeoutError, match="writing"):
+                await asyncio.wait_for(client.set("k", b"x" * (64 << 20)), 10)
+            assert time.monotonic() - started < 5
+    finally:
         await client.aclose()

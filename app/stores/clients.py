@@ -6,6 +6,7 @@ sentence at start, instead of a stack trace from the first FT command.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
 
 import hiredis
@@ -39,13 +40,21 @@ MAX_CONNECTIONS = 256
 POOL_WAIT_SECONDS = 10.0
 
 
-class HiredisPacking:
-    """Commands packed by hiredis (C) instead of redis-py's Python packer.
+class LeanCommands:
+    """Two costs redis-py's async connections pay per command, taken off.
 
-    redis-py's sync connections pack with hiredis; its async ones never do, and
-    packing was a third of an event-log XADD's client CPU (bench/event_log.py).
-    Same bytes for every argument type redis-py accepts; what it refuses (None,
-    a bool) is still a DataError."""
+    - Packing: its sync connections pack with hiredis (C), its async ones in Python;
+      that was a third of an event-log XADD's client CPU (bench/event_log.py). Same
+      bytes for every argument type redis-py accepts; what it refuses (None, a bool)
+      is still a DataError.
+    - The write's timeout: it bounds a write with `asyncio.wait_for`, which on
+      Python 3.11 runs the write as a Task of its own, 20-40 µs a round trip. Here
+      the same bound is an `asyncio.timeout` around redis-py's own send (run with
+      the timeout unset, so it writes inline), and a write that outlasts it is the
+      same `redis.TimeoutError`, the connection dropped as redis-py drops it.
+    """
+
+    socket_timeout: float | None
 
     def pack_command(self, *args: Any) -> list[bytes]:
         # A command name with spaces ("CONFIG GET") is several arguments, as redis-py does.
@@ -59,15 +68,30 @@ class HiredisPacking:
         except TypeError as e:
             raise redis.DataError(str(e)) from e
 
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        timeout = self.socket_timeout
+        if not timeout:
+            return await super().send_packed_command(command, check_health)  # type: ignore[misc, no-any-return]
+        # A connection serves one caller at a time (the pool hands it out), so unsetting
+        # its timeout for this one send is seen by no one else.
+        self.socket_timeout = None
+        try:
+            async with asyncio.timeout(timeout):
+                await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        except TimeoutError:  # asyncio's, from this bound (redis-py's is no TimeoutError)
+            raise redis.TimeoutError("Timeout writing to socket") from None
+        finally:
+            self.socket_timeout = timeout
 
-_packing: dict[type, type] = {}
+
+_lean: dict[type, type] = {}
 
 
-def with_hiredis_packing(cls: type) -> type:
-    """`cls` (an async connection class: TCP, TLS or unix socket) packing with hiredis."""
-    if cls not in _packing:
-        _packing[cls] = type(f"Hiredis{cls.__name__}", (HiredisPacking, cls), {})
-    return _packing[cls]
+def lean(cls: type) -> type:
+    """`cls` (an async connection class: TCP, TLS or unix socket) with `LeanCommands`."""
+    if cls not in _lean:
+        _lean[cls] = type(f"Lean{cls.__name__}", (LeanCommands, cls), {})
+    return _lean[cls]
 
 
 def async_redis_client(
@@ -77,7 +101,7 @@ def async_redis_client(
         url, max_connections=max_connections, timeout=POOL_WAIT_SECONDS,
         health_check_interval=30, **kw,
     )
-    pool.connection_class = with_hiredis_packing(pool.connection_class)
+    pool.connection_class = lean(pool.connection_class)
     return aredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
 
 
