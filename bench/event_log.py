@@ -1,4 +1,4 @@
-"""Client CPU per logged event: the app's async client (hiredis packing) vs redis-py's own.
+"""Client CPU per logged event and per round trip: the app's lean connections vs redis-py's.
 
     .venv/bin/python bench/event_log.py [--turns 50] [--events 200] [--rounds 3]
 
@@ -10,8 +10,11 @@ emits left out, divided by the events. Both clients run in every round, one afte
 the other, so a shared machine's noise falls on both; rounds are pooled.
 
 - hiredis packing: `app.stores.clients.async_redis_client` (`LeanCommands`), what the app uses;
-- redis-py packer: the same pool with redis-py's async connection class, which
-  packs every command in Python.
+- redis-py's connection: the same pool with redis-py's async connection class,
+  which packs every command in Python and bounds each write with a Task.
+
+Then one GET at a time (`--gets`), the round trip every turn makes a few dozen
+times: CPU per call for each client, alternating in blocks of 500.
 """
 
 from __future__ import annotations
@@ -51,20 +54,30 @@ async def stream(client: aredis.Redis, turns: int, events: int, emit: bool) -> f
     return time.process_time() - started
 
 
-async def measure(url: str, turns: int, events: int, rounds: int) -> dict[str, float]:
+async def measure(url: str, turns: int, events: int, rounds: int, gets: int
+                  ) -> dict[str, tuple[float, float]]:
     fast = async_redis_client(url)
     plain = async_redis_client(url)
     plain.connection_pool.connection_class = aredis.Connection  # redis-py's packer
-    clients = {"lean connections (the app)": fast, "redis-py packer": plain}
+    clients = {"lean connections (the app)": fast, "redis-py's connection": plain}
     spent = dict.fromkeys(clients, 0.0)
     for _ in range(rounds):
         for label, client in clients.items():
             await client.flushdb()
             cost = await stream(client, turns, events, emit=True)
             spent[label] += cost - await stream(client, turns, events, emit=False)
+    per_event = {label: s * 1e6 / (rounds * turns * events) for label, s in spent.items()}
+    per_get = dict.fromkeys(clients, 0.0)
+    await fast.set("bench-get", "v")
+    for _ in range(gets // 500):
+        for label, client in clients.items():
+            started = time.process_time()
+            for _ in range(500):
+                await client.get("bench-get")
+            per_get[label] += time.process_time() - started
     for client in clients.values():
         await client.aclose()
-    return {label: s * 1e6 / (rounds * turns * events) for label, s in spent.items()}
+    return {label: (per_event[label], per_get[label] * 1e6 / max(gets, 1)) for label in clients}
 
 
 def main() -> None:
@@ -72,17 +85,18 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=50)
     p.add_argument("--events", type=int, default=200)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--gets", type=int, default=10_000)
     args = p.parse_args()
     with bench_redis() as client:
         kw = client.connection_pool.connection_kwargs
         url = os.environ.get("REDIS_URL") or f"redis://{kw['host']}:{kw['port']}"
-        per_event = uvloop.run(measure(url, args.turns, args.events, args.rounds))
+        per_event = uvloop.run(measure(url, args.turns, args.events, args.rounds, args.gets))
     print(f"{args.turns} turns at once x {args.events} events, {args.rounds} rounds pooled, "
           f"one event loop (uvloop)\n")
-    print("| client | CPU µs per logged event |")
-    print("|---|---:|")
-    for label, us in per_event.items():
-        print(f"| {label} | {us:.1f} |")
+    print("| client | CPU µs per logged event | CPU µs per GET round trip |")
+    print("|---|---:|---:|")
+    for label, (event, get) in per_event.items():
+        print(f"| {label} | {event:.1f} | {get:.1f} |")
 
 
 if __name__ == "__main__":
