@@ -188,7 +188,8 @@ def test_a_repeated_question_is_served_from_the_semantic_cache_and_counted(
     client: TestClient, token_for: Headers, user: str
 ) -> None:
     h = token_for(user)
-    question = {"content": "How much data can AOF everysec lose after a crash?"}
+    # Unique: the global part of kb_search is shared, so another test's asking would hit.
+    question = {"content": f"How much data can AOF everysec lose after a crash ({user})?"}
     first = _turn(client, _session(client, h), h, question)
     again = _turn(client, _session(client, h), h, question)
     miss = next(f for f in first if f.event == "tool.result").data

@@ -17,7 +17,7 @@ from app.cache.semantic import entry_key
 from app.embeddings import shared_embedder
 from app.kb.ingest import delete_paths, doc_id, ingest_paths
 from app.settings import Settings
-from app.stores import keys
+from app.stores import indexes, keys
 
 
 def doc(name: str, fact: str) -> str:
@@ -64,7 +64,8 @@ def test_a_changed_global_document_is_served_fresh_to_the_same_and_a_reworded_qu
     same, other = ask(settings, [(user, question), (f"{user}-b", reworded)])
     for got in (same, other):
         assert "electric" in got.result.content and "whale oil" not in got.result.content
-    assert dict(same.parts) == {"global": False, "user": True}  # own part: still fresh
+    # Not run at all: nothing was ever ingested in this user's own scope.
+    assert dict(same.parts) == {"global": False}
     # The stale entry was replaced by the fresh result, at the version it was computed on.
     assert r.hget(mine, "version") == str(version(r, "global")).encode()
 
@@ -120,3 +121,46 @@ def test_an_entry_is_stored_with_the_version_read_before_its_tool_ran(
     r.set(keys.kb_version(scope), 7)
     ask(settings, [(user, f"Which harbour does {uuid.uuid4().hex[:8]} sail from?")])
     assert set(cached_entries(r, scope).values()) == {b"7"}
+
+
+def test_a_user_without_documents_runs_only_the_global_part_until_the_first_ingest(
+    settings: Settings, r: redis.Redis, tmp_path: Path, user: str,
+) -> None:
+    name = f"Gannet{uuid.uuid4().hex[:6]}"
+    question = f"What colour is the {name} lighthouse door?"
+    before, = ask(settings, [(user, question)])
+    assert dict(before.parts) == {"global": False}  # nothing of the user's: not searched
+    assert r.get(keys.kb_version(f"user:{user}")) is None
+
+    path = tmp_path / f"{name}.md"
+    path.write_text(doc(name, "the door is painted ox-blood red"))
+    ingest_paths(r, shared_embedder(), [path], scope=f"user:{user}", progress=False)
+    after, = ask(settings, [(user, question)])
+    assert dict(after.parts) == {"global": True, "user": False}  # the new part runs
+    assert "ox-blood red" in after.result.content
+    # A case variant of the user has no document: its private part stays out.
+    variant, = ask(settings, [(user.upper(), question)])
+    assert "user" not in dict(variant.parts) and "ox-blood" not in variant.result.content
+
+
+def test_start_up_versions_a_scope_whose_chunks_came_before_versions(
+    settings: Settings, r: redis.Redis, tmp_path: Path, user: str,
+) -> None:
+    name = f"Shag{uuid.uuid4().hex[:6]}"
+    path = tmp_path / f"{name}.md"
+    path.write_text(doc(name, "the keeper keeps goats on the rock"))
+    scope, other = f"user:{user}", f"user:{user}-other"
+    ingest_paths(r, shared_embedder(), [path], scope=scope, progress=False)
+    r.set(keys.kb_version(other), 5)  # a scope whose version is newer than the backfill's
+    # As before versions existed: the chunks are there, their scope has no version.
+    r.delete(keys.kb_version(scope), "idx:kb:versioned")
+    question = f"What does the {name} keeper keep on the rock?"
+    hidden, = ask(settings, [(user, question)])
+    assert "goats" not in hidden.result.content  # why the start-up backfill is needed
+
+    assert indexes.version_unversioned(r) >= 1
+    assert r.get(keys.kb_version(scope)) == b"1"
+    assert r.get(keys.kb_version(other)) == b"5"  # SET NX: an existing version stays
+    assert indexes.version_unversioned(r) == 0  # once per Redis
+    found, = ask(settings, [(user, question)])
+    assert "goats" in found.result.content and dict(found.parts)["user"] is False

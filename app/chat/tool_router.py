@@ -8,7 +8,8 @@ every call runs its tool. A miss joins the call's single flight
 the tool and the others wait for its result, at most half the tool timeout,
 before running it themselves. A tool made of parts (`SplitTool`: kb_search's
 global and private retrievals) goes through the cache part by part, the parts
-concurrently, and the parts' results are merged.
+concurrently, and the parts' results are merged; a part known to find nothing
+(a private scope never written to) is not run at all, and is not in `parts`.
 
 A call never raises: an unknown tool, bad arguments, a timeout or a failing
 service all come back as an error result, so the turn continues.
@@ -73,7 +74,7 @@ class ToolRouter:
         policy = tool.policy
         cache = self.cache if policy is not None and policy.enabled and query else None
         split = split_of(tool) if cache is not None else None
-        units = split.parts(ctx) if split is not None else [tool]
+        units = await split.parts_to_run(ctx) if split is not None else [tool]
         # The cache may answer from its exact-match fast path without a vector.
         if query and (
             cache is None or any(cache.needs_vector(u, call.arguments, query) for u in units)

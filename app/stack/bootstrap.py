@@ -56,6 +56,7 @@ def prepare(settings: Settings, dims: int | None = None) -> Prepared:
         scripts.preload(client)
         indexes.tag_untagged(client, shared_embedder(
             settings.embedding_model, settings.embedding_backend).model_id)
+        indexes.version_unversioned(client)
         risk = eviction_warning(client)
     finally:
         client.close()

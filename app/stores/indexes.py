@@ -26,7 +26,7 @@ from redisvl.exceptions import RedisSearchError
 from redisvl.index import SearchIndex
 from redisvl.schema import IndexSchema
 
-from app.stores import scripts
+from app.stores import keys, scripts
 
 log = logging.getLogger("backbone.indexes")
 
@@ -165,6 +165,43 @@ def tag_untagged(client: redis.Redis, model: str, batch: int = 1000) -> dict[str
                         s.index.name, tagged, model)
         done[str(s.index.name)] = tagged
     return done
+
+
+def version_unversioned(client: redis.Redis, batch: int = 1000) -> int:
+    """Give `kb-version:<scope>` = 1 to every scope holding knowledge-base chunks but no
+    version (chunks ingested before versions existed); return how many scopes.
+
+    kb_search leaves out a private scope with no version as empty
+    (`KbSearch.parts_to_run`), so such chunks would never be found. `SET NX`: a
+    version an ingest set meanwhile stays. Once per Redis: `idx:kb:versioned`
+    records it."""
+    prefix = schema("kb").index.prefix
+    marker = f"{schema('kb').index.name}:versioned"
+    if client.exists(marker):
+        return 0
+    scopes: set[str] = set()
+    found: list[Any] = []
+    for key in client.scan_iter(match=f"{prefix}*", count=batch, _type="HASH"):
+        found.append(key)
+        if len(found) >= batch:
+            scopes |= _scopes(client, found)
+            found.clear()
+    scopes |= _scopes(client, found)
+    pipe = client.pipeline(transaction=False)
+    for scope in sorted(s for s in scopes if keys.KB_SCOPE.fullmatch(s)):
+        pipe.set(keys.kb_version(scope), 1, nx=True)
+    given = sum(1 for r in pipe.execute() if r)
+    client.set(marker, 1)
+    if given:
+        log.warning("idx:kb: %d scopes held chunks from before versions; versioned", given)
+    return given
+
+
+def _scopes(client: redis.Redis, entries: list[Any]) -> set[str]:
+    pipe = client.pipeline(transaction=False)
+    for key in entries:
+        pipe.hget(key, "scope")
+    return {v.decode() if isinstance(v, bytes) else str(v) for v in pipe.execute() if v}
 
 
 def _tag(client: redis.Redis, entries: list[str], model: str) -> int:

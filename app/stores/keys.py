@@ -24,6 +24,7 @@
 | `kb-version:<scope>`                 | string      | none                       | counter: bumped by every ingest or delete in the scope (global, user:<uid>, tenant:<tid>) |
 | `memory:<uid>:<id>`                  | hash + HNSW | none                       | one long-term memory (recall copy)      |
 | `idx:cache`, `idx:kb`, `idx:memory`  | indexes     |                            | RediSearch indexes over the hashes      |
+| `idx:<name>:model-tagged`, `idx:kb:versioned` | string | none           | start-up backfills done, once per Redis |
 | `rq:*`                               | rq's own    | rq's                       | queues, jobs, registries                |
 
 The `{<sid>}` hash tag puts every key of one session in the same cluster slot,

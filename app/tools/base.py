@@ -101,6 +101,11 @@ class SplitTool(Tool, Protocol):
         """The parts for this caller, each a cacheable tool of one scope."""
         ...
 
+    async def parts_to_run(self, ctx: ToolContext) -> list[Tool]:
+        """The parts that can find anything for this caller: a part whose result is
+        known to be empty (a private scope nothing was ever written to) is left out."""
+        ...
+
     def merge(self, results: list[ToolResult]) -> ToolResult:
         """The whole result from the parts' results, in the order `parts` gave them."""
         ...

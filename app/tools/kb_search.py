@@ -144,6 +144,27 @@ class KbSearch:
             kinds.append("tenant")
         return [KbPart(self, kind) for kind in kinds]
 
+    async def parts_to_run(self, ctx: ToolContext) -> list[Tool]:
+        """`parts`, less the private ones (user, tenant) whose scope has no
+        `kb-version`: nothing was ever ingested there, so their search finds nothing.
+        One MGET instead of a part's lookup, single flight, search and store (four
+        round trips) for the many users with no document of their own. Every ingest
+        and delete sets the version in the MULTI that writes the chunks, and start-up
+        gives one to any scope holding chunks from before versions
+        (`app.stores.indexes.version_unversioned`)."""
+        parts = self.parts(ctx)
+        try:
+            scopes = {s.split(":", 1)[0]: s for s in scopes_for(ctx)}
+        except ArgumentError:
+            return parts  # each part fails with the reason
+        private = [p for p in parts if isinstance(p, KbPart) and p.kind != "global"]
+        try:
+            versions = await self.client.mget([keys.kb_version(scopes[p.kind]) for p in private])
+        except rexc.RedisError:
+            return parts  # the parts meet the same trouble and say so
+        empty = {p.kind for p, v in zip(private, versions, strict=True) if v is None}
+        return [p for p in parts if not (isinstance(p, KbPart) and p.kind in empty)]
+
     def merge(self, results: list[ToolResult]) -> ToolResult:
         for result in results:
             if result.error is not None:
