@@ -24,6 +24,7 @@ similarity from verified outcomes instead of fixing one number for all).
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Mapping
@@ -85,6 +86,7 @@ _SCALE = {"k": 1e3, "thousand": 1e3, "m": 1e6, "million": 1e6, "bn": 1e9, "billi
 _NAME = re.compile(r"\b[A-Z][\w+#]*")
 
 
+@functools.lru_cache(maxsize=4096)  # one call's key, memo and flight each ask again
 def canonical_text(s: str) -> str:
     """Lowercase, NFKC, curly quotes made straight, meaningless punctuation dropped,
     whitespace collapsed: two questions with equal canonical text are the same question."""

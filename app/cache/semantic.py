@@ -26,7 +26,8 @@ logged miss, never a hit. An entry keeps the question as it was asked
 compares two texts as users wrote them: its names check needs the capitals, its
 negation and numbers checks the apostrophes and digit groups. The threshold starts at the tool's
 `CachePolicy.max_distance` and then moves with the audit outcomes
-(`AdaptiveThreshold`, stored in `cache-threshold:<tool>`).
+(`AdaptiveThreshold`, stored in `cache-threshold:<tool>`, read by each process at
+most once a second).
 
 `SemanticCache.probe` is the whole "is this a hit" path (exact entry, filtered
 KNN, scope re-check, threshold state, `decide`) and says what it found either
@@ -82,6 +83,8 @@ _TOOL = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 # Lookup counters are written to Redis at most this often (one pipeline for all tools).
 COUNTS_FLUSH_SECONDS = 1.0
+# A tool's threshold state is read from Redis at most this often per process.
+THRESHOLD_READ_SECONDS = 1.0
 
 def threshold_key(tool: str) -> str:
     """`cache-threshold:<tool>`: the tool's AdaptiveThreshold state (hash, no TTL)."""
@@ -196,6 +199,7 @@ class SemanticCache:
         self._observed: OrderedDict[str, int] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._counts: Counter[tuple[str, str]] = Counter()  # (tool, field) -> not yet written
+        self._thresholds: dict[str, tuple[float, Any]] = {}  # tool -> (read again after, state)
         self._flusher: asyncio.Task[None] | None = None
         self.counts = QueryCounts(redis, index, self._background)
 
@@ -404,19 +408,29 @@ class SemanticCache:
         self, tool: str, scope: str, key: str, vector: Vector | None, version: str | None
     ) -> list[Any]:
         """[exact entry fields, threshold state, current version or None, KNN reply or
-        None], in one round trip."""
+        None], in one round trip. The threshold state is read at most every
+        THRESHOLD_READ_SECONDS per tool (only audits in workers move it)."""
+        now = time.monotonic()
+        known = self._thresholds.get(tool)
+        fresh = known is not None and known[0] > now
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(key, list(ENTRY_FIELDS))
-        pipe.hgetall(threshold_key(tool))
+        if not fresh:
+            pipe.hgetall(threshold_key(tool))
         if version is not None:
             pipe.get(version)
         if vector is not None:
             pipe.execute_command(*self._knn(tool, scope, vector))
         replies: list[Any] = await pipe.execute(raise_on_error=False)
+        if fresh:
+            assert known is not None
+            replies.insert(1, known[1])
         fixed = 3 if version is not None else 2
         for reply in replies[:fixed]:
             if isinstance(reply, Exception):
                 raise reply
+        if not fresh:
+            self._thresholds[tool] = (now + THRESHOLD_READ_SECONDS, replies[1])
         if version is None:
             replies.insert(2, None)
         return replies if vector is not None else [*replies, None]

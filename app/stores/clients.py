@@ -62,6 +62,11 @@ class LeanCommands:
             args = (*args[0].encode().split(), *args[1:])
         elif b" " in args[0]:
             args = (*args[0].split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as e:  # a bytearray (hiredis takes bytes and memoryview), or bad input
+            if not any(isinstance(a, bytearray) for a in args):
+                raise redis.DataError(str(e)) from e
         packable = tuple(bytes(a) if isinstance(a, bytearray) else a for a in args)
         try:
             return [hiredis.pack_command(packable)]  # type: ignore[arg-type]  # stub: 1-tuple
