@@ -28,7 +28,7 @@ def test_killing_each_process_in_turn_under_load_loses_nothing_and_the_stack_hea
     assert report.acked > 0, tail
     assert report.lost == 0, table
     assert report.duplicated == 0, table
-    assert report.unmined == 0, table
+    assert report.unmined == 0, f"{table}\n{tail}"
     assert report.bad() == [], table
     assert report.up_exit == 0, tail
     for phase in report.phases:

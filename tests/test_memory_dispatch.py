@@ -116,3 +116,27 @@ async def test_mark_due_refuses_what_is_not_a_session_id(settings: Settings) -> 
             await mark_due(client, "A" * 32)
     finally:
         await client.aclose()
+
+
+def test_a_job_rq_cannot_read_back_is_replaced_and_the_rest_of_its_batch_still_queued(
+    r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    q = Queue("memory", connection=r)
+    broken, fine = uuid.uuid4().hex, uuid.uuid4().hex
+    # A job hash rq cannot read back (rq raises, not a RedisError). Raised out of the pass,
+    # it would stop the worker's dispatcher thread, and every later session's extraction.
+    r.hset(f"rq:job:{job_ids(broken)[0]}", mapping={"status": "failed", "data": "zz",
+                                                     "timeout": "abc"})
+    with pytest.raises(Exception) as raised:
+        enqueue_extraction(r, broken)
+    assert not isinstance(raised.value, redis.RedisError)
+    r.zadd(keys.MEMORY_DUE, {broken: 1, fine: 2})
+    with caplog.at_level("ERROR", logger="backbone.memory"):
+        dispatch_all(r)
+    assert f"could not queue memory extraction for {broken}" in caplog.text
+    assert r.zscore(keys.MEMORY_DUE, broken) is None and r.zscore(keys.MEMORY_DUE, fine) is None
+    assert _jobs_of(q, fine) == [job_ids(fine)[0]]
+    # The unreadable job is gone and the session is queued afresh: it heals, not waits.
+    job = q.fetch_job(job_ids(broken)[0])
+    assert job is not None and job.func_name == "workers.memory_job.extract_memories"
+    assert job.args == (broken,) and job_ids(broken)[0] in q.job_ids

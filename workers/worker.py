@@ -68,6 +68,7 @@ MAINTENANCE_SECONDS = 15
 # How often an idle dispatcher looks for sessions due for memory extraction: the
 # most a turn's extraction waits for its job to be queued.
 DISPATCH_SECONDS = 0.25
+DISPATCH_SOCKET_TIMEOUT = 10.0
 log = logging.getLogger("backbone.worker")
 
 
@@ -99,15 +100,18 @@ def _ticker(settings: Settings, stop: threading.Event) -> None:
 
 
 def _dispatcher(settings: Settings, stop: threading.Event) -> None:
-    conn = redis_client(settings.redis_url or "")
+    # A bounded read: a Redis that stops answering (paused, a half-open connection)
+    # must not park the thread, and with it every session's extraction, for good.
+    conn = redis_client(settings.redis_url or "", socket_timeout=DISPATCH_SOCKET_TIMEOUT)
     failing = False
     while not stop.is_set():
         try:
             cleared = dispatch_due(conn)
             failing = False
-        except redis.RedisError as e:
+        except Exception as e:  # a thread that died here would leave every session unmined
             if not failing:  # once per outage
-                log.warning("could not queue memory extraction for due sessions: %s", e)
+                log.warning("could not queue memory extraction for due sessions: %s", e,
+                            exc_info=not isinstance(e, redis.RedisError))
             failing, cleared = True, 0
         if not cleared and stop.wait(DISPATCH_SECONDS if not failing else 1.0):
             return

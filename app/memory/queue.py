@@ -137,10 +137,38 @@ def dispatch_due(client: redis.Redis, *, batch: int = DISPATCH_BATCH,
                 enqueue_extraction(client, sid, queue=queue)
             except BadRequest:  # not a session id (written by hand?): nothing to mine
                 log.warning("dropping memory-due mark %r: not a session id", sid)
+            except redis.RedisError:
+                raise  # Redis is away: the marks not cleared wait for the next pass
+            except Exception:
+                # rq cannot read one of this session's jobs back (seen after a crash
+                # mid-failure): nothing could ever run it, and every later turn would
+                # trip on it. Drop what rq cannot read and queue the session afresh.
+                log.exception("could not queue memory extraction for %s: dropping its "
+                              "unreadable job and queueing it again", sid)
+                _drop_unreadable(client, sid, queue)
+                try:
+                    enqueue_extraction(client, sid, queue=queue)
+                except redis.RedisError:
+                    raise
+                except Exception:  # the rest of the batch still goes on
+                    log.exception("memory extraction for %s not queued", sid)
             handled.append((sid, score))
     finally:  # on a Redis error mid-batch, what was enqueued is still cleared
         cleared = scripts.run(client, scripts.clear_due(handled)) if handled else 0
     return cleared
+
+
+def _drop_unreadable(client: redis.Redis, sid: str, queue: str) -> None:
+    """DEL the hash of each of `sid`'s jobs that rq fails to read back."""
+    q = Queue(queue, connection=client)
+    for jid in job_ids(sid):
+        try:
+            q.fetch_job(jid)
+        except redis.RedisError:
+            raise
+        except Exception:
+            client.delete(Job.key_for(jid))
+            q.remove(jid)
 
 
 def dispatch_all(client: redis.Redis, *, batch: int = DISPATCH_BATCH, queue: str = QUEUE) -> int:
