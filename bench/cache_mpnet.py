@@ -292,11 +292,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     started = time.process_time()
 
-    everything = cq.load_pairs()
-    fit_pairs, report_pairs = cq.split(everything, args.pairs, args.seed)
-    texts = sorted({t for p in fit_pairs + report_pairs for t in (p.a, p.b)})
-    minilm = dict(zip(texts, cq.embed(texts), strict=True))
-    labels = cq.Labels(everything)
+    loaded = cv.load(args.pairs, args.seed)
+    fit_pairs, report_pairs = loaded.fit, loaded.report
+    minilm, labels = loaded.vectors, loaded.labels
     mp = MpnetVectors(args.mpnet)
     splits = {"FIT": fit_pairs, "REPORT": report_pairs}
     found = {name: cv.nearest(pairs, minilm)[0] for name, pairs in splits.items()}
@@ -321,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     tables(data, SECOND_STAGE)
 
     if args.all:
+        texts = sorted(minilm)  # every text of both splits
         mp.ensure(texts)
         vectors = {t: mp.vectors[t] for t in texts}
         data2, found2 = {}, {}

@@ -38,6 +38,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +216,26 @@ def audit_replay(f: cq.Features, lookups: Sequence[cq.Lookup], rate: float, seed
     return lines
 
 
+@dataclass(frozen=True)
+class Data:
+    """The whole file, its FIT and REPORT splits, MiniLM vectors of every split text, labels."""
+
+    everything: list[cq.Pair]
+    fit: list[cq.Pair]
+    report: list[cq.Pair]
+    vectors: dict[str, npt.NDArray[np.float32]]
+    labels: cq.Labels
+
+
+def load(pairs: int, seed: int) -> Data:
+    """What every hit-quality bench starts from (the embeddings cached on disk)."""
+    everything = cq.load_pairs()
+    fit, report = cq.split(everything, pairs, seed)
+    texts = sorted({t for p in fit + report for t in (p.a, p.b)})
+    return Data(everything, fit, report, dict(zip(texts, cq.embed(texts), strict=True)),
+                cq.Labels(everything))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from app.settings import Settings
 
@@ -224,11 +245,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     started = time.process_time()
 
-    everything = cq.load_pairs()
-    fit_pairs, report_pairs = cq.split(everything, args.pairs, args.seed)
-    texts = sorted({t for p in fit_pairs + report_pairs for t in (p.a, p.b)})
-    vectors = dict(zip(texts, cq.embed(texts), strict=True))
-    labels = cq.Labels(everything)
+    loaded = load(args.pairs, args.seed)
+    fit_pairs, report_pairs = loaded.fit, loaded.report
+    vectors, labels = loaded.vectors, loaded.labels
     data = {}
     for name, pairs in (("FIT", fit_pairs), ("REPORT", report_pairs)):
         found, per_entry = nearest(pairs, vectors)
