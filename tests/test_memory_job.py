@@ -365,6 +365,29 @@ def test_the_job_runs_in_process_under_a_simple_worker(
     assert import_attribute(queue.JOB) is extract_memories
 
 
+def test_a_job_whose_killed_run_left_a_dangling_execution_is_freed_for_the_next_turn(
+    r: redis.Redis, pg: psycopg.Connection[Any], user: str, stores_env: Settings
+) -> None:
+    sid = new_session(r, pg, user)
+    append(r, pg, sid, turn(sid, 0, 0))
+    assert enqueue_extraction(r, sid)
+    q = Queue("memory", connection=r)
+    SimpleWorker([q], connection=r).work(burst=True)
+    job = q.fetch_job(job_ids(sid)[0])
+    assert job is not None and job.get_status() == JobStatus.FINISHED
+    # What a worker SIGKILLed mid-run leaves (seen under tests/test_chaos.py): the job's
+    # execution registry still names a run whose record has expired. rq's own delete
+    # then raises on every try, and the session could never be queued again.
+    r.zadd(job.execution_registry.key, {"a-run-whose-record-expired": time.time() + 600})
+    with pytest.raises(ValueError, match="not found"):
+        q.fetch_job(job_ids(sid)[0]).delete()  # type: ignore[union-attr]
+    assert enqueue_extraction(r, sid)
+    again = q.fetch_job(job_ids(sid)[0])
+    assert again is not None and again.get_status() == JobStatus.QUEUED
+    SimpleWorker([q], connection=r).work(burst=True)
+    assert again.get_status(refresh=True) == JobStatus.FINISHED
+
+
 @pytest.mark.slow
 def test_the_job_runs_under_a_real_backbone_worker_burst(
     r: redis.Redis, pg: psycopg.Connection[Any], user: str, settings: Settings,

@@ -69,6 +69,20 @@ def _state(q: Queue, job: Job | None) -> str:
     return "lost"
 
 
+def _free(job: Job) -> None:
+    """Delete an ended job, freeing its id for the next one.
+
+    A job whose worker was killed mid-run can leave its execution registry naming an
+    execution whose record has since expired; rq's `delete` then raises ValueError
+    ("Execution ... not found in Redis") on every try, and the session could never be
+    queued again. That registry only lists the job's past runs: drop it and delete."""
+    try:
+        job.delete()
+    except ValueError:
+        job.connection.delete(job.execution_registry.key)
+        job.delete()
+
+
 def enqueue_extraction(client: redis.Redis, sid: str, *, queue: str = QUEUE) -> bool:
     """Enqueue one extraction for `sid` unless one is already waiting; True if enqueued."""
     q = Queue(queue, connection=client)
@@ -88,7 +102,7 @@ def enqueue_extraction(client: redis.Redis, sid: str, *, queue: str = QUEUE) -> 
         if state == "running":
             continue
         if job is not None:
-            job.delete()  # finished, failed or stopped: free its id
+            _free(job)  # finished, failed or stopped: free its id
         try:
             # Retry: a job whose worker died is re-run once rq finds it abandoned
             # (StartedJobRegistry.cleanup), instead of landing in the failed registry.
@@ -113,7 +127,7 @@ def enqueue_after_lock(client: redis.Redis, sid: str, delay_seconds: float, *,
     if _state(q, job) == "waiting":
         return False
     if job is not None:
-        job.delete()
+        _free(job)
     q.enqueue_in(timedelta(seconds=delay_seconds), JOB, sid, job_id=jid, job_timeout=600,
                  result_ttl=300, failure_ttl=86400, retry=Retry(max=RETRIES))
     return True
