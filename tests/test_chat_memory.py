@@ -53,3 +53,32 @@ def test_a_fact_told_in_one_session_is_recalled_into_the_context_of_another(
             _say(c, second, h, "Can you suggest a snack with peanuts?")
     system = fake.requests[-1]["messages"][0]["content"]
     assert "allergic to peanuts" in system
+
+
+def test_the_rolling_summary_reaches_the_model_for_a_live_and_for_a_restored_session(
+    stores_env: Settings, r: redis.Redis, token_for: Headers, user: str
+) -> None:
+    from app.stores import keys
+
+    fake = FakeOpenAI(responder=lambda body: text_reply("Noted."))
+    with fake.serve() as base:
+        s = dataclasses.replace(stores_env, llm_base_url=base + "/v1")
+        with TestClient(create_app(s)) as c:
+            h = token_for(user)
+            sid = c.post("/v1/sessions", headers=h).json()["id"]
+            _say(c, sid, h, "Hello there.")
+            # As the extraction job leaves it: the summary read with the history.
+            r.set(keys.memory_summary(sid), "The user is planning a trip to Kyoto.")
+            _say(c, sid, h, "Which month would be best?")
+            live = fake.requests[-1]["messages"][0]["content"]
+            # Evicted from Redis (the summary outlives it): restored from PostgreSQL.
+            r.delete(keys.session(sid), keys.session_user(sid))
+            _say(c, sid, h, "And where should I stay?")
+            restored = fake.requests[-1]["messages"][0]["content"]
+            r.delete(keys.memory_summary(sid))
+            _say(c, sid, h, "Thanks.")
+            none = fake.requests[-1]["messages"][0]["content"]
+    said = "Summary of the earlier conversation:\nThe user is planning a trip to Kyoto."
+    for system in (live, restored):
+        assert said in system
+    assert "Kyoto" not in none

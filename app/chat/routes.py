@@ -78,10 +78,11 @@ async def post_message(request: Request) -> EventSourceResponse:
     )
     history = [*loaded.messages, *stored]
     if stored[0]["seq"] != seq:  # another tab wrote meanwhile: re-read
-        history = (await state.sessions.load(sid, user)).messages
+        loaded = await state.sessions.load(sid, user)
+        history = loaded.messages
     log_ = EventLog(state.sessions.redis, sid, stored[0]["seq"])
     turn = Turn(state.turn_deps, sid, user, history, log_,
-                coalesce_ms=state.settings.stream_coalesce_ms)
+                coalesce_ms=state.settings.stream_coalesce_ms, summary=loaded.summary)
     queue: asyncio.Queue[Event | None] = asyncio.Queue()
 
     async def drive() -> None:

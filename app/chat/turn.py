@@ -68,6 +68,13 @@ STOPPING = ServerStopping(
     "(another server takes it)."
 )
 Recall = Callable[[str, str], Awaitable[list[str]]]
+
+
+class Unread:
+    """The rolling summary was not read with the history: the turn reads it."""
+
+
+UNREAD = Unread()
 AfterTurn = Callable[[str, str, list[Message]], Awaitable[None]]
 
 
@@ -102,9 +109,10 @@ class Timing:
 class Turn:
     def __init__(
         self, deps: TurnDeps, sid: str, user: str, history: list[Message], log_: EventLog,
-        *, coalesce_ms: int = COALESCE_MS,
+        *, coalesce_ms: int = COALESCE_MS, summary: str | Unread | None = UNREAD,
     ) -> None:
         self.deps = deps
+        self.summary = summary  # the rolling summary, if the caller read it with the history
         self.coalesce_ms = coalesce_ms
         self.sid = sid
         self.user = user
@@ -136,8 +144,10 @@ class Turn:
                 await self._finish()
 
     async def _steps(self) -> AsyncIterator[Event]:
-        summary_raw = await self.deps.sessions.redis.get(keys.memory_summary(self.sid))
-        summary = summary_raw.decode() if isinstance(summary_raw, bytes) else None
+        summary = self.summary
+        if isinstance(summary, Unread):
+            raw = await self.deps.sessions.redis.get(keys.memory_summary(self.sid))
+            summary = raw.decode() if isinstance(raw, bytes) else None
         question = str(self.history[-1].get("content") or "")
         recalled = time.perf_counter()
         memories = await self.deps.recall(self.user, question) if self.deps.recall else []

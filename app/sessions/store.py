@@ -86,6 +86,9 @@ class Loaded:
     owner: str
     messages: list[Message]
     restored: bool = False
+    # The rolling summary (memory-summary:{sid}), read with the history (None: none yet):
+    # a turn's context needs it, and this saves the turn a round trip.
+    summary: str | None = None
 
 
 @dataclass
@@ -112,9 +115,10 @@ class Sessions:
 
     async def load(self, sid: str, user: str) -> Loaded:
         """The whole history for its owner; 404 unknown, 403 someone else's."""
-        owner, history = await scripts.arun(self.redis, scripts.read_session(sid, self.ttl))
+        owner, history, summary = await scripts.arun(
+            self.redis, scripts.read_session(sid, self.ttl))
         if owner is not None and history is not None:
-            return Loaded(_owned(owner, user), history)
+            return Loaded(_owned(owner, user), history, summary=summary)
         return await self._restore(sid, user)
 
     async def full_history(self, sid: str, user: str) -> Loaded:
@@ -125,7 +129,7 @@ class Sessions:
             return loaded
         async with self.pg.connection() as conn:
             older = json.loads(await history_db.history_json(conn, sid, before=first))
-        return Loaded(loaded.owner, [*older, *loaded.messages], loaded.restored)
+        return Loaded(loaded.owner, [*older, *loaded.messages], loaded.restored, loaded.summary)
 
     async def _restore(self, sid: str, user: str) -> Loaded:
         async with self.pg.connection() as conn:
@@ -135,13 +139,15 @@ class Sessions:
         if wrote == -1:  # read PostgreSQL just before a delete: do not bring it back
             raise history_db.session_deleted_error()
         if wrote == 1:
-            return Loaded(owner, json.loads(text), restored=True)
+            summary = _text(await self.redis.get(keys.memory_summary(sid)))
+            return Loaded(owner, json.loads(text), restored=True, summary=summary)
         # Another request restored it first; read what it wrote.
-        owner_now, history = await scripts.arun(self.redis, scripts.read_session(sid, self.ttl))
+        owner_now, history, summary = await scripts.arun(
+            self.redis, scripts.read_session(sid, self.ttl))
         if owner_now is None or history is None:
             await self.check_not_deleted(sid)  # deleted just after it was restored
             raise Conflict("the session changed while it was being restored; retry")
-        return Loaded(owner_now, history)
+        return Loaded(owner_now, history, summary=summary)
 
     async def append(
         self,
@@ -332,3 +338,7 @@ class Sessions:
                 "live": in_redis,
             })
         return out
+
+
+def _text(raw: Any) -> str | None:
+    return raw.decode() if isinstance(raw, bytes) else raw

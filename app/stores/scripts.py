@@ -135,9 +135,11 @@ def _text(raw: Any) -> str | None:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-def _owner_and_history(raw: Any) -> tuple[str | None, list[dict[str, Any]] | None]:
+def _owner_history_summary(
+    raw: Any,
+) -> tuple[str | None, list[dict[str, Any]] | None, str | None]:
     owner, history = _text(raw[0]), _text(raw[1])
-    return owner, (json.loads(history) if history is not None else None)
+    return owner, (json.loads(history) if history is not None else None), _text(raw[2])
 
 
 # -- sessions ---------------------------------------------------------------
@@ -161,10 +163,16 @@ def append_messages(
     )
 
 
-def read_session(sid: str, ttl: int) -> Call[tuple[str | None, list[dict[str, Any]] | None]]:
-    """(owner, history), both None when the session is not in Redis."""
+def read_session(
+    sid: str, ttl: int
+) -> Call[tuple[str | None, list[dict[str, Any]] | None, str | None]]:
+    """(owner, history, rolling summary); owner and history None when the session is not
+    in Redis, the summary None when there is none yet."""
     return _call(
-        "read_session", [keys.session(sid), keys.session_user(sid)], [ttl], _owner_and_history
+        "read_session",
+        [keys.session(sid), keys.session_user(sid), keys.memory_summary(sid)],
+        [ttl],
+        _owner_history_summary,
     )
 
 
