@@ -7,8 +7,9 @@ SWEEP_INTERVAL_SECONDS; a `SET NX EX` on `persist-sweep-tick` makes sure only
 one worker of many enqueues it per interval. And a dispatcher: the app marks a
 session due for memory extraction after each turn (`memory-due`); the
 dispatcher enqueues those sessions' jobs (`app.memory.queue.dispatch_due`),
-looking every DISPATCH_SECONDS while nothing is due. Several workers may pass
-over the same marks; rq's one-waiting-job-per-session rule keeps that to one job.
+one pass every DISPATCH_SECONDS (at once again after a full batch). Several
+workers may pass over the same marks; rq's one-waiting-job-per-session rule
+keeps that to one job.
 A burst worker dispatches what is due before it works.
 
 Redis outages. rq's `Worker.work()` retries a lost connection only while it
@@ -51,7 +52,7 @@ from rq.executions import Execution
 from rq.job import Job
 from rq.worker import WorkerStatus
 
-from app.memory.queue import dispatch_all, dispatch_due
+from app.memory.queue import DISPATCH_BATCH, dispatch_all, dispatch_due
 from app.settings import Settings
 from app.stores import keys
 from app.stores.clients import redis_client
@@ -65,8 +66,8 @@ MAX_RECONNECT_WAIT_SECONDS = 5.0
 HEARTBEAT_SECONDS = 5
 HEARTBEAT_TTL_SECONDS = 15
 MAINTENANCE_SECONDS = 15
-# How often an idle dispatcher looks for sessions due for memory extraction: the
-# most a turn's extraction waits for its job to be queued.
+# The pause between the dispatcher's passes over the sessions due for memory
+# extraction: the most a turn's extraction waits for its job to be queued.
 DISPATCH_SECONDS = 0.25
 DISPATCH_SOCKET_TIMEOUT = 10.0
 log = logging.getLogger("backbone.worker")
@@ -113,7 +114,9 @@ def _dispatcher(settings: Settings, stop: threading.Event) -> None:
                 log.warning("could not queue memory extraction for due sessions: %s", e,
                             exc_info=not isinstance(e, redis.RedisError))
             failing, cleared = True, 0
-        if not cleared and stop.wait(DISPATCH_SECONDS if not failing else 1.0):
+        # A pause even after a pass that queued something: marks gather (a session's
+        # several turns become one job) and each pass's reads serve more of them.
+        if cleared < DISPATCH_BATCH and stop.wait(DISPATCH_SECONDS if not failing else 1.0):
             return
 
 
