@@ -215,6 +215,7 @@ def _verifiers() -> ModuleType:
     spec = importlib.util.spec_from_file_location("cache_verifiers", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules["cache_verifiers"] = module  # its dataclass looks itself up there
     spec.loader.exec_module(module)
     return module
 
