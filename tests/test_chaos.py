@@ -29,7 +29,12 @@ def test_killing_each_process_in_turn_under_load_loses_nothing_and_the_stack_hea
     assert report.lost == 0, table
     assert report.duplicated == 0, table
     assert report.unmined == 0, f"{table}\n{tail}"
-    assert report.bad() == [], table
+    # What each bad outcome was, and when, from the kill of its phase's target.
+    kills = {p.target: p.killed_at for p in report.phases}
+    bad = [(o.kind, {t: (round(o.started - k, 2), round(o.ended - k, 2))
+                     for t, k in kills.items() if k and o.started - 30 < k < o.ended + 30})
+           for o in report.bad()]
+    assert bad == [], table
     assert report.up_exit == 0, tail
     for phase in report.phases:
         assert f"{phase.target} stopped unexpectedly (killed by SIGKILL" in report.log or (
