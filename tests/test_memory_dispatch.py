@@ -128,7 +128,7 @@ def test_a_job_rq_cannot_read_back_is_replaced_and_the_rest_of_its_batch_still_q
     r.hset(f"rq:job:{job_ids(broken)[0]}", mapping={"status": "failed", "data": "zz",
                                                      "timeout": "abc"})
     with pytest.raises(Exception) as raised:
-        enqueue_extraction(r, broken)
+        q.fetch_job(job_ids(broken)[0])
     assert not isinstance(raised.value, redis.RedisError)
     r.zadd(keys.MEMORY_DUE, {broken: 1, fine: 2})
     with caplog.at_level("ERROR", logger="backbone.memory"):

@@ -83,12 +83,28 @@ def _free(job: Job) -> None:
         job.delete()
 
 
+def _fetch(q: Queue, jid: str) -> Job | None:
+    """rq's `fetch_job`, except that a job rq cannot read back (it raises, and not for
+    Redis: seen after a crash mid-failure) counts as no job: nothing could ever run
+    it, and every later turn of its session would trip on it. It is dropped."""
+    try:
+        return q.fetch_job(jid)
+    except redis.RedisError:
+        raise
+    except Exception:
+        log.exception("could not queue memory extraction for %s: dropping its unreadable "
+                      "job and queueing it afresh", jid.removeprefix("memory-extract-"))
+        q.connection.delete(Job.key_for(jid))
+        q.remove(jid)
+        return None
+
+
 def enqueue_extraction(client: redis.Redis, sid: str, *, queue: str = QUEUE) -> bool:
     """Enqueue one extraction for `sid` unless one is already waiting; True if enqueued."""
     q = Queue(queue, connection=client)
     slots = []
     for jid in job_ids(sid):
-        job = q.fetch_job(jid)
+        job = _fetch(q, jid)
         state = _state(q, job)
         if job is not None and state == "lost":
             q.enqueue_job(job)
@@ -123,7 +139,7 @@ def enqueue_after_lock(client: redis.Redis, sid: str, delay_seconds: float, *,
     its TTL): without this, a session whose last turn came then is never mined."""
     q = Queue(queue, connection=client)
     jid = f"memory-extract-{keys.check_session_id(sid)}-after-lock"
-    job = q.fetch_job(jid)
+    job = _fetch(q, jid)
     if _state(q, job) == "waiting":
         return False
     if job is not None:
@@ -154,35 +170,13 @@ def dispatch_due(client: redis.Redis, *, batch: int = DISPATCH_BATCH,
             except redis.RedisError:
                 raise  # Redis is away: the marks not cleared wait for the next pass
             except Exception:
-                # rq cannot read one of this session's jobs back (seen after a crash
-                # mid-failure): nothing could ever run it, and every later turn would
-                # trip on it. Drop what rq cannot read and queue the session afresh.
-                log.exception("could not queue memory extraction for %s: dropping its "
-                              "unreadable job and queueing it again", sid)
-                _drop_unreadable(client, sid, queue)
-                try:
-                    enqueue_extraction(client, sid, queue=queue)
-                except redis.RedisError:
-                    raise
-                except Exception:  # the rest of the batch still goes on
-                    log.exception("memory extraction for %s not queued", sid)
+                # rq choking on one session: it waits for its next turn, as a failed
+                # enqueue in the turn itself used to; the rest of the batch goes on.
+                log.exception("memory extraction for %s not queued", sid)
             handled.append((sid, score))
     finally:  # on a Redis error mid-batch, what was enqueued is still cleared
         cleared = scripts.run(client, scripts.clear_due(handled)) if handled else 0
     return cleared
-
-
-def _drop_unreadable(client: redis.Redis, sid: str, queue: str) -> None:
-    """DEL the hash of each of `sid`'s jobs that rq fails to read back."""
-    q = Queue(queue, connection=client)
-    for jid in job_ids(sid):
-        try:
-            q.fetch_job(jid)
-        except redis.RedisError:
-            raise
-        except Exception:
-            client.delete(Job.key_for(jid))
-            q.remove(jid)
 
 
 def dispatch_all(client: redis.Redis, *, batch: int = DISPATCH_BATCH, queue: str = QUEUE) -> int:
