@@ -51,7 +51,6 @@ from app.sessions import messages
 from app.sessions.history_db import session_deleted_error
 from app.sessions.messages import Message
 from app.sessions.store import Sessions
-from app.stores import keys
 from app.tools.base import ToolContext
 
 log = logging.getLogger("backbone.turn")
@@ -68,13 +67,6 @@ STOPPING = ServerStopping(
     "(another server takes it)."
 )
 Recall = Callable[[str, str], Awaitable[list[str]]]
-
-
-class Unread:
-    """The rolling summary was not read with the history: the turn reads it."""
-
-
-UNREAD = Unread()
 AfterTurn = Callable[[str, str, list[Message]], Awaitable[None]]
 
 
@@ -109,10 +101,10 @@ class Timing:
 class Turn:
     def __init__(
         self, deps: TurnDeps, sid: str, user: str, history: list[Message], log_: EventLog,
-        *, coalesce_ms: int = COALESCE_MS, summary: str | Unread | None = UNREAD,
+        *, coalesce_ms: int = COALESCE_MS, summary: str | None = None,
     ) -> None:
         self.deps = deps
-        self.summary = summary  # the rolling summary, if the caller read it with the history
+        self.summary = summary  # the rolling summary, read with the history (Sessions.load)
         self.coalesce_ms = coalesce_ms
         self.sid = sid
         self.user = user
@@ -144,16 +136,12 @@ class Turn:
                 await self._finish()
 
     async def _steps(self) -> AsyncIterator[Event]:
-        summary = self.summary
-        if isinstance(summary, Unread):
-            raw = await self.deps.sessions.redis.get(keys.memory_summary(self.sid))
-            summary = raw.decode() if isinstance(raw, bytes) else None
         question = str(self.history[-1].get("content") or "")
         recalled = time.perf_counter()
         memories = await self.deps.recall(self.user, question) if self.deps.recall else []
         self.timing.recall_ms += (time.perf_counter() - recalled) * 1000
         for step in range(MAX_STEPS):
-            prompt = context.build(self.history, summary, memories)
+            prompt = context.build(self.history, self.summary, memories)
             # The last step offers no tools, so a model looping on tools must answer.
             tools = self.deps.router.specs() if step < MAX_STEPS - 1 else []
             text: list[str] = []

@@ -139,8 +139,9 @@ class Sessions:
         if wrote == -1:  # read PostgreSQL just before a delete: do not bring it back
             raise history_db.session_deleted_error()
         if wrote == 1:
-            summary = _text(await self.redis.get(keys.memory_summary(sid)))
-            return Loaded(owner, json.loads(text), restored=True, summary=summary)
+            raw = await self.redis.get(keys.memory_summary(sid))
+            return Loaded(owner, json.loads(text), restored=True,
+                          summary=raw.decode() if isinstance(raw, bytes) else raw)
         # Another request restored it first; read what it wrote.
         owner_now, history, summary = await scripts.arun(
             self.redis, scripts.read_session(sid, self.ttl))
@@ -338,7 +339,3 @@ class Sessions:
                 "live": in_redis,
             })
         return out
-
-
-def _text(raw: Any) -> str | None:
-    return raw.decode() if isinstance(raw, bytes) else raw
