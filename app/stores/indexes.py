@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -151,14 +152,8 @@ def tag_untagged(client: redis.Redis, model: str, batch: int = 1000) -> dict[str
         # Loaded here, not trusted from start-up: EVALSHA in a pipeline has no EVAL
         # fallback, and the script cache may be empty (a restarted Redis).
         client.script_load(scripts.load_all()["tag_model"].source)
-        tagged = 0
-        keys_: list[str] = []
-        for key in client.scan_iter(match=f"{s.index.prefix}*", count=batch, _type="HASH"):
-            keys_.append(key.decode() if isinstance(key, bytes) else str(key))
-            if len(keys_) >= batch:
-                tagged += _tag(client, keys_, model)
-                keys_.clear()
-        tagged += _tag(client, keys_, model)
+        tagged = sum(_tag(client, found, model)
+                     for found in _batches(client, s.index.prefix, batch))
         client.set(marker, model)
         if tagged:
             log.warning("%s: tagged %d entries from before model tags with %s",
@@ -175,18 +170,13 @@ def version_unversioned(client: redis.Redis, batch: int = 1000) -> int:
     (`KbSearch.parts_to_run`), so such chunks would never be found. `SET NX`: a
     version an ingest set meanwhile stays. Once per Redis: `idx:kb:versioned`
     records it."""
-    prefix = schema("kb").index.prefix
-    marker = f"{schema('kb').index.name}:versioned"
+    s = schema("kb")
+    marker = f"{s.index.name}:versioned"
     if client.exists(marker):
         return 0
     scopes: set[str] = set()
-    found: list[Any] = []
-    for key in client.scan_iter(match=f"{prefix}*", count=batch, _type="HASH"):
-        found.append(key)
-        if len(found) >= batch:
-            scopes |= _scopes(client, found)
-            found.clear()
-    scopes |= _scopes(client, found)
+    for found in _batches(client, s.index.prefix, batch):
+        scopes |= _scopes(client, found)
     pipe = client.pipeline(transaction=False)
     for scope in sorted(s for s in scopes if keys.KB_SCOPE.fullmatch(s)):
         pipe.set(keys.kb_version(scope), 1, nx=True)
@@ -197,7 +187,19 @@ def version_unversioned(client: redis.Redis, batch: int = 1000) -> int:
     return given
 
 
-def _scopes(client: redis.Redis, entries: list[Any]) -> set[str]:
+def _batches(client: redis.Redis, prefix: str, batch: int) -> Iterator[list[str]]:
+    """The hash keys under `prefix`, `batch` at a time (one pipeline's worth each)."""
+    found: list[str] = []
+    for key in client.scan_iter(match=f"{prefix}*", count=batch, _type="HASH"):
+        found.append(key.decode() if isinstance(key, bytes) else str(key))
+        if len(found) >= batch:
+            yield found
+            found = []
+    if found:
+        yield found
+
+
+def _scopes(client: redis.Redis, entries: list[str]) -> set[str]:
     pipe = client.pipeline(transaction=False)
     for key in entries:
         pipe.hget(key, "scope")
@@ -205,8 +207,6 @@ def _scopes(client: redis.Redis, entries: list[Any]) -> set[str]:
 
 
 def _tag(client: redis.Redis, entries: list[str], model: str) -> int:
-    if not entries:
-        return 0
     pipe = client.pipeline(transaction=False)
     for key in entries:
         call = scripts.tag_model(key, model)
