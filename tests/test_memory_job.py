@@ -15,7 +15,7 @@ import psycopg
 import pytest
 import redis
 from rq import Queue, SimpleWorker
-from rq.job import JobStatus
+from rq.job import Job, JobStatus
 from rq.utils import import_attribute
 
 from app.embeddings import shared_embedder
@@ -347,9 +347,9 @@ def test_a_job_whose_worker_died_as_it_dequeued_it_does_not_block_the_next_turns
                 found.delete()
 
 
-def test_the_job_runs_in_process_under_a_simple_worker(
-    r: redis.Redis, pg: psycopg.Connection[Any], user: str, stores_env: Settings
-) -> None:
+def mined_once(r: redis.Redis, pg: psycopg.Connection[Any], user: str) -> tuple[str, Queue, Job]:
+    """A session with one turn, its extraction queued and run by an in-process
+    SimpleWorker: (sid, the memory queue, the finished job)."""
     sid = new_session(r, pg, user)
     append(r, pg, sid, turn(sid, 0, 0))
     assert enqueue_extraction(r, sid)
@@ -357,6 +357,13 @@ def test_the_job_runs_in_process_under_a_simple_worker(
     SimpleWorker([q], connection=r).work(burst=True)
     job = q.fetch_job(job_ids(sid)[0])
     assert job is not None and job.get_status() == JobStatus.FINISHED
+    return sid, q, job
+
+
+def test_the_job_runs_in_process_under_a_simple_worker(
+    r: redis.Redis, pg: psycopg.Connection[Any], user: str, stores_env: Settings
+) -> None:
+    sid, q, job = mined_once(r, pg, user)
     assert job.return_value() == {"delta": 2, "facts": 1, "inserted": 1, "updated": 0,
                                   "unchanged": 0, "advanced": True, "collapsed": 0}
     assert enqueue_extraction(r, sid)  # a finished job frees its id for the next turn
@@ -368,13 +375,7 @@ def test_the_job_runs_in_process_under_a_simple_worker(
 def test_a_job_whose_killed_run_left_a_dangling_execution_is_freed_for_the_next_turn(
     r: redis.Redis, pg: psycopg.Connection[Any], user: str, stores_env: Settings
 ) -> None:
-    sid = new_session(r, pg, user)
-    append(r, pg, sid, turn(sid, 0, 0))
-    assert enqueue_extraction(r, sid)
-    q = Queue("memory", connection=r)
-    SimpleWorker([q], connection=r).work(burst=True)
-    job = q.fetch_job(job_ids(sid)[0])
-    assert job is not None and job.get_status() == JobStatus.FINISHED
+    sid, q, job = mined_once(r, pg, user)
     # What a worker SIGKILLed mid-run leaves (seen under tests/test_chaos.py): the job's
     # execution registry still names a run whose record has expired. rq's own delete
     # then raises on every try, and the session could never be queued again.
