@@ -24,6 +24,12 @@ def doc(name: str, fact: str) -> str:
     return f"# The {name} lighthouse\n\nThe {name} lighthouse keeper's log says: {fact}.\n"
 
 
+def ingest(r: redis.Redis, path: Path, fact: str, scope: str = "global") -> None:
+    """(Re)write the made-up lighthouse document at `path` (named by its stem) and ingest it."""
+    path.write_text(doc(path.stem, fact))
+    ingest_paths(r, shared_embedder(), [path], scope=scope, progress=False)
+
+
 def version(r: redis.Redis, scope: str) -> int:
     return int(r.get(keys.kb_version(scope)) or 0)
 
@@ -43,9 +49,8 @@ def test_a_changed_global_document_is_served_fresh_to_the_same_and_a_reworded_qu
 ) -> None:
     name = f"Skarv{uuid.uuid4().hex[:6]}"
     path = tmp_path / f"{name}.md"
-    path.write_text(doc(name, "the lamp is lit at dusk with whale oil"))
     before = version(r, "global")
-    ingest_paths(r, shared_embedder(), [path], progress=False)
+    ingest(r, path, "the lamp is lit at dusk with whale oil")
     assert version(r, "global") == before + 1
 
     question = f"What does the {name} lighthouse keeper's log say?"
@@ -57,8 +62,7 @@ def test_a_changed_global_document_is_served_fresh_to_the_same_and_a_reworded_qu
                      model=shared_embedder().model_id)
     assert r.hget(mine, "version") == str(before + 1).encode()  # cached in global scope
 
-    path.write_text(doc(name, "the lamp is now electric and needs no oil"))
-    ingest_paths(r, shared_embedder(), [path], progress=False)
+    ingest(r, path, "the lamp is now electric and needs no oil")
     assert version(r, "global") > before + 1
 
     same, other = ask(settings, [(user, question), (f"{user}-b", reworded)])
@@ -75,15 +79,13 @@ def test_a_private_change_leaves_the_shared_global_entries_alone(
 ) -> None:
     name = f"Tern{uuid.uuid4().hex[:6]}"
     path = tmp_path / f"{name}.md"
-    path.write_text(doc(name, "the fog horn sounds twice a minute"))
-    ingest_paths(r, shared_embedder(), [path], scope=f"user:{user}", progress=False)
+    ingest(r, path, "the fog horn sounds twice a minute", f"user:{user}")
     question = f"How often does the {name} fog horn sound?"
     first, = ask(settings, [(user, question)])
     assert "twice a minute" in first.result.content
 
-    path.write_text(doc(name, "the fog horn sounds once every ten seconds"))
     global_before = version(r, "global")
-    ingest_paths(r, shared_embedder(), [path], scope=f"user:{user}", progress=False)
+    ingest(r, path, "the fog horn sounds once every ten seconds", f"user:{user}")
     assert version(r, "global") == global_before  # only the user's own scope moved
 
     second, = ask(settings, [(user, question)])
@@ -96,9 +98,8 @@ def test_deleting_a_document_bumps_its_scope_and_its_passages_stop_being_served(
 ) -> None:
     name = f"Puffin{uuid.uuid4().hex[:6]}"
     path = tmp_path / f"{name}.md"
-    path.write_text(doc(name, "the keeper rings the bell at noon"))
     scope = f"user:{user}"
-    ingest_paths(r, shared_embedder(), [path], scope=scope, progress=False)
+    ingest(r, path, "the keeper rings the bell at noon", scope)
     question = f"When does the {name} keeper ring the bell?"
     first, again = ask(settings, [(user, question), (user, question)])
     assert "at noon" in first.result.content and again.cached
@@ -132,9 +133,7 @@ def test_a_user_without_documents_runs_only_the_global_part_until_the_first_inge
     assert dict(before.parts) == {"global": False}  # nothing of the user's: not searched
     assert r.get(keys.kb_version(f"user:{user}")) is None
 
-    path = tmp_path / f"{name}.md"
-    path.write_text(doc(name, "the door is painted ox-blood red"))
-    ingest_paths(r, shared_embedder(), [path], scope=f"user:{user}", progress=False)
+    ingest(r, tmp_path / f"{name}.md", "the door is painted ox-blood red", f"user:{user}")
     after, = ask(settings, [(user, question)])
     assert dict(after.parts) == {"global": True, "user": False}  # the new part runs
     assert "ox-blood red" in after.result.content
@@ -148,9 +147,8 @@ def test_start_up_versions_a_scope_whose_chunks_came_before_versions(
 ) -> None:
     name = f"Shag{uuid.uuid4().hex[:6]}"
     path = tmp_path / f"{name}.md"
-    path.write_text(doc(name, "the keeper keeps goats on the rock"))
     scope, other = f"user:{user}", f"user:{user}-other"
-    ingest_paths(r, shared_embedder(), [path], scope=scope, progress=False)
+    ingest(r, path, "the keeper keeps goats on the rock", scope)
     r.set(keys.kb_version(other), 5)  # a scope whose version is newer than the backfill's
     # As before versions existed: the chunks are there, their scope has no version.
     r.delete(keys.kb_version(scope), "idx:kb:versioned")
