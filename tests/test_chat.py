@@ -16,6 +16,7 @@ from starlette.testclient import TestClient
 from waits import settle
 
 from app.api import create_app
+from app.cache.stats import clear_cache
 from app.chat.coalesce import coalesce
 from app.embeddings import shared_embedder
 from app.kb.ingest import ingest_paths
@@ -61,8 +62,9 @@ def _turn(client: TestClient, sid: str, h: dict[str, str], body: Any) -> list[Fr
 
 
 def test_a_question_streams_a_kb_search_and_a_cited_answer_then_persists_the_turn(
-    client: TestClient, token_for: Headers, user: str, settings: Settings
+    client: TestClient, token_for: Headers, user: str, settings: Settings, r: redis.Redis
 ) -> None:
+    clear_cache(r, "kb_search")  # the global part is shared: an earlier test's wording would hit
     h = token_for(user)
     sid = _session(client, h)
     got = _turn(client, sid, h, {"content": "How much data can AOF everysec lose in a crash?"})
@@ -185,11 +187,13 @@ def test_a_provider_failure_ends_the_stream_with_an_error_event_and_keeps_the_qu
 
 
 def test_a_repeated_question_is_served_from_the_semantic_cache_and_counted(
-    client: TestClient, token_for: Headers, user: str
+    client: TestClient, token_for: Headers, user: str, r: redis.Redis
 ) -> None:
+    # The global part of kb_search is shared, and a user suffix does not move the vector far
+    # enough: an earlier test's near-identical wording hit here under a looser fitted threshold.
+    clear_cache(r, "kb_search")
     h = token_for(user)
-    # Unique: the global part of kb_search is shared, so another test's asking would hit.
-    question = {"content": f"How much data can AOF everysec lose after a crash ({user})?"}
+    question = {"content": "How much data can AOF everysec lose after a crash?"}
     first = _turn(client, _session(client, h), h, question)
     again = _turn(client, _session(client, h), h, question)
     miss = next(f for f in first if f.event == "tool.result").data
