@@ -17,6 +17,7 @@ import redis
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 
 from app.settings import Settings
+from app.stores.batch import as_dict, batch
 from app.stores.clients import async_redis_client, lean
 
 pytestmark = pytest.mark.anyio
@@ -111,3 +112,45 @@ async def test_a_write_that_cannot_finish_fails_as_a_redis_timeout_in_time(
             assert time.monotonic() - started < 5
     finally:
         await client.aclose()
+
+
+async def test_a_batch_answers_in_order_with_an_error_in_its_place_and_stays_in_step(
+    settings: Settings,
+) -> None:
+    client = async_redis_client(settings.redis_url or "", max_connections=1)
+    key = f"test-clients:{uuid.uuid4().hex}"
+    try:
+        await client.hset(key, mapping={"a": "1", "b": "é"})
+        got = await batch(client, [("HMGET", key, "a", "b", "c"), ("INCR", key),
+                                   ("HGETALL", key), ("GET", f"{key}:none")])
+        assert got[0] == [b"1", "é".encode(), None]
+        assert isinstance(got[1], redis.ResponseError) and "WRONGTYPE" in str(got[1])
+        assert as_dict(got[2]) == {b"a": b"1", b"b": "é".encode()} and got[3] is None
+        # One connection in the pool: the error's reply was read, so the next batch on
+        # the same socket gets its own replies.
+        assert await batch(client, [("HGET", key, "a"), ("EXISTS", key)]) == [b"1", 1]
+    finally:
+        await client.delete(key)
+        await client.aclose()
+
+
+async def test_a_batch_on_a_dropped_connection_fails_as_a_command_does_then_reconnects(
+    settings: Settings,
+) -> None:
+    client = async_redis_client(settings.redis_url or "", max_connections=1)
+    admin = redis.Redis.from_url(settings.redis_url or "")
+    key = f"test-clients:{uuid.uuid4().hex}"
+    try:
+        await client.set(key, "v")
+        [me] = await batch(client, [("CLIENT", "ID")])
+        admin.client_kill_filter(_id=me)
+        # The client has no retries (as `execute_command` on it): the caller sees the
+        # drop, and the pool's connection is closed, not left half read.
+        with pytest.raises(redis.ConnectionError):
+            await batch(client, [("CLIENT", "ID"), ("GET", key)])
+        [again, value] = await batch(client, [("CLIENT", "ID"), ("GET", key)])
+        assert value == b"v" and again != me  # a new connection, the same answer
+    finally:
+        await client.delete(key)
+        await client.aclose()
+        admin.close()

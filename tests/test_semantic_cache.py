@@ -17,7 +17,7 @@ import redis
 from fakes import FakeSearxng, searx_result
 
 from app.cache.decision import HitPolicy
-from app.cache.semantic import Probe, SemanticCache, threshold_key
+from app.cache.semantic import Probe, SemanticCache, entry_key, threshold_key
 from app.cache.stats import cache_stats, clear_cache
 from app.chat.tool_router import Routed, ToolRouter
 from app.embeddings import Embedder, Vector, shared_embedder
@@ -135,6 +135,16 @@ def test_an_exact_repeat_is_served_without_embedding_the_query(
     assert [r.cached for r in routed] == [False, True]
     assert routed[1].distance == 0.0
     assert emb.calls == 1 and tool.runs == 1
+
+
+def test_arguments_equal_in_python_but_not_in_json_name_different_entries() -> None:
+    # 1 == 1.0 == True in Python (so also as a memo's key); as tool arguments they differ.
+    def key(flag: Any, query: str = "What is the default Redis port?") -> str:
+        return entry_key("t", "global", {"query": query, "strict": flag}, query, model="m")
+
+    assert len({key(1), key(True), key(1.0), key("1")}) == 4
+    assert key(1) == key(1) and key([1]) == key([1]) != key(1)  # a list: not memoised, same
+    assert key(1, "What is the DEFAULT Redis port") == key(1)  # the query's canonical text
 
 
 def test_a_question_that_differs_only_in_a_number_is_not_a_hit(

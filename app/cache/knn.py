@@ -8,6 +8,7 @@ selects, counted in the background by `QueryCounts`, never on a lookup's path.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -37,6 +38,7 @@ KNN_BATCH_SIZE = 64
 COUNT_TTL_SECONDS = 60.0
 COUNT_MEMO_SIZE = 4096
 
+@functools.lru_cache(maxsize=COUNT_MEMO_SIZE)  # every lookup builds one; escaping is regexes
 def knn_filter(tool: str, scope: str, model: str | None = None) -> str:
     """The KNN's pre-filter: an entry must match every clause (another filter, one more).
     The cache always passes its model: vectors of two models are never compared."""

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -66,6 +67,7 @@ from app.cache.protocol import CacheHit, Flight
 from app.embeddings import Embedder, Vector, shared_embedder
 from app.settings import Settings
 from app.stores import keys
+from app.stores.batch import as_dict, batch
 from app.stores.scope_guard import admitted
 from app.tools.base import CachePolicy, Tool, ToolContext, ToolResult
 from app.tools.kb_search import parse_search_reply
@@ -103,6 +105,21 @@ def scope_value(policy: CachePolicy, ctx: ToolContext) -> str | None:
 
 def canonical_arguments(arguments: Mapping[str, Any], query: str) -> str:
     """Canonical JSON of the arguments, the query replaced by its canonical text."""
+    # A lookup needs it three times (memo, entry key, store): remembered. Types are in
+    # the key, since 1, 1.0 and True are equal but are three different JSON texts.
+    try:
+        return _canonical_arguments(
+            tuple((k, type(v), v) for k, v in sorted(arguments.items())), query)
+    except TypeError:  # a list or dict value: not hashable, so not remembered
+        return _dump_arguments(arguments, query)
+
+
+@functools.lru_cache(maxsize=1024)
+def _canonical_arguments(items: tuple[tuple[str, type, Any], ...], query: str) -> str:
+    return _dump_arguments({k: v for k, _, v in items}, query)
+
+
+def _dump_arguments(arguments: Mapping[str, Any], query: str) -> str:
     args = dict(arguments)
     args["query"] = canonical_text(query)
     return json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -110,7 +127,11 @@ def canonical_arguments(arguments: Mapping[str, Any], query: str) -> str:
 
 def entry_digest(scope: str, arguments: Mapping[str, Any], query: str, model: str) -> str:
     """The hash both the entry and its single-flight lock are named by."""
-    basis = f"{scope}\n{model}\n{canonical_arguments(arguments, query)}"
+    return _digest(f"{scope}\n{model}\n{canonical_arguments(arguments, query)}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _digest(basis: str) -> str:
     return hashlib.sha256(basis.encode()).hexdigest()
 
 
@@ -413,23 +434,22 @@ class SemanticCache:
         now = time.monotonic()
         known = self._thresholds.get(tool)
         fresh = known is not None and known[0] > now
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(key, list(ENTRY_FIELDS))
+        commands: list[tuple[Any, ...]] = [("HMGET", key, *ENTRY_FIELDS)]
         if not fresh:
-            pipe.hgetall(threshold_key(tool))
+            commands.append(("HGETALL", threshold_key(tool)))
         if version is not None:
-            pipe.get(version)
+            commands.append(("GET", version))
         if vector is not None:
-            pipe.execute_command(*self._knn(tool, scope, vector))
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
+            commands.append(self._knn(tool, scope, vector))
+        replies = await batch(self.redis, commands)
+        for reply in replies[:len(commands) - (vector is not None)]:
+            if isinstance(reply, Exception):
+                raise reply
         if fresh:
             assert known is not None
             replies.insert(1, known[1])
-        fixed = 3 if version is not None else 2
-        for reply in replies[:fixed]:
-            if isinstance(reply, Exception):
-                raise reply
-        if not fresh:
+        else:
+            replies[1] = as_dict(replies[1])
             self._thresholds[tool] = (now + THRESHOLD_READ_SECONDS, replies[1])
         if version is None:
             replies.insert(2, None)

@@ -36,6 +36,7 @@ import redis.asyncio as aredis
 
 from app.errors import BadRequest, NotFound
 from app.stores import keys
+from app.stores.batch import batch
 
 log = logging.getLogger("backbone.events")
 TTL_SECONDS = 600
@@ -176,41 +177,40 @@ class _Writer:
                 finally:
                     timer.cancel()
             self.hurry.clear()
-            batch, self.pending = self.pending, []
-            await self._write(batch)
+            events, self.pending = self.pending, []
+            await self._write(events)
 
-    async def _write(self, batch: list[tuple[EventLog, str, str, bytes]]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for owner, entry, event, data in batch:
-            pipe.xadd(owner.key, {"event": event, "data": data}, id=entry,
-                      maxlen=MAXLEN, approximate=True)
+    async def _write(self, events: list[tuple[EventLog, str, str, bytes]]) -> None:
+        commands: list[tuple[Any, ...]] = [
+            ("XADD", owner.key, "MAXLEN", "~", MAXLEN, entry, "event", event, "data", data)
+            for owner, entry, event, data in events
+        ]
         # The TTL is set with a stream's first write, renewed once half of it is gone
         # and with the terminal event (a stream removed mid-turn and re-created by a
         # later XADD still expires), not with every batch: a few EXPIREs per turn
         # instead of one per event.
         now = time.monotonic()
-        renew = {owner for owner, _, event, _ in batch
+        renew = {owner for owner, _, event, _ in events
                  if event in TERMINAL or owner.expires_at - now < TTL_SECONDS / 2}
-        for owner in renew:
-            pipe.expire(owner.key, TTL_SECONDS)
-        fenced = {owner for owner, *_ in batch if now - owner.fence_checked >= FENCE_CHECK_SECONDS}
+        commands += [("EXPIRE", owner.key, TTL_SECONDS) for owner in renew]
+        fenced = {owner for owner, *_ in events if now - owner.fence_checked >= FENCE_CHECK_SECONDS}
         for owner in fenced:
             owner.fence_checked = now
-            pipe.exists(owner.fence)
+            commands.append(("EXISTS", owner.fence))
         results: list[Any]
         try:
             # Per command: one turn's refused XADD must not count as another's failure.
-            results = await pipe.execute(raise_on_error=False)
+            results = await batch(self.redis, commands)
         except Exception as exc:  # Redis unreachable: the whole batch failed
-            results = [exc] * len(batch)
+            results = [exc] * len(events)
         failed = 0
-        for owner, result in zip(renew, results[len(batch):], strict=False):
+        for owner, result in zip(renew, results[len(events):], strict=False):
             if not isinstance(result, Exception):
                 owner.expires_at = now + TTL_SECONDS
-        for owner, result in zip(fenced, results[len(batch) + len(renew):], strict=False):
+        for owner, result in zip(fenced, results[len(events) + len(renew):], strict=False):
             if result == 1:
                 owner.deleted = True
-        for (owner, *_), result in zip(batch, results, strict=False):
+        for (owner, *_), result in zip(events, results, strict=False):
             if isinstance(result, Exception):
                 failed += 1
                 owner.failed += 1
@@ -220,7 +220,7 @@ class _Writer:
             owner.progress.set()
         if failed:
             log.warning("%d of %d events not logged (resumption will miss them): %s",
-                        failed, len(batch), next(r for r in results if isinstance(r, Exception)))
+                        failed, len(events), next(r for r in results if isinstance(r, Exception)))
 
 
 _writers: weakref.WeakKeyDictionary[aredis.Redis, _Writer] = weakref.WeakKeyDictionary()
