@@ -31,7 +31,7 @@ from app.chat import routes as chat_routes
 from app.chat.tool_router import ToolRouter
 from app.chat.turn import TurnDeps
 from app.embeddings import shared_embedder
-from app.errors import BackboneError, RateLimited, translate
+from app.errors import BackboneError, RateLimited, store_errors, translate
 from app.llm import make_provider
 from app.memory import routes as memory_routes
 from app.memory.queue import AfterTurnMark
@@ -68,6 +68,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
+    """Any error no route turned into a response. A store's own error classes are
+    routed here through Starlette's ExceptionMiddleware (`store_errors`), which
+    answers and is done; a handler for plain `Exception` sits in its outermost
+    middleware, which answers and then re-raises, so uvicorn printed a traceback for
+    every 503 of a Redis outage (hundreds a second under load)."""
     mapped = translate(exc)
     if mapped is not None:
         log.warning("dependency failure on %s: %s", request.url.path, mapped.message)
@@ -182,6 +187,7 @@ def create_app(settings: Settings) -> Starlette:
         exception_handlers={
             BackboneError: _backbone_error,
             HTTPException: _http_error,
+            **dict.fromkeys(store_errors(), _unexpected),
             Exception: _unexpected,
         },
     )

@@ -122,6 +122,15 @@ class EmbeddedStartError(DependencyError):
     code = "embedded_start_failed"
 
 
+def store_errors() -> tuple[type[Exception], ...]:
+    """The store clients' own error classes: what `translate` may map (an API handler
+    is registered for each, app.api)."""
+    import psycopg
+    import redis.exceptions as rexc
+
+    return (rexc.RedisError, psycopg.Error)
+
+
 def translate(exc: BaseException) -> BackboneError | None:
     """Map a lower-level store error onto ours; None if it is not a store error."""
     import psycopg

@@ -138,6 +138,13 @@ def test_redis_killed_mid_stream_ends_the_turn_with_an_error_and_recovers_withou
         down = client.get(f"{app.url}/readyz")
         assert down.status_code == 503
         assert down.json()["checks"]["redis"] is False
+        for method, path in (("POST", "/v1/sessions"), ("GET", f"/v1/sessions/{sid}"),
+                             ("POST", f"/v1/sessions/{sid}/messages"), ("GET", "/metrics")):
+            refused = client.request(method, app.url + path, headers=h, json={"content": "hi"})
+            assert refused.status_code == 503, (path, refused.text)
+            assert refused.json()["error"]["code"] == "redis_unavailable"
+        # A dependency failure is one warning line, not a traceback per request.
+        assert "Traceback" not in app.log.read_text(errors="replace")
 
         stack.restart_redis()  # same port, same folder: the AOF is replayed
         wait_for(lambda: ready_status(app.url) == 200, 10, "/readyz to recover on its own")
