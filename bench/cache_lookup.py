@@ -38,6 +38,9 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from redisvl.index import SearchIndex
+from redisvl.schema import IndexSchema
+
 from app.cache.knn import knn_command, knn_filter
 from app.cache.semantic import SemanticCache
 from app.embeddings import Vector, shared_embedder
@@ -56,6 +59,7 @@ RVL = "rvlbench"
 TOOL = "bench_tool"
 MODEL = shared_embedder().model_id  # the cache filters every KNN on its model
 BATCH = 1000
+FLAT_ATTRS = ("dims", "distance_metric", "datatype")  # what a FLAT field keeps of HNSW's
 SMALL_SCOPE = 10  # entries in the user-like scope, apart from the bulk ones
 QUESTIONS = [f"How do I configure setting number {i} of service {i % 7}?" for i in range(50)]
 
@@ -73,17 +77,18 @@ class BenchTool:
 
 
 def create_indexes(client: redis.Redis) -> None:
-    for name, algo in ((HNSW, "HNSW"), (FLAT, "FLAT")):
-        vec = ["TYPE", "FLOAT32", "DIM", DIMS, "DISTANCE_METRIC", "COSINE"]
-        if algo == "HNSW":
-            attrs = schema("cache").fields["embedding"].attrs
-            vec += ["M", attrs.m, "EF_CONSTRUCTION", attrs.ef_construction]
-        client.execute_command(
-            "FT.CREATE", name, "ON", "HASH", "PREFIX", 1, PREFIX, "SCHEMA",
-            "tool", "TAG", "scope", "TAG", "model", "TAG", "query", "TEXT", "created_at",
-            "NUMERIC",
-            "embedding", "VECTOR", algo, len(vec), *vec,
-        )  # type: ignore[no-untyped-call]  # fmt: skip
+    """idx:cache's own schema (its fields, tags and HNSW settings) under the bench's name
+    and prefix, and a FLAT twin of it for the exact answers: a field the cache filters on
+    can never be missing here (a hand-written field list once lacked `model`, and every
+    KNN found nothing)."""
+    for name, algorithm in ((HNSW, "hnsw"), (FLAT, "flat")):
+        spec = schema("cache", DIMS).to_dict()
+        spec["index"].update(name=name, prefix=PREFIX)
+        for f in spec["fields"]:
+            if f["type"] == "vector" and algorithm == "flat":
+                f["attrs"] = {k: v for k, v in f["attrs"].items() if k in FLAT_ATTRS}
+                f["attrs"]["algorithm"] = "flat"
+        SearchIndex(IndexSchema.from_dict(spec), redis_client=client).create()
 
 
 def unit(rng: np.random.Generator, n: int) -> np.ndarray[Any, np.dtype[np.float32]]:
