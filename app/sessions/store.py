@@ -38,7 +38,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,10 +66,6 @@ PERSIST_WAIT_SECONDS = 5.0
 UNCERTAIN_SECONDS = 15.0
 UNCERTAIN_PAUSE_SECONDS = 0.1
 UNREPLICATED_LOG_SECONDS = 10.0
-
-
-def _mark_unpersisted(sid: str, now_ms: float, pipe: Any) -> None:
-    pipe.zadd(keys.unpersisted(sid), {sid: now_ms})
 
 
 def _owned(owner: str | None, user: str) -> str:
@@ -207,7 +203,7 @@ class Sessions:
         # Mark first: if this process dies right after the append, the sweep
         # still finds the session. The score moves on every write, so a sweep
         # that read an older score will not clear a newer write.
-        mark = functools.partial(_mark_unpersisted, sid, time.time() * 1000)
+        mark = ("ZADD", keys.unpersisted(sid), time.time() * 1000, sid)
         append = scripts.append_messages(
             sid, user, next_seq, [canonical_json(m) for m in batch], self.ttl
         )
@@ -216,9 +212,10 @@ class Sessions:
             # and the append counts only once both answered, so every acknowledged
             # message is marked (one round trip, not two; the sweep's quiet period
             # covers the microseconds either may land before the other).
-            zadd = self.redis.zadd(keys.unpersisted(sid), {sid: time.time() * 1000})
             marked, written = await asyncio.gather(
-                zadd, self._script(append, None), return_exceptions=True)
+                self.redis.execute_command(*mark),  # type: ignore[no-untyped-call]
+                self._script(append, None),
+                return_exceptions=True)
             for result in (marked, written):
                 if isinstance(result, BaseException):
                     raise result
@@ -228,15 +225,16 @@ class Sessions:
         return await self._script(append, mark)
 
     async def _script(
-        self, append: scripts.Call[tuple[int, int]], mark: Callable[[Any], None] | None
+        self, append: scripts.Call[tuple[int, int]], mark: tuple[Any, ...] | None
     ) -> tuple[int, int]:
+        before = [mark] if mark is not None else []
         if self.wait_replicas <= 0:
             if mark is None:
                 return await scripts.arun(self.redis, append)
-            return await scripts.arun_after(self.redis, mark, append)
+            return await scripts.arun_after(self.redis, before, append)
         (code, current), acked = await replicated.arun_waited(
             self.redis, append, self.wait_replicas, self.wait_timeout_ms,
-            prelude=mark, short=self._short,
+            before=before, short=self._short,
         )
         if code == 1 and acked < self.wait_replicas:
             self._unreplicated(append.keys[0], acked)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -46,6 +46,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from app.stores.batch import batch
 from app.stores.scripts import Call
 
 T = TypeVar("T")
@@ -83,11 +84,11 @@ def _script(call: Call[Any], by_source: bool) -> tuple[Any, ...]:
 
 async def arun_waited(
     client: aredis.Redis, call: Call[T], replicas: int, timeout_ms: int,
-    *, prelude: Callable[[Any], object] | None = None, short: ShortOfReplicas | None = None,
+    *, before: Sequence[tuple[Any, ...]] = (), short: ShortOfReplicas | None = None,
 ) -> tuple[T, int]:
     """Run `call`, then `WAIT replicas timeout_ms` on the same connection: (result,
-    replicas that acknowledged the write). `prelude` queues commands that run first in
-    the same round trip (one Redis only; on a cluster the caller sends them before).
+    replicas that acknowledged the write). The commands `before` run first in the
+    same round trip (one Redis only; on a cluster the caller sends them before).
     With `short`, a node that lately came back short is not waited on (0 replicas)."""
     short = short or ShortOfReplicas(hold_seconds=0.0)
     if isinstance(client, RedisCluster):
@@ -95,13 +96,8 @@ async def arun_waited(
     by_source = False
     while True:
         waiting = not short.skip("")
-        pipe = client.pipeline(transaction=False)
-        if prelude is not None:
-            prelude(pipe)
-        pipe.execute_command(*_script(call, by_source))
-        if waiting:
-            pipe.execute_command("WAIT", replicas, timeout_ms)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
+        wait = [("WAIT", replicas, timeout_ms)] if waiting else []
+        results = await batch(client, [*before, _script(call, by_source), *wait])
         if not waiting:
             results.append(0)
         *before, raw, acked = results

@@ -24,6 +24,7 @@ import redis.asyncio as aredis
 from redis.exceptions import NoScriptError
 
 from app.stores import keys
+from app.stores.batch import batch
 
 LUA_DIR = Path(__file__).resolve().parents[2] / "lua"
 FILE_NAME = re.compile(r"^(?P<name>[a-z][a-z_]*)-(?P<numkeys>\d+)\.lua$")
@@ -96,16 +97,14 @@ async def arun(client: aredis.Redis, call: Call[T]) -> T:
 
 
 async def arun_after(
-    client: aredis.Redis, prelude: Callable[[Any], object], call: Call[T]
+    client: aredis.Redis, before: Sequence[tuple[Any, ...]], call: Call[T]
 ) -> T:
-    """`arun`, in the same round trip as the commands `prelude` queues on a pipeline
-    (they run first, in order)."""
+    """`arun`, in the same round trip as the commands `before` (they run first, in
+    order; an error of theirs is raised)."""
     s = call.script
-    pipe = client.pipeline(transaction=False)
-    prelude(pipe)
-    pipe.evalsha(s.sha, s.numkeys, *call.keys, *call.args)
-    *before, raw = await pipe.execute(raise_on_error=False)
-    for result in before:
+    *replies, raw = await batch(
+        client, [*before, ("EVALSHA", s.sha, s.numkeys, *call.keys, *call.args)])
+    for result in replies:
         if isinstance(result, Exception):
             raise result
     if isinstance(raw, NoScriptError):
