@@ -84,7 +84,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    """`GET /metrics`: Prometheus text; see app.ops.metrics and the README table."""
+    """`GET /metrics`: Prometheus text; see app.ops.metrics and docs/operations.md."""
     state = app_state(request)
     await cache_routes.flush_counts(state)
     shared = await metrics.read_shared(state.redis, state.sessions.redis)

@@ -1,4 +1,4 @@
-"""Request limits, in one place; each is documented in the README's HTTP section."""
+"""Request limits, in one place; each is documented in docs/http-api.md."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Typed settings, read once from the environment.
 
-Every variable is listed in `.env.example` and in the README's settings table.
+Every variable is listed in `.env.example` and in the settings table of docs/operations.md.
 A malformed value fails loudly at start (`SettingsError`), never at first use.
 With no variable set, everything runs on the embedded default: a local Redis
 with the search and JSON modules and a local PostgreSQL under `DATA_DIR`.

@@ -1,4 +1,4 @@
-"""The chaos run of tests/test_chaos.py, printing its figures table (the README's).
+"""The chaos run of tests/test_chaos.py, printing its figures table (docs/reliability.md's).
 
     python bench/chaos.py
 

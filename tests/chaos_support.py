@@ -1,8 +1,8 @@
 """The chaos run: `backbone up` under load, each process SIGKILLed in turn.
 
-Shared by tests/test_chaos.py (asserts) and bench/chaos.py (prints the README
-table). It starts the same supervisor `make run` uses (`python -m app.cli up`)
-on free ports with a temporary data folder, runs WRITERS users posting turns
+Shared by tests/test_chaos.py (asserts) and bench/chaos.py (prints the table of
+docs/reliability.md). It starts the same supervisor `make run` uses (`python -m
+app.cli up`) on free ports with a temporary data folder, runs WRITERS users posting turns
 back to back, and SIGKILLs Redis, the app, the worker and PostgreSQL one after
 another. For each kill it records how long until `/readyz` answers 200 again
 and how the requests that started meanwhile ended; at the end it checks every

@@ -3,7 +3,7 @@
 `bench/cache_quality.py` stores and looks up through `SemanticCache.probe`; the app
 looks up through `SemanticCache.lookup`. Here a sample of labelled pairs goes both
 ways against the real Redis Stack and the real model, and every pair must come
-out the same, so a figure in the README is a figure of what the app serves.
+out the same, so a figure in docs/cache-quality.md is a figure of what the app serves.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from workers.memory_job import run_extraction
 
 Headers = Callable[[str], dict[str, str]]
 pytestmark = [pytest.mark.anyio, BOTH_TOPOLOGIES]
-# How many live deletes the loop tries; raise it to measure (README: the figure).
+# How many live deletes the loop tries; raise it to measure (docs/sessions.md: the figure).
 ATTEMPTS = int(os.environ.get("DELETE_FENCE_ATTEMPTS", "8"))
 # Frames read before the DELETE: none yet, after the tool result, mid-answer, after the end.
 DELETE_AFTER = (0, 2, 6, 10_000)

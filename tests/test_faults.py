@@ -3,8 +3,8 @@
 Each test that kills something runs its own Redis + PostgreSQL
 (`faults_support.private_stack`) and its own `backbone serve` / `backbone
 worker`, never the session-wide servers the other tests share. What every test
-proves is the README's promise: nothing acknowledged is lost, and a fault
-reaches the client as an `error` event or a tool error, never a hung stream.
+proves is the promise of docs/reliability.md: nothing acknowledged is lost, and a
+fault reaches the client as an `error` event or a tool error, never a hung stream.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from docs_pages import section
 
 from app.errors import SettingsError
 from app.settings import Settings
@@ -35,10 +37,31 @@ def test_every_variable_read_is_listed_in_env_example(project_root: Path) -> Non
     assert read == listed
 
 
-def test_every_variable_is_in_the_readme_settings_table(project_root: Path) -> None:
-    source = (project_root / "app" / "settings.py").read_text()
-    import re
+def _settings_rows(text: str) -> dict[str, str]:
+    return {m.group(1): line for line in text.splitlines()
+            if (m := re.match(r"^\| `([A-Z_]+)` \|", line))}
 
-    readme = (project_root / "README.md").read_text()
-    for name in set(re.findall(r'_(?:str|int|float|bool|choice)\(\s*e,\s*"([A-Z_]+)"', source)):
-        assert f"`{name}`" in readme, f"{name} missing from the README settings table"
+
+def _variables_read(project_root: Path) -> set[str]:
+    source = (project_root / "app" / "settings.py").read_text()
+    return set(re.findall(r'_(?:str|int|float|bool|choice)\(\s*e,\s*"([A-Z_]+)"', source))
+
+
+def test_every_variable_has_a_row_in_the_docs_settings_table(project_root: Path) -> None:
+    full = _settings_rows(section((project_root / "docs" / "operations.md").read_text(),
+                                  "Settings"))
+    read = _variables_read(project_root)
+    assert read - set(full) == set(), "missing from the settings table of docs/operations.md"
+    assert set(full) - read == set(), "in the settings table but not read by app/settings.py"
+
+
+def test_the_readmes_main_settings_are_rows_of_the_full_table(project_root: Path) -> None:
+    full = _settings_rows(section((project_root / "docs" / "operations.md").read_text(),
+                                  "Settings"))
+    main = _settings_rows(section((project_root / "README.md").read_text(), "Main settings"))
+    assert len(main) >= 8
+    for name, row in main.items():
+        assert name in full, f"{name} in the README is not a setting"
+        # Same default and meaning; only a link into the docs may be added in the README.
+        unlinked = [re.sub(r" \(\[[^\]]*\]\([^)]*\)\)", "", r) for r in (row, full[name])]
+        assert unlinked[0] == unlinked[1], name

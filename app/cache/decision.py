@@ -196,7 +196,7 @@ def combined_score(distance: float, lexical: float, lexical_weight: float) -> fl
     `min_score = 1 - t` reads as "effective distance <= t". At equal distance, the
     pair that shares fewer words is the more likely paraphrase: a near copy that
     still lands that far away changed a word that matters. The fit on labelled
-    pairs chose this sign (see the README).
+    pairs chose this sign (see docs/cache-quality.md).
     """
     return (1.0 - distance) + lexical_weight * (1.0 - lexical)
 

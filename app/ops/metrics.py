@@ -13,7 +13,7 @@ Two kinds:
   every process and worker did: the cache's `cache-stats:<tool>` hashes are
   already the cluster-wide counters, so the cache path pays nothing extra.
 
-The README's "Metrics" table lists every name below.
+The "Metrics" table of docs/operations.md lists every name below.
 """
 
 from __future__ import annotations
