@@ -107,15 +107,18 @@ async def arun_after(
     for result in replies:
         if isinstance(result, Exception):
             raise result
-    if isinstance(raw, NoScriptError):
-        return await arun(client, call)
+    if isinstance(raw, NoScriptError):  # the commands before ran: only the script again
+        raw = await client.eval(s.source, s.numkeys, *call.keys, *call.args)
+        return call.parse(raw)
     if isinstance(raw, Exception):
         raise raw
     return call.parse(raw)
 
 
 def preload(client: redis.Redis) -> None:
-    """SCRIPT LOAD every script, so the first request pays no EVAL."""
+    """SCRIPT LOAD every script, so the first request pays no EVAL. A Redis Cluster
+    client sends it to every primary; a replica a failover promotes starts without
+    them (Redis does not replicate SCRIPT LOAD) and pays one EVAL per script."""
     for s in load_all().values():
         client.script_load(s.source)
 
