@@ -155,8 +155,8 @@ def create_session(sid: str, user: str, ttl: int) -> Call[int]:
 def append_messages(
     sid: str, user: str, next_seq: int, messages_json: Sequence[str], ttl: int
 ) -> Call[tuple[int, int]]:
-    """(code, next seq): 1 appended | 0 no session | -1 not the owner | -2 conflict
-    | -3 deleted."""
+    """(code, next seq): 1 appended | 2 already appended (a re-sent call) | 0 no session
+    | -1 not the owner | -2 conflict | -3 deleted."""
     return _call(
         "append_messages",
         [keys.session(sid), keys.session_user(sid), keys.session_deleted(sid)],
