@@ -12,9 +12,9 @@ indexed by `idx:cache`. A lookup tries, in one round trip:
 Both paths see only entries of the embedding model in use (its id is in the key
 hash and in the KNN filter), so vectors of two models are never compared. For a
 `versioned` policy (kb_search's parts) the same round trip reads
-`kb-version:<scope>`; an entry records the version read before its tool ran,
-and one older than the current is never served: it is a miss, and the lookup
-unlinks it.
+`kb-version:<scope>`; an entry records the version read before its tool ran
+(by `join_flight`, carried to `store` on the call's `Flight`), and one older
+than the current is never served: it is a miss, and the lookup unlinks it.
 
 The scope is part of both the key hash and the KNN filter, so an entry is
 never served outside it: a `user`-scoped result reaches only that user, even
@@ -172,6 +172,11 @@ def _version(value: Any) -> int:
         return -1
 
 
+def _current(raw: Any) -> int:
+    """A scope's current version as read; no counter yet: nothing was ever ingested there."""
+    return max(_version(raw), 0)
+
+
 @dataclass(frozen=True)
 class Probe:
     """One lookup's finding, hit or not: the candidate entry the decision judged (None when
@@ -215,9 +220,6 @@ class SemanticCache:
         self._memo: OrderedDict[str, float] = OrderedDict()  # call -> monotonic expiry
         # Vectors `lookup` had to make itself, handed on to the `store` after the miss.
         self._pending: OrderedDict[str, Vector] = OrderedDict()
-        # entry key -> the oldest kb version a lookup read for it: the version the
-        # `store` after the miss records (the tool ran on data at least that new).
-        self._observed: OrderedDict[str, int] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._counts: Counter[tuple[str, str]] = Counter()  # (tool, field) -> not yet written
         self._thresholds: dict[str, tuple[float, Any]] = {}  # tool -> (read again after, state)
@@ -281,7 +283,7 @@ class SemanticCache:
         key = self._key(name, scope, arguments, query)
         version = keys.kb_version(scope) if policy.versioned else None
         replies = await self._fetch(name, scope, key, vector, version)
-        current = self._observe(key, replies[2]) if version is not None else None
+        current = _current(replies[2]) if version is not None else None
         found = self._exact(key, replies[0], scope, current)
         if found is not None and found.hit is not None:
             return found
@@ -291,7 +293,7 @@ class SemanticCache:
             while len(self._pending) > 64:  # stores that never came (tool failed)
                 self._pending.popitem(last=False)
             replies = await self._fetch(name, scope, key, vector, version)
-            current = self._observe(key, replies[2]) if version is not None else None
+            current = _current(replies[2]) if version is not None else None
         threshold = threshold_state(replies[1], policy)
         near = self._nearest(query, replies[3], threshold, scope, current)
         if near.stale == key:
@@ -325,9 +327,9 @@ class SemanticCache:
             return False
         key = self._key(tool.spec.name, scope, arguments, query)
         vector = self._pending.pop(key, vector)
-        version = self._observed.pop(key, None)
+        version = flight_.version if flight_ is not None and policy.versioned else None
         if policy.versioned and version is None:
-            return False  # no lookup read the version this result was computed on: not safe
+            return False  # the version this result was computed on is unknown: not safe
         fields: dict[str, str | bytes | float] = {
             "tool": tool.spec.name,
             "scope": scope,
@@ -377,27 +379,28 @@ class SemanticCache:
         version = keys.kb_version(scope) if policy.versioned else None
 
         async def poll() -> tuple[CacheHit | None, bool]:
-            hit, locked, _ = await self._poll(key, scope, lock, version)
+            hit, locked, _, _ = await self._poll(key, scope, lock, version)
             return hit, locked
 
         try:
             # The claim, then a second look at the entry (stored between this caller's
-            # lookup and its claim?), in one round trip.
-            hit, _, held = await self._poll(key, scope, lock, version,
-                                            claim_seconds=lock_seconds)
+            # lookup and its claim?) and the kb version, in one round trip.
+            hit, _, held, now = await self._poll(key, scope, lock, version,
+                                                 claim_seconds=lock_seconds)
             assert held is not None
             if held.leader:
                 if hit is None:
-                    return Flight(claim=held)
+                    return Flight(claim=held, version=now)
                 await flight.release(self.redis, held)
             elif hit is None:
                 hit = await flight.wait(poll, wait_seconds)
         except rexc.RedisError as e:
             log.warning("single flight for %s unavailable, running the tool: %s", name, e)
-            return Flight()
+            return Flight()  # no version: a versioned result is then not stored
         if hit is not None:
             self._count(name, hit, "flight_hits")
-        return Flight(hit=hit)
+            return Flight(hit=hit)
+        return Flight(version=now)  # the wait ran out: this caller runs the tool unled
 
     async def land(self, flight_: Flight) -> None:
         if isinstance(flight_.claim, flight.Claim):
@@ -409,9 +412,10 @@ class SemanticCache:
     async def _poll(
         self, key: str, scope: str, lock: str, version: str | None,
         *, claim_seconds: float | None = None,
-    ) -> tuple[CacheHit | None, bool, flight.Claim | None]:
-        """The entry's hit (if it may be served) and whether the lock is held; with
-        `claim_seconds`, the lock is claimed first, in the same round trip."""
+    ) -> tuple[CacheHit | None, bool, flight.Claim | None, int | None]:
+        """The entry's hit (if it may be served), whether the lock is held, the claim and
+        the current kb version (None: not versioned); with `claim_seconds`, the lock is
+        claimed first, in the same round trip."""
         pipe = self.redis.pipeline(transaction=False)
         token = flight.claim_in(pipe, lock, claim_seconds) if claim_seconds else None
         pipe.hmget(key, list(ENTRY_FIELDS))
@@ -421,9 +425,9 @@ class SemanticCache:
         replies = await pipe.execute()
         held = flight.claimed(lock, token, replies.pop(0)) if token is not None else None
         entry, locked, *current = replies
-        now = max(_version(current[0]), 0) if current else None
+        now = _current(current[0]) if current else None
         found = self._exact(key, entry, scope, now)
-        return (found.hit if found is not None else None), bool(locked), held
+        return (found.hit if found is not None else None), bool(locked), held, now
 
     async def _fetch(
         self, tool: str, scope: str, key: str, vector: Vector | None, version: str | None
@@ -454,17 +458,6 @@ class SemanticCache:
         if version is None:
             replies.insert(2, None)
         return replies if vector is not None else [*replies, None]
-
-    def _observe(self, key: str, raw: Any) -> int:
-        """The current version of the entry's scope, remembered (the oldest seen) for the
-        store that follows a miss."""
-        current = max(_version(raw), 0)  # no counter yet: nothing was ever ingested there
-        seen = self._observed.get(key)
-        self._observed[key] = current if seen is None else min(seen, current)
-        self._observed.move_to_end(key)
-        while len(self._observed) > MEMO_SIZE:
-            self._observed.popitem(last=False)
-        return current
 
     def _memo_key(self, tool: Tool, arguments: dict[str, Any], query: str) -> str | None:
         # needs_vector gets no caller, so the memo cannot hold the scope: a repeat by
