@@ -5,8 +5,9 @@ indexed by `idx:cache`. A lookup tries, in one round trip:
 
 1. the exact entry (same scope, same canonical arguments): served without
    any vector, distance 0;
-2. else the single nearest entry of the same tool *and* the same scope
-   (`KNN 1` behind a TAG pre-filter), served when its distance is within the
+2. else the single nearest entry of the same tool, the same scope *and* the
+   same other arguments (`KNN 1` behind a TAG pre-filter; `args_digest` covers
+   every argument but the query), served when its distance is within the
    tool's current threshold and `cache_decision.decide` agrees on the texts.
 
 Both paths see only entries of the embedding model in use (its id is in the key
@@ -125,6 +126,17 @@ def _dump_arguments(arguments: Mapping[str, Any], query: str) -> str:
     return json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def args_digest(arguments: Mapping[str, Any]) -> str:
+    """The `args_digest` TAG: SHA-256 of the canonical JSON of every argument but the
+    query (1, 1.0 and true are three texts). The KNN filters on it, so a neighbour's
+    result is only ever one computed with the same other arguments."""
+    if arguments.keys() <= {"query"}:
+        return _QUERY_ONLY
+    rest = {k: v for k, v in arguments.items() if k != "query"}
+    return _digest(json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                              default=str))
+
+
 def entry_digest(scope: str, arguments: Mapping[str, Any], query: str, model: str) -> str:
     """The hash both the entry and its single-flight lock are named by."""
     return _digest(f"{scope}\n{model}\n{canonical_arguments(arguments, query)}")
@@ -139,6 +151,9 @@ def entry_key(
     tool: str, scope: str, arguments: Mapping[str, Any], query: str, *, model: str
 ) -> str:
     return keys.cache_entry(tool, entry_digest(scope, arguments, query, model))
+
+
+_QUERY_ONLY = _digest("{}")  # every shipped tool's calls: the query and nothing else
 
 
 def initial_threshold(policy: CachePolicy) -> AdaptiveThreshold:
@@ -282,7 +297,8 @@ class SemanticCache:
         name = tool.spec.name
         key = self._key(name, scope, arguments, query)
         version = keys.kb_version(scope) if policy.versioned else None
-        replies = await self._fetch(name, scope, key, vector, version)
+        digest = args_digest(arguments)
+        replies = await self._fetch(name, scope, key, vector, version, digest)
         current = _current(replies[2]) if version is not None else None
         found = self._exact(key, replies[0], scope, current)
         if found is not None and found.hit is not None:
@@ -292,7 +308,7 @@ class SemanticCache:
             self._pending[key] = vector
             while len(self._pending) > 64:  # stores that never came (tool failed)
                 self._pending.popitem(last=False)
-            replies = await self._fetch(name, scope, key, vector, version)
+            replies = await self._fetch(name, scope, key, vector, version, digest)
             current = _current(replies[2]) if version is not None else None
         threshold = threshold_state(replies[1], policy)
         near = self._nearest(query, replies[3], threshold, scope, current)
@@ -340,6 +356,7 @@ class SemanticCache:
             "result": encode_result(result),
             "tool_ms": tool_ms,
             "args": json.dumps(arguments, sort_keys=True, default=str),
+            "args_digest": args_digest(arguments),
         }
         if version is not None:
             fields["version"] = version
@@ -430,7 +447,8 @@ class SemanticCache:
         return (found.hit if found is not None else None), bool(locked), held, now
 
     async def _fetch(
-        self, tool: str, scope: str, key: str, vector: Vector | None, version: str | None
+        self, tool: str, scope: str, key: str, vector: Vector | None, version: str | None,
+        digest: str,
     ) -> list[Any]:
         """[exact entry fields, threshold state, current version or None, KNN reply or
         None], in one round trip. The threshold state is read at most every
@@ -444,7 +462,7 @@ class SemanticCache:
         if version is not None:
             commands.append(("GET", version))
         if vector is not None:
-            commands.append(self._knn(tool, scope, vector))
+            commands.append(self._knn(tool, scope, vector, digest))
         replies = await batch(self.redis, commands)
         for reply in replies[:len(commands) - (vector is not None)]:
             if isinstance(reply, Exception):
@@ -467,11 +485,11 @@ class SemanticCache:
             return None
         return f"{tool.spec.name}\n{canonical_arguments(arguments, query)}"
 
-    def _knn(self, tool: str, scope: str, vector: Vector) -> tuple[Any, ...]:
+    def _knn(self, tool: str, scope: str, vector: Vector, digest: str) -> tuple[Any, ...]:
         model = self.embedder.model_id
-        selected = self.counts.count(knn_filter(tool, scope, model))
+        selected = self.counts.count(knn_filter(tool, scope, model, digest))
         return knn_command(self.index, tool, scope, vector, selected, self.counts.count("*"),
-                           model=model)
+                           model=model, args_digest=digest)
 
     def _exact(self, key: str, reply: Any, scope: str, current: int | None) -> Probe | None:
         raw, tool_ms, stored_scope, stored_query, stored_version = reply
