@@ -18,7 +18,8 @@
                     ends, from ARGV[2] on, with exactly these messages (their
                     `hash`, which covers sid, seq and content). A call re-sent after
                     its reply was lost (a dropped connection; redis-py's cluster
-                    client re-sends by itself) is acknowledged, never stored twice
+                    client re-sends by itself) is acknowledged, never stored twice;
+                    the TTLs are renewed
                   0 no such session (next 0)
                  -1 the session belongs to another user (next 0)
                  -2 the history moved since the writer read it (next = current next seq)
@@ -58,6 +59,10 @@ if next_seq ~= tonumber(ARGV[2]) then
       end
     end
     if same then
+      -- Renewed as the first call did. Also a write of this call's own: a WAIT after
+      -- it waits for the replicas to reach past the first call's append too.
+      redis.call('EXPIRE', KEYS[1], ARGV[3])
+      redis.call('EXPIRE', KEYS[2], ARGV[3])
       return {2, next_seq}
     end
   end

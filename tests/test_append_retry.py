@@ -45,8 +45,10 @@ def test_a_resent_append_is_already_appended_and_changes_nothing(
     batch = [canonical_json(build(sid, 0, "user", "once")),
              canonical_json(build(sid, 1, "assistant", "only once"))]
     assert scripts.run(r, scripts.append_messages(sid, user, 0, batch, 600)) == (1, 2)
-    assert scripts.run(r, scripts.append_messages(sid, user, 0, batch, 600)) == (2, 2)
+    assert scripts.run(r, scripts.append_messages(sid, user, 0, batch, 900)) == (2, 2)
     assert contents(r, sid) == ["once", "only once"]
+    # Renewed as the first call did, a write of its own (a WAIT after it covers both).
+    assert r.ttl(keys.session(sid)) > 600 and r.ttl(keys.session_user(sid)) > 600
     # Not the same batch: a conflict, as before. Another text at the same seqs, the
     # same texts at the same seqs made at another moment (another hash), a prefix.
     other = [batch[0], canonical_json(build(sid, 1, "assistant", "only twice"))]

@@ -236,7 +236,8 @@ class Sessions:
             self.redis, append, self.wait_replicas, self.wait_timeout_ms,
             before=before, short=self._short,
         )
-        if code == 1 and acked < self.wait_replicas:
+        # Code 2 (a re-sent call) renewed the TTLs: its WAIT covers the first call's write.
+        if code in (1, 2) and acked < self.wait_replicas:
             self._unreplicated(append.keys[0], acked)
         return code, current
 
