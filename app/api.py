@@ -28,6 +28,7 @@ from app.cache import routes as cache_routes
 from app.cache.audit_queue import audit_enqueuer
 from app.cache.semantic import SemanticCache
 from app.chat import routes as chat_routes
+from app.chat.stream_slots import StreamSlots
 from app.chat.tool_router import ToolRouter
 from app.chat.turn import TurnDeps
 from app.embeddings import shared_embedder
@@ -41,7 +42,12 @@ from app.sessions import routes as session_routes
 from app.sessions.store import Sessions
 from app.settings import Settings
 from app.state import AppState, app_state
-from app.stores.clients import async_redis_client, async_session_redis_client, redis_client
+from app.stores.clients import (
+    async_redis_client,
+    async_session_reader_client,
+    async_session_redis_client,
+    redis_client,
+)
 from app.tools import make_tools
 
 log = logging.getLogger("backbone.api")
@@ -148,7 +154,10 @@ def create_app(settings: Settings) -> Starlette:
         )
         deps = TurnDeps(sessions, make_provider(settings), router,
                         recall=make_recall(redis, embedder), after_turn=[AfterTurnMark(redis)])
-        state = AppState(settings, redis, pg, embedder, sessions, deps)
+        streams = StreamSlots(session_redis, async_session_reader_client(settings),
+                              per_user=settings.max_streams_per_user,
+                              per_node=settings.max_streams_per_node)
+        state = AppState(settings, redis, pg, embedder, sessions, deps, streams=streams)
         forced = False
         try:
             yield {"backbone": state}
@@ -167,6 +176,7 @@ def create_app(settings: Settings) -> Starlette:
                 await _stop_turns(state.turns, settings.shutdown_grace_seconds)
                 await cache.drain()
             audit_conn.close()
+            await streams.aclose()
             try:
                 await pg.close()
             except asyncio.CancelledError:

@@ -13,6 +13,7 @@ import redis.asyncio as aredis
 from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
 
+from app.chat.stream_slots import StreamSlots
 from app.chat.turn import TurnDeps
 from app.embeddings import Embedder
 from app.sessions.store import Sessions
@@ -27,6 +28,7 @@ class AppState:
     embedder: Embedder
     sessions: Sessions
     turn_deps: TurnDeps
+    streams: StreamSlots  # open-stream limits and the blocking readers' pool
     turns: set[asyncio.Task[None]] = field(default_factory=set)  # turns still running
 
 

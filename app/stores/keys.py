@@ -15,6 +15,7 @@
 | `events:{<sid>}:<turn>`              | stream      | 10 min                     | one turn's SSE events, for resumption   |
 | `ratelimit:{<uid>}`                  | sorted set  | window                     | message-post times (sliding window)     |
 | `ratelimit:{<uid>}:sessions`         | sorted set  | window                     | session-creation times (sliding window) |
+| `streams:{<uid>}`                    | sorted set  | the slot lease, renewed    | the user's open event streams: slot id -> ms its lease ends |
 | `cache:<tool>:<hash>`                | hash + HNSW | per tool                   | one cached tool or retrieval result     |
 | `cache-stats:<tool>`                 | hash        | none                       | lookup/hit/audit counters               |
 | `cache-threshold:<tool>`             | hash        | none                       | the tool's adaptive hit threshold       |
@@ -145,6 +146,11 @@ def rate_limit(uid: str) -> str:
 
 def session_rate_limit(uid: str) -> str:
     return f"ratelimit:{{{check_user_id(uid)}}}:sessions"
+
+
+def streams(uid: str) -> str:
+    """The user's open event streams (app.chat.stream_slots): slot id -> lease end (ms)."""
+    return f"streams:{{{check_user_id(uid)}}}"
 
 
 def cache_entry(tool: str, digest: str) -> str:
