@@ -9,6 +9,8 @@ rendered once, here, as `{"error": {"code", "message"}}` with their status.
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,7 +34,14 @@ from app.chat.stream_slots import StreamSlots
 from app.chat.tool_router import ToolRouter
 from app.chat.turn import TurnDeps
 from app.embeddings import shared_embedder
-from app.errors import BackboneError, RateLimited, store_errors, translate
+from app.errors import (
+    BackboneError,
+    Forbidden,
+    RateLimited,
+    Unauthorized,
+    store_errors,
+    translate,
+)
 from app.llm import make_provider
 from app.memory import routes as memory_routes
 from app.memory.queue import AfterTurnMark
@@ -89,11 +98,35 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     )
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_scraper(request: Request, token: str | None) -> None:
+    """With METRICS_TOKEN set, only `Authorization: Bearer <it>` (what Prometheus'
+    `authorization` scrape setting sends) may read /metrics (401 otherwise); without
+    it, only a caller on this machine's loopback (403 otherwise)."""
+    if token is None:
+        host = request.client.host if request.client else ""
+        if not _loopback(host):
+            raise Forbidden("/metrics answers loopback callers only; set METRICS_TOKEN "
+                            "to scrape it from elsewhere", code="metrics_forbidden")
+        return
+    sent = request.headers.get("authorization", "")
+    if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+        raise Unauthorized("/metrics needs Authorization: Bearer <METRICS_TOKEN>")
+
+
 async def metrics_endpoint(request: Request) -> Response:
     """`GET /metrics`: Prometheus text; see app.ops.metrics and docs/operations.md."""
     state = app_state(request)
+    check_scraper(request, state.settings.metrics_token)
     await cache_routes.flush_counts(state)
-    shared = await metrics.read_shared(state.redis, state.sessions.redis)
+    shared = await metrics.read_shared(state.redis, state.sessions.redis,
+                                       tools=state.turn_deps.router.tools)
     body, content_type = metrics.render(shared)
     return Response(body, media_type=content_type)
 
@@ -188,7 +221,7 @@ def create_app(settings: Settings) -> Starlette:
             await redis.aclose()
 
     # Never log these, whatever a message or traceback holds (app.ops.logs).
-    logs.redact(settings.auth_secret, urlsplit(settings.redis_url).password,
+    logs.redact(settings.auth_secret, settings.metrics_token, urlsplit(settings.redis_url).password,
                 urlsplit(settings.database_url).password)
     return Starlette(
         routes=routes(),
