@@ -18,6 +18,7 @@ import pytest
 import redis
 import redis.asyncio as aredis
 from live import app_process
+from prometheus_client import REGISTRY
 from sse import frames
 from waits import wait_until
 
@@ -126,6 +127,13 @@ def test_a_refused_stream_says_too_many_streams_with_retry_after(
             assert second.status_code == 429
             assert second.json()["error"]["code"] == "too_many_streams"
             assert int(second.headers["Retry-After"]) >= 1
+            scraped = client.get(f"{base}/metrics").text
+        assert 'backbone_streams_refused_total{limit="user"} 1.0' in scraped
+        assert "backbone_streams_open 1.0" in scraped
+
+
+def _refused(limit: str) -> float:
+    return REGISTRY.get_sample_value("backbone_streams_refused_total", {"limit": limit}) or 0.0
 
 
 async def _slots(settings: Settings, **kw: int) -> StreamSlots:
@@ -160,9 +168,11 @@ async def test_the_node_limit_refuses_before_any_redis_work(settings: Settings, 
     first = await slots.acquire(user)
     async with slots.take(user + "-b"):
         real, slots.redis = slots.redis, aredis.Redis(port=free_port())  # nothing listens
+        refused_before = _refused("node")
         with pytest.raises(TooManyStreams) as refused:
             await slots.acquire(user + "-c")
         assert "server" in refused.value.message
+        assert _refused("node") == refused_before + 1
         await slots.redis.aclose()
         slots.redis = real
     first.release()

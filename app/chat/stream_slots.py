@@ -41,6 +41,7 @@ from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
 from app.errors import TooManyStreams
+from app.ops import metrics
 from app.stores import keys, scripts
 from app.stores.batch import batch
 
@@ -86,6 +87,7 @@ class StreamSlots:
     async def acquire(self, user: str) -> Slot:
         """A slot for one of `user`'s streams, or TooManyStreams."""
         if self.open >= self.per_node:
+            metrics.STREAMS_REFUSED.labels("node").inc()
             raise TooManyStreams(f"this server holds {self.per_node} open streams; retry shortly")
         slot = Slot(self, user, secrets.token_hex(8))
         self._opening += 1
@@ -97,9 +99,11 @@ class StreamSlots:
         finally:
             self._opening -= 1
         if not ok:
+            metrics.STREAMS_REFUSED.labels("user").inc()
             raise TooManyStreams(
                 f"at most {self.per_user} open streams per user; close one (or wait) first")
         self.held[slot.id] = slot
+        metrics.STREAMS_OPEN.inc()
         if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.create_task(self._renew_while_held())
         return slot
@@ -116,6 +120,7 @@ class StreamSlots:
     def _release(self, slot: Slot) -> None:
         if self.held.pop(slot.id, None) is None:
             return
+        metrics.STREAMS_OPEN.dec()
         try:
             task = asyncio.get_running_loop().create_task(self._zrem(slot))
         except RuntimeError:  # no loop (the app is gone): the lease lapses instead

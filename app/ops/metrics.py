@@ -33,6 +33,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -64,6 +65,11 @@ MEMORY_JOB_SECONDS = Histogram("backbone_memory_job_seconds", "Memory-extraction
 MEMORY_DELTA = Histogram("backbone_memory_delta_messages",
                          "Messages mined per extraction (the delta after the cursor)",
                          buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128))
+STREAMS_OPEN = Gauge("backbone_streams_open", "Event streams (live turns and resumes) "
+                     "open on this node, summed over live processes", multiprocess_mode="livesum")
+STREAMS_REFUSED = Counter("backbone_streams_refused", "Event streams refused with "
+                          "429 too_many_streams, by the limit that refused them (user, node)",
+                          ["limit"])
 UNREPLICATED = Counter("backbone_session_unreplicated_appends",
                        "Session appends acknowledged although WAIT saw fewer replicas than "
                        "SESSION_REDIS_WAIT_REPLICAS within SESSION_REDIS_WAIT_TIMEOUT_MS")
