@@ -181,7 +181,7 @@ def main() -> None:
         errors = ", ".join(sorted({f"{e} x{f.errors.count(e)}" for e in f.errors})) or "0"
         failed = sorted({e.split(" ", 1)[0] for e in f.other_errors})
         print(f"| {label} | {f.admitted} | {f.refused} | {len(f.other_errors)} "
-              f"{'(' + ', '.join(failed) + ')' if failed else ''}"
+              f"{'(' + ', '.join(failed) + ') ' if failed else ''}"
               f"| {percentile(lat, 50):.0f} | {percentile(lat, 99):.0f} | {lat[-1]:.0f} "
               f"| {errors} |")
     for label, f in floods:
