@@ -9,6 +9,8 @@ rendered once, here, as `{"error": {"code", "message"}}` with their status.
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,10 +30,18 @@ from app.cache import routes as cache_routes
 from app.cache.audit_queue import audit_enqueuer
 from app.cache.semantic import SemanticCache
 from app.chat import routes as chat_routes
+from app.chat.stream_slots import StreamSlots
 from app.chat.tool_router import ToolRouter
 from app.chat.turn import TurnDeps
 from app.embeddings import shared_embedder
-from app.errors import BackboneError, RateLimited, store_errors, translate
+from app.errors import (
+    BackboneError,
+    Forbidden,
+    RateLimited,
+    Unauthorized,
+    store_errors,
+    translate,
+)
 from app.llm import make_provider
 from app.memory import routes as memory_routes
 from app.memory.queue import AfterTurnMark
@@ -41,7 +51,12 @@ from app.sessions import routes as session_routes
 from app.sessions.store import Sessions
 from app.settings import Settings
 from app.state import AppState, app_state
-from app.stores.clients import async_redis_client, async_session_redis_client, redis_client
+from app.stores.clients import (
+    async_redis_client,
+    async_session_reader_client,
+    async_session_redis_client,
+    redis_client,
+)
 from app.tools import make_tools
 
 log = logging.getLogger("backbone.api")
@@ -83,11 +98,35 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     )
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_scraper(request: Request, token: str | None) -> None:
+    """With METRICS_TOKEN set, only `Authorization: Bearer <it>` (what Prometheus'
+    `authorization` scrape setting sends) may read /metrics (401 otherwise); without
+    it, only a caller on this machine's loopback (403 otherwise)."""
+    if token is None:
+        host = request.client.host if request.client else ""
+        if not _loopback(host):
+            raise Forbidden("/metrics answers loopback callers only; set METRICS_TOKEN "
+                            "to scrape it from elsewhere", code="metrics_forbidden")
+        return
+    sent = request.headers.get("authorization", "")
+    if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+        raise Unauthorized("/metrics needs Authorization: Bearer <METRICS_TOKEN>")
+
+
 async def metrics_endpoint(request: Request) -> Response:
     """`GET /metrics`: Prometheus text; see app.ops.metrics and docs/operations.md."""
     state = app_state(request)
+    check_scraper(request, state.settings.metrics_token)
     await cache_routes.flush_counts(state)
-    shared = await metrics.read_shared(state.redis, state.sessions.redis)
+    shared = await metrics.read_shared(state.redis, state.sessions.redis,
+                                       tools=state.turn_deps.router.tools)
     body, content_type = metrics.render(shared)
     return Response(body, media_type=content_type)
 
@@ -148,7 +187,10 @@ def create_app(settings: Settings) -> Starlette:
         )
         deps = TurnDeps(sessions, make_provider(settings), router,
                         recall=make_recall(redis, embedder), after_turn=[AfterTurnMark(redis)])
-        state = AppState(settings, redis, pg, embedder, sessions, deps)
+        streams = StreamSlots(session_redis, async_session_reader_client(settings),
+                              per_user=settings.max_streams_per_user,
+                              per_node=settings.max_streams_per_node)
+        state = AppState(settings, redis, pg, embedder, sessions, deps, streams=streams)
         forced = False
         try:
             yield {"backbone": state}
@@ -167,6 +209,7 @@ def create_app(settings: Settings) -> Starlette:
                 await _stop_turns(state.turns, settings.shutdown_grace_seconds)
                 await cache.drain()
             audit_conn.close()
+            await streams.aclose()
             try:
                 await pg.close()
             except asyncio.CancelledError:
@@ -178,7 +221,7 @@ def create_app(settings: Settings) -> Starlette:
             await redis.aclose()
 
     # Never log these, whatever a message or traceback holds (app.ops.logs).
-    logs.redact(settings.auth_secret, urlsplit(settings.redis_url).password,
+    logs.redact(settings.auth_secret, settings.metrics_token, urlsplit(settings.redis_url).password,
                 urlsplit(settings.database_url).password)
     return Starlette(
         routes=routes(),

@@ -194,7 +194,9 @@ def _print_banner(s: Settings, created: list[str], applied: list[str],
         lines.append(f"  sessions     {cluster.describe()}")
         lines.append(f"               redis-cli -c -p {cluster.ports[0]}    (CLUSTER NODES)")
     lines.append(f"  rq dashboard http://127.0.0.1:{board_port}/   (queues, workers, jobs)")
-    lines.append(f"  metrics      {base}/metrics   (Prometheus; app and worker together)")
+    who = ("with Authorization: Bearer $METRICS_TOKEN" if s.metrics_token
+           else "from this machine only; set METRICS_TOKEN to scrape from elsewhere")
+    lines.append(f"  metrics      {base}/metrics   (Prometheus, app and worker together; {who})")
     token = issue_token(s.auth_secret or "", LOCAL_USER)
     lines.append(f"  chat page    {base}/#token={token}")
     lines.append(f"  token        {token}")

@@ -11,6 +11,7 @@
     │   ├── PayloadTooLarge        413 payload_too_large
     │   ├── Unprocessable          422 invalid_body
     │   └── RateLimited            429 rate_limited
+    │       └── TooManyStreams     429 too_many_streams: the user's or node's open streams
     └── DependencyError            a store or service failed; 503
         ├── RedisUnavailable       redis_unavailable
         ├── MissingModules         Redis lacks the search or JSON module (start-up)
@@ -95,6 +96,16 @@ class RateLimited(ClientError):
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class TooManyStreams(RateLimited):
+    """Too many open event streams, the user's (MAX_STREAMS_PER_USER) or this node's
+    (MAX_STREAMS_PER_NODE); refused before any other Redis work."""
+
+    code = "too_many_streams"
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message, retry_after=retry_after)
 
 
 class DependencyError(BackboneError):

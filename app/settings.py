@@ -124,6 +124,13 @@ class Settings:
     rate_limit_messages: int = 30
     rate_limit_window_seconds: int = 60
     rate_limit_sessions: int = 10
+    # Open event streams (a live turn's POST or a resume) one user may hold at once,
+    # and one node; the node's limit also sizes its pool of blocking readers.
+    max_streams_per_user: int = 8
+    max_streams_per_node: int = 256
+    # /metrics: a bearer token; None: answered to loopback callers only.
+    metrics_token: str | None = None
+    cache_audit_retention_days: int = 30
     log_level: str = "INFO"
     log_format: str = "text"  # or "json": one object per record (app.ops.logs)
 
@@ -172,6 +179,10 @@ class Settings:
             rate_limit_messages=_int(e, "RATE_LIMIT_MESSAGES", 30, minimum=1),
             rate_limit_window_seconds=_int(e, "RATE_LIMIT_WINDOW_SECONDS", 60, minimum=1),
             rate_limit_sessions=_int(e, "RATE_LIMIT_SESSIONS", 10, minimum=1),
+            max_streams_per_user=_int(e, "MAX_STREAMS_PER_USER", 8, minimum=1),
+            max_streams_per_node=_int(e, "MAX_STREAMS_PER_NODE", 256, minimum=1),
+            metrics_token=_str(e, "METRICS_TOKEN"),
+            cache_audit_retention_days=_int(e, "CACHE_AUDIT_RETENTION_DAYS", 30, minimum=1),
             log_level=(_str(e, "LOG_LEVEL", "INFO") or "INFO").upper(),
             log_format=_choice(e, "LOG_FORMAT", ("text", "json")),
         )

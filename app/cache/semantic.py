@@ -575,6 +575,8 @@ class SemanticCache:
             pipe = self.redis.pipeline(transaction=False)
             for (tool, field), n in counts.items():
                 pipe.hincrby(keys.cache_stats(tool), field, n)
+            # The names, so reports read them instead of scanning for `cache-stats:*`.
+            pipe.sadd(keys.CACHE_TOOLS, *{tool for tool, _ in counts})
             await pipe.execute()
         except rexc.RedisError as e:
             log.warning("cache counters not updated (%d increments dropped): %s",

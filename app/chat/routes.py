@@ -7,6 +7,11 @@ plain 4xx JSON error; then it streams `message.delta`, `tool.call`,
 `GET /v1/sessions/{sid}/events` with `Last-Event-ID` (or `?after=<id>`)
 replays the rest of that turn from Redis.
 
+Both are streams: each holds a slot of `state.streams` (app.chat.stream_slots)
+from before its first Redis command to its end, at most MAX_STREAMS_PER_USER per
+user and MAX_STREAMS_PER_NODE per node, else `429 too_many_streams`. A resume's
+blocking reads use the slots' own pool of readers.
+
 The turn runs as its own task, not inside the response: a client that
 disconnects only stops reading, and the turn completes, stores and persists
 its messages and keeps logging events, so the client can reconnect to any node
@@ -37,6 +42,7 @@ from starlette.routing import Route
 from app import limits
 from app.chat import event_log
 from app.chat.event_log import Event, EventLog
+from app.chat.stream_slots import Slot, SlotStream
 from app.chat.turn import Turn
 from app.errors import BadRequest, RateLimited
 from app.sessions import messages
@@ -69,6 +75,18 @@ async def post_message(request: Request) -> EventSourceResponse:
     state, user = caller(request)
     sid = session_id(request)
     content = limits.message_content(await limits.json_body(request))
+    # The stream's slot first: a refused one costs no other Redis work.
+    slot = await state.streams.acquire(user)
+    try:
+        return await _start_turn(state, user, sid, content, slot)
+    except BaseException:
+        slot.release()
+        raise
+
+
+async def _start_turn(
+    state: AppState, user: str, sid: str, content: str, slot: Slot
+) -> EventSourceResponse:
     loaded = await state.sessions.load(sid, user)
     seq = messages.next_seq(loaded.messages)
     limits.check_room(seq)
@@ -121,8 +139,8 @@ async def post_message(request: Request) -> EventSourceResponse:
         await asyncio.wait({task}, timeout=grace)
         task.cancel()  # a no-op when it is done
 
-    return EventSourceResponse(
-        stream(), ping=PING_SECONDS, headers=HEADERS, shutdown_event=stopping,
+    return SlotStream(
+        slot, stream(), ping=PING_SECONDS, headers=HEADERS, shutdown_event=stopping,
         shutdown_grace_period=grace + STOP_MARGIN_SECONDS,
         data_sender_callable=stop_turn_on_shutdown,
     )
@@ -135,8 +153,20 @@ async def get_events(request: Request) -> EventSourceResponse:
     if not raw:
         raise BadRequest("send Last-Event-ID or ?after=<event id>", code="invalid_event_id")
     turn, after = event_log.parse_event_id(raw)
+    slot = await state.streams.acquire(user)  # 429 before any other Redis work
+    try:
+        return await _resume(state, user, sid, turn, after, slot)
+    except BaseException:
+        slot.release()
+        raise
+
+
+async def _resume(
+    state: AppState, user: str, sid: str, turn: int, after: str, slot: Slot
+) -> EventSourceResponse:
     await state.sessions.load(sid, user)  # 404 / 403 before anything is streamed
-    events = event_log.replay(state.sessions.redis, sid, turn, after)
+    # Blocking reads on the readers' pool, never on the one the request path needs.
+    events = event_log.replay(state.streams.reader, sid, turn, after)
     first = await anext(events)  # 404 when the turn's events are gone
 
     async def stream() -> AsyncIterator[bytes]:
@@ -146,7 +176,7 @@ async def get_events(request: Request) -> EventSourceResponse:
         async for event in events:
             yield event.sse()
 
-    return EventSourceResponse(stream(), ping=PING_SECONDS, headers=HEADERS)
+    return SlotStream(slot, stream(), ping=PING_SECONDS, headers=HEADERS)
 
 
 routes = [

@@ -7,6 +7,7 @@
 | `session:{<sid>}:deleted`            | string      | SESSION_TTL_SECONDS        | fence: the session was deleted          |
 | `sessions:unpersisted:{<n>}`         | sorted set  | none                       | sid -> ms of its last unpersisted write (n = 0..15, from the sid) |
 | `persist-sweep-tick`                 | string      | SWEEP_INTERVAL_SECONDS     | one sweep enqueued per interval         |
+| `retention-sweep-tick`               | string      | 1 h                        | one retention sweep enqueued per hour   |
 | `memory-due`                         | sorted set  | none                       | sid -> ms of its last turn not yet handed to the memory queue |
 | `memory-task-lock:{<sid>}`           | string      | MEMORY_LOCK_TTL_SECONDS    | owner token of the one extractor        |
 | `memory-last-extracted:{<sid>}`      | string      | MEMORY_TTL_SECONDS         | SHA-256 of the last mined message       |
@@ -15,9 +16,11 @@
 | `events:{<sid>}:<turn>`              | stream      | 10 min                     | one turn's SSE events, for resumption   |
 | `ratelimit:{<uid>}`                  | sorted set  | window                     | message-post times (sliding window)     |
 | `ratelimit:{<uid>}:sessions`         | sorted set  | window                     | session-creation times (sliding window) |
+| `streams:{<uid>}`                    | sorted set  | the slot lease, renewed    | the user's open event streams: slot id -> ms its lease ends |
 | `cache:<tool>:<hash>`                | hash + HNSW | per tool                   | one cached tool or retrieval result     |
 | `cache-stats:<tool>`                 | hash        | none                       | lookup/hit/audit counters               |
 | `cache-threshold:<tool>`             | hash        | none                       | the tool's adaptive hit threshold       |
+| `cache-tools`                        | set         | none                       | names of the tools with cache counters (read instead of a SCAN) |
 | `cache-flight:<tool>:<hash>`         | string      | TOOL_TIMEOUT_SECONDS       | single-flight: owner token of the one run of a missed call |
 | `kb:<doc>:<chunk>`                   | hash + HNSW | none                       | one knowledge-base chunk                |
 | `kb-file:<doc>`                      | string      | none                       | content hash of an ingested file        |
@@ -52,6 +55,10 @@ KB_SCOPE = re.compile(r"^(global|(user|tenant):[A-Za-z0-9_.@-]{1,64})$")
 
 UNPERSISTED_SHARDS = 16
 SWEEP_TICK = "persist-sweep-tick"
+RETENTION_TICK = "retention-sweep-tick"
+# Every tool with `cache-stats:<tool>` counters, so reports and /metrics read the
+# names instead of scanning the keyspace for them.
+CACHE_TOOLS = "cache-tools"
 INDEX_CACHE = "idx:cache"
 INDEX_KB = "idx:kb"
 INDEX_MEMORY = "idx:memory"
@@ -145,6 +152,11 @@ def rate_limit(uid: str) -> str:
 
 def session_rate_limit(uid: str) -> str:
     return f"ratelimit:{{{check_user_id(uid)}}}:sessions"
+
+
+def streams(uid: str) -> str:
+    """The user's open event streams (app.chat.stream_slots): slot id -> lease end (ms)."""
+    return f"streams:{{{check_user_id(uid)}}}"
 
 
 def cache_entry(tool: str, digest: str) -> str:

@@ -215,6 +215,14 @@ def rate_limit(
     )
 
 
+def acquire_stream_slot(
+    user: str, slot: str, now_ms: int, lease_ms: int, limit: int
+) -> Call[tuple[int, int]]:
+    """(1, held) admitted | (0, held) refused: the user holds `limit` live slots."""
+    return _call("acquire_stream_slot", [keys.streams(user)], [now_ms, lease_ms, limit, slot],
+                 _pair)
+
+
 # -- memory extraction --------------------------------------------------------
 
 
