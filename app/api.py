@@ -36,6 +36,7 @@ from app.llm import make_provider
 from app.memory import routes as memory_routes
 from app.memory.queue import AfterTurnMark
 from app.memory.recall import make_recall
+from app.memory.usage import UsageMarks
 from app.ops import logs, metrics
 from app.sessions import routes as session_routes
 from app.sessions.store import Sessions
@@ -146,8 +147,11 @@ def create_app(settings: Settings) -> Starlette:
             make_tools(settings, redis, embedder), embedder, settings.tool_timeout_seconds,
             cache=cache,
         )
+        usage = UsageMarks(pg)  # recall's use marks, written in batches (MEMORY_MAX_PER_USER)
+        marking = asyncio.create_task(usage.run())
         deps = TurnDeps(sessions, make_provider(settings), router,
-                        recall=make_recall(redis, embedder), after_turn=[AfterTurnMark(redis)])
+                        recall=make_recall(redis, embedder, marks=usage),
+                        after_turn=[AfterTurnMark(redis)])
         state = AppState(settings, redis, pg, embedder, sessions, deps)
         forced = False
         try:
@@ -167,6 +171,8 @@ def create_app(settings: Settings) -> Starlette:
                 await _stop_turns(state.turns, settings.shutdown_grace_seconds)
                 await cache.drain()
             audit_conn.close()
+            marking.cancel()  # its last flush runs as it stops, before the pool closes
+            await asyncio.gather(marking, return_exceptions=True)
             try:
                 await pg.close()
             except asyncio.CancelledError:

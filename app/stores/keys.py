@@ -22,7 +22,7 @@
 | `kb:<doc>:<chunk>`                   | hash + HNSW | none                       | one knowledge-base chunk                |
 | `kb-file:<doc>`                      | string      | none                       | content hash of an ingested file        |
 | `kb-version:<scope>`                 | string      | none                       | counter: bumped by every ingest or delete in the scope (global, user:<uid>, tenant:<tid>) |
-| `memory:<uid>:<id>`                  | hash + HNSW | none                       | one long-term memory (recall copy)      |
+| `memory:<uid>:<id>`                  | hash + HNSW | none (MEMORY_MAX_PER_USER) | one long-term memory (recall copy)      |
 | `idx:cache`, `idx:kb`, `idx:memory`  | indexes     |                            | RediSearch indexes over the hashes      |
 | `idx:<name>:model-tagged`, `idx:kb:versioned` | string | none           | start-up backfills done, once per Redis |
 | `rq:*`                               | rq's own    | rq's                       | queues, jobs, registries                |
