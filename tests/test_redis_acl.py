@@ -190,6 +190,8 @@ SID = "0" * 32
     ("ZADD", "memory-due", "XX", "GT", "1", SID),  # dispatch_due puts a busy session off
     ("ZRANGEBYSCORE", "memory-due", "-inf", "1", "WITHSCORES", "LIMIT", "0", "100"),
     ("PTTL", f"memory-task-lock:{{{SID}}}"),  # a locked job schedules its follow-up
+    ("SET", f"cache-audit:{SID}", "{}", "EX", "60"),  # app.cache.audit_queue: the audit input
+    ("GETDEL", f"cache-audit:{SID}"),  # workers.audit reads it once
 ])
 def test_the_limited_user_may_run_what_the_app_runs_on_its_own_keys(
     limited: Settings, command: tuple[str, ...]
