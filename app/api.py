@@ -46,6 +46,7 @@ from app.llm import make_provider
 from app.memory import routes as memory_routes
 from app.memory.queue import AfterTurnMark
 from app.memory.recall import make_recall
+from app.memory.usage import UsageMarks
 from app.ops import logs, metrics
 from app.sessions import routes as session_routes
 from app.sessions.store import Sessions
@@ -185,8 +186,11 @@ def create_app(settings: Settings) -> Starlette:
             make_tools(settings, redis, embedder), embedder, settings.tool_timeout_seconds,
             cache=cache,
         )
+        usage = UsageMarks(pg)  # recall's use marks, written in batches (MEMORY_MAX_PER_USER)
+        marking = asyncio.create_task(usage.run())
         deps = TurnDeps(sessions, make_provider(settings), router,
-                        recall=make_recall(redis, embedder), after_turn=[AfterTurnMark(redis)])
+                        recall=make_recall(redis, embedder, marks=usage),
+                        after_turn=[AfterTurnMark(redis)])
         streams = StreamSlots(session_redis, async_session_reader_client(settings),
                               per_user=settings.max_streams_per_user,
                               per_node=settings.max_streams_per_node)
@@ -210,6 +214,8 @@ def create_app(settings: Settings) -> Starlette:
                 await cache.drain()
             audit_conn.close()
             await streams.aclose()
+            marking.cancel()  # its last flush runs as it stops, before the pool closes
+            await asyncio.gather(marking, return_exceptions=True)
             try:
                 await pg.close()
             except asyncio.CancelledError:

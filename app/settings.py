@@ -104,6 +104,8 @@ class Settings:
     session_ttl_seconds: int = 86400
     memory_lock_ttl_seconds: int = 300
     memory_ttl_seconds: int = 30 * 86400
+    memory_max_facts_per_job: int = 20
+    memory_max_per_user: int = 2000
     embedding_model: str | None = None
     embedding_backend: str = "onnx"
     llm_base_url: str | None = None
@@ -156,6 +158,8 @@ class Settings:
             session_ttl_seconds=_int(e, "SESSION_TTL_SECONDS", 86400, minimum=60),
             memory_lock_ttl_seconds=_int(e, "MEMORY_LOCK_TTL_SECONDS", 300, minimum=1),
             memory_ttl_seconds=_int(e, "MEMORY_TTL_SECONDS", 30 * 86400, minimum=60),
+            memory_max_facts_per_job=_int(e, "MEMORY_MAX_FACTS_PER_JOB", 20, minimum=1),
+            memory_max_per_user=_int(e, "MEMORY_MAX_PER_USER", 2000, minimum=1),
             embedding_model=_str(e, "EMBEDDING_MODEL"),
             embedding_backend=embedding_backend(e),
             llm_base_url=_str(e, "LLM_BASE_URL"),

@@ -20,7 +20,11 @@ With WORKER_CLASS=simple there are no work horses: the jobs' CPU is the worker's
 `--against DIR` measures instead the app's CPU per turn of this checkout and of
 the checkout in DIR (`git worktree add /tmp/base <commit>`), both servers on the
 same stores and driven at the same time by the same load, so a shared machine's
-noise falls on both alike; `--rounds` repeats it.
+noise falls on both alike; `--rounds` repeats it. `--memories N` gives each chat's
+user N long-term memories close to its questions before each round (written
+straight to the stores, outside the measurement), so every turn's recall finds
+and puts memories into its prompt (and, where the checkout marks their use,
+marks them).
 """
 
 from __future__ import annotations
@@ -213,6 +217,22 @@ def measure(settings_redis: str, settings_pg: str, port: str, backend: str,
     return run
 
 
+def seed_memories(settings_redis: str, settings_pg: str, users: list[str], n: int) -> None:
+    """`n` memories per user, each close to one of the bench's questions."""
+    from app.embeddings import shared_embedder
+    from app.memory.facts import Fact
+    from app.memory.store import MemoryStore
+
+    facts = [Fact("note", f"wants to know: {QUESTIONS[k % len(QUESTIONS)]} (#{k})")
+             for k in range(n)]
+    conn = redis.Redis.from_url(settings_redis)
+    with psycopg.connect(settings_pg, autocommit=True) as pg:
+        store = MemoryStore(conn, pg, shared_embedder())
+        for user in users:
+            store.write(user, None, facts)
+    conn.close()
+
+
 def against(args: argparse.Namespace) -> None:
     """This checkout's app and DIR's, side by side under the same load at the same time."""
     other = Path(args.against).resolve()
@@ -230,6 +250,10 @@ def against(args: argparse.Namespace) -> None:
                               f"warm-{base[-5:]}"))
         for rnd in range(args.rounds):
             runs = [Run(label) for label in labels]
+            if args.memories:
+                seed_memories(settings.redis_url or "", settings.database_url or "",
+                              [f"vs{rnd}-{i}-{b[-5:]}-{j}" for i, b in enumerate(bases)
+                               for j in range(args.concurrency)], args.memories)
             before = [cpu_seconds(a) for a in apps]
 
             async def both(rnd: int = rnd, runs: list[Run] = runs) -> None:
@@ -244,7 +268,8 @@ def against(args: argparse.Namespace) -> None:
                 totals[i][2] += len(runs[i].errors)
     print(f"{args.rounds} x {args.turns} turns each, {args.concurrency} concurrent chats per "
           f"app, both apps at once, offline provider at {args.pace_ms} ms/token, coalesce "
-          f"{args.coalesce_ms[0]} ms, load average {os.getloadavg()[0]:.1f} at the end\n")
+          f"{args.coalesce_ms[0]} ms, {args.memories} memories per user, load average "
+          f"{os.getloadavg()[0]:.1f} at the end\n")
     print("| app | turns | errors | app CPU ms per turn |")
     print("|---|---:|---:|---:|")
     for label, (cpu, turns, errors) in zip(labels, totals, strict=True):
@@ -262,6 +287,8 @@ def main() -> None:
     p.add_argument("--coalesce-ms", nargs="+", type=int, default=[25])
     p.add_argument("--against", help="another checkout's folder: its app side by side")
     p.add_argument("--rounds", type=int, default=2, help="rounds of --against")
+    p.add_argument("--memories", type=int, default=0,
+                   help="with --against: long-term memories per chat user, near its questions")
     args = p.parse_args()
     if args.against:
         against(args)

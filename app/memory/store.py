@@ -18,6 +18,14 @@ lock, so two workers mining two sessions of the same user cannot both miss each
 other's near-duplicate. The Redis copy is written inside that transaction,
 before the commit, so the next writer's KNN already sees it. If the commit then
 fails, the copy names a row that does not exist until the job's retry writes it.
+
+At most `max_per_user` memories per user (MEMORY_MAX_PER_USER). Past it, a write
+evicts the user's least recently used ones: by `used_at`, which an insert, an
+update or an exact repeat sets and a recall moves (`app.memory.usage`, in
+batches). The row and its recall copy go together, in the same transaction
+and under the same lock as the write that overflowed; a failed commit brings
+the rows back without their copies, and they are the first the next overflow
+evicts.
 """
 
 from __future__ import annotations
@@ -64,12 +72,14 @@ class Stored:
     inserted: int = 0
     updated: int = 0
     unchanged: int = 0
+    evicted: int = 0
 
     def __add__(self, other: Stored) -> Stored:
         return Stored(
             self.inserted + other.inserted,
             self.updated + other.updated,
             self.unchanged + other.unchanged,
+            self.evicted + other.evicted,
         )
 
 
@@ -128,11 +138,13 @@ class MemoryStore:
     embedder: Embedder
     merge_distance: float = MERGE_DISTANCE
     index: str = keys.INDEX_MEMORY
+    max_per_user: int | None = None  # None: no cap
 
     def write(
         self, user: str, sid: str | None, facts: Sequence[Fact], source_hash: str | None = None
     ) -> Stored:
-        """Insert new facts, update near-duplicates, skip exact repeats; idempotent."""
+        """Insert new facts, update near-duplicates, skip exact repeats; idempotent.
+        Then evict the user's least recently used memories beyond `max_per_user`."""
         keys.check_user_id(user)
         if not facts:
             return Stored()
@@ -142,23 +154,41 @@ class MemoryStore:
             self.pg.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("memory:" + user,))
             for fact, vector in zip(facts, vectors, strict=True):
                 total += self._write_one(user, sid, fact, vector, source_hash)
+            if total.inserted and self.max_per_user is not None:
+                total += Stored(evicted=self._evict(user, self.max_per_user))
         return total
+
+    def _evict(self, user: str, keep: int) -> int:
+        """Delete the user's memories past the `keep` most recently used, rows and copies."""
+        gone = self.pg.execute(
+            "DELETE FROM memories WHERE id IN (SELECT id FROM memories WHERE user_id = %s"
+            " ORDER BY used_at DESC, id DESC OFFSET %s) AND user_id = %s RETURNING id",
+            (user, keep, user),
+        ).fetchall()
+        if gone:
+            self.redis.delete(*(keys.memory(user, str(row[0])) for row in gone))
+        return len(gone)
 
     def _write_one(
         self, user: str, sid: str | None, fact: Fact, vector: Vector, source_hash: str | None
     ) -> Stored:
         mid = memory_id(user, fact.kind, fact.content)
-        row = self.pg.execute("SELECT 1 FROM memories WHERE id = %s", (mid,)).fetchone()
+        # An exact repeat is a use: it keeps the memory from eviction.
+        row = self.pg.execute(
+            "UPDATE memories SET used_at = now() WHERE id = %s RETURNING 1", (mid,)
+        ).fetchone()
         if row is not None:
             return Stored(unchanged=1)
         near = nearest(self.redis, vector, user, fact.kind,
                        model=self.embedder.model_id, index=self.index)
         if near and near[0].distance < self.merge_distance:
             if canonical_content(near[0].content) == canonical_content(fact.content):
+                self.pg.execute("UPDATE memories SET used_at = now() WHERE id = %s"
+                                " AND user_id = %s", (near[0].id, user))
                 return Stored(unchanged=1)
             updated = self.pg.execute(
                 "UPDATE memories SET content = %s, session_id = %s, source_hash = %s,"
-                " updated_at = now() WHERE id = %s AND user_id = %s",
+                " updated_at = now(), used_at = now() WHERE id = %s AND user_id = %s",
                 (fact.content, sid, source_hash, near[0].id, user),
             ).rowcount
             if updated:
@@ -172,7 +202,7 @@ class MemoryStore:
         self.pg.execute(
             "INSERT INTO memories (id, user_id, session_id, kind, content, source_hash)"
             " VALUES (%s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT (id) DO UPDATE SET updated_at = memories.updated_at",
+            " ON CONFLICT (id) DO UPDATE SET used_at = now()",
             (mid, user, sid, fact.kind, fact.content, source_hash),
         )
         self.redis.hset(

@@ -70,6 +70,12 @@ STREAMS_OPEN = Gauge("backbone_streams_open", "Event streams (live turns and res
 STREAMS_REFUSED = Counter("backbone_streams_refused", "Event streams refused with "
                           "429 too_many_streams, by the limit that refused them (user, node)",
                           ["limit"])
+MEMORY_FACTS_DROPPED = Counter("backbone_memory_facts_dropped",
+                               "Facts an extraction found beyond MEMORY_MAX_FACTS_PER_JOB, "
+                               "dropped (the lowest ranked)")
+MEMORY_EVICTED = Counter("backbone_memory_evicted",
+                         "Memories deleted to keep a user within MEMORY_MAX_PER_USER "
+                         "(the least recently recalled or updated)")
 UNREPLICATED = Counter("backbone_session_unreplicated_appends",
                        "Session appends acknowledged although WAIT saw fewer replicas than "
                        "SESSION_REDIS_WAIT_REPLICAS within SESSION_REDIS_WAIT_TIMEOUT_MS")
@@ -130,6 +136,11 @@ def memory_job_done(result: dict[str, Any] | None, seconds: float) -> None:
     MEMORY_JOB_SECONDS.observe(seconds)
     if result is not None and "delta" in result and outcome != "lock_lost":
         MEMORY_DELTA.observe(int(result["delta"]))
+    if result is not None:
+        if result.get("dropped"):
+            MEMORY_FACTS_DROPPED.inc(int(result["dropped"]))
+        if result.get("evicted"):
+            MEMORY_EVICTED.inc(int(result["evicted"]))
 
 
 # -- read at scrape time ------------------------------------------------------

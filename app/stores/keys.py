@@ -22,10 +22,11 @@
 | `cache-threshold:<tool>`             | hash        | none                       | the tool's adaptive hit threshold       |
 | `cache-tools`                        | set         | none                       | names of the tools with cache counters (read instead of a SCAN) |
 | `cache-flight:<tool>:<hash>`         | string      | TOOL_TIMEOUT_SECONDS       | single-flight: owner token of the one run of a missed call |
+| `cache-audit:<token>`                | string      | AUDIT_ENTRY_TTL_SECONDS (1 h) | one sampled hit's audit input (tool, arguments, caller), JSON; the audit job's only argument names it, and the job GETDELs it |
 | `kb:<doc>:<chunk>`                   | hash + HNSW | none                       | one knowledge-base chunk                |
 | `kb-file:<doc>`                      | string      | none                       | content hash of an ingested file        |
 | `kb-version:<scope>`                 | string      | none                       | counter: bumped by every ingest or delete in the scope (global, user:<uid>, tenant:<tid>) |
-| `memory:<uid>:<id>`                  | hash + HNSW | none                       | one long-term memory (recall copy)      |
+| `memory:<uid>:<id>`                  | hash + HNSW | none (MEMORY_MAX_PER_USER) | one long-term memory (recall copy)      |
 | `idx:cache`, `idx:kb`, `idx:memory`  | indexes     |                            | RediSearch indexes over the hashes      |
 | `idx:<name>:model-tagged`, `idx:kb:versioned` | string | none           | start-up backfills done, once per Redis |
 | `rq:*`                               | rq's own    | rq's                       | queues, jobs, registries                |
@@ -186,6 +187,20 @@ def cache_threshold(tool: str) -> str:
 def cache_flight(tool: str, digest: str) -> str:
     """Single-flight lock of one cache entry's key: the one caller running the tool."""
     return f"cache-flight:{check_tool(tool)}:{_hex(digest)}"
+
+
+# How long a sampled hit waits for its audit: an older one is dropped unread.
+AUDIT_ENTRY_TTL_SECONDS = 3600
+AUDIT_ENTRY = re.compile(r"^cache-audit:[0-9a-f]{32}$")
+
+
+def cache_audit(token: str | None = None) -> str:
+    """The key of one pending audit's input; a fresh random token when none is given.
+    The key is all the audit job carries: no user text or id lands in rq's job hash."""
+    key = f"cache-audit:{_hex(token or secrets.token_hex(16))}"
+    if not AUDIT_ENTRY.fullmatch(key):
+        raise ValueError(f"not an audit entry key: {key!r}")
+    return key
 
 
 def kb_version(scope: str) -> str:
