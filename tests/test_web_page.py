@@ -242,3 +242,42 @@ def test_a_memories_refresh_answering_after_a_forget_does_not_bring_the_row_back
         page.wait_for(f"{done} >= {before + len(held)}", 10)
         page.eval("new Promise(r => setTimeout(() => r(true), 500))")  # the answers are parsed
         assert page.eval(f"!{row} && !window.rowCameBack"), "a stale refresh put the row back"
+
+
+def test_a_token_link_for_another_user_replaces_the_stored_token_only_when_confirmed(
+    browser_page: tuple[Page, str], settings: Settings
+) -> None:
+    # Token fixation: a link carrying someone else's token must not quietly switch the
+    # page to that account (the victim's chats and memories would land there).
+    page, base = browser_page
+    secret = settings.auth_secret or ""
+    mine = issue_token(secret, "alice-web")
+    theirs = issue_token(secret, "mallory-web")
+    page.call("Page.enable")
+    stored = "localStorage.getItem('backbone-token')"
+
+    def open_link(token: str, n: int) -> None:
+        # A query that differs each time: a full load, as a link opened in a tab is.
+        page.eval(f"location.href = {json.dumps(f'{base}/?n={n}#token={token}')}; true")
+
+    open_link(mine, 1)  # nothing stored yet: taken without a question
+    page.wait_for("document.readyState === 'complete' && location.search === '?n=1'")
+    assert page.eval(stored) == mine
+
+    for n, accept in ((2, False), (3, True)):
+        open_link(theirs, n)
+        dialog = page.next_event("Page.javascriptDialogOpening")
+        assert dialog is not None, "no confirmation was asked"
+        assert dialog["type"] == "confirm"
+        assert "mallory-web" in dialog["message"] and "alice-web" in dialog["message"]
+        page.call("Page.handleJavaScriptDialog", accept=accept)
+        page.wait_for(f"document.readyState === 'complete' && location.search === '?n={n}'")
+        expected = theirs if accept else mine
+        assert page.eval(stored) == expected
+        assert page.eval("document.getElementById('token').value") == expected
+        assert page.eval("location.hash") == "", "the token should leave the address bar"
+
+    open_link(theirs, 4)  # the token it now holds: nothing to ask
+    page.wait_for("document.readyState === 'complete' && location.search === '?n=4'")
+    assert page.next_event("Page.javascriptDialogOpening", timeout=1) is None
+    assert page.eval(stored) == theirs
