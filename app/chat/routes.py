@@ -28,6 +28,7 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import anyio
 from sse_starlette import EventSourceResponse
@@ -65,10 +66,41 @@ async def check_rate(state: AppState, user: str) -> None:
         )
 
 
-async def post_message(request: Request) -> EventSourceResponse:
-    state, user = caller(request)
-    sid = session_id(request)
-    content = limits.message_content(await limits.json_body(request))
+@dataclass
+class LiveTurn:
+    """A turn started by `start_turn`: its task runs on, whoever reads its events."""
+
+    sid: str
+    turn: int  # the seq of its user message, which names its event log
+    task: asyncio.Task[None]
+    queue: asyncio.Queue[Event | None]
+
+    async def batches(self) -> AsyncIterator[list[Event]]:
+        """The turn's events as they come, those queued meanwhile together (one
+        write, one syscall), ending with its terminal event."""
+        while True:
+            events = []
+            event = await self.queue.get()
+            while event is not None:
+                events.append(event)
+                if event.event in event_log.TERMINAL or self.queue.empty():
+                    break
+                event = self.queue.get_nowait()
+            if events:
+                yield events
+            if event is None or event.event in event_log.TERMINAL:
+                return  # the turn still persists in its task; the client need not wait
+
+
+async def start_turn(
+    state: AppState, user: str, sid: str, content: str, *, instructions: str | None = None,
+) -> LiveTurn:
+    """Check, append the user message and start the turn's task: the one way a turn
+    starts, for the native route and the OpenAI-compatible face (app.openai) alike.
+
+    Every refusal (404/403, a full session, the rate limit) comes before anything
+    is written; `instructions` are this turn's alone (not stored in the history).
+    """
     loaded = await state.sessions.load(sid, user)
     seq = messages.next_seq(loaded.messages)
     limits.check_room(seq)
@@ -80,9 +112,11 @@ async def post_message(request: Request) -> EventSourceResponse:
     if stored[0]["seq"] != seq:  # another tab wrote meanwhile: re-read
         loaded = await state.sessions.load(sid, user)
         history = loaded.messages
-    log_ = EventLog(state.sessions.redis, sid, stored[0]["seq"])
+    turn_no = int(stored[0]["seq"])
+    log_ = EventLog(state.sessions.redis, sid, turn_no)
     turn = Turn(state.turn_deps, sid, user, history, log_,
-                coalesce_ms=state.settings.stream_coalesce_ms, summary=loaded.summary)
+                coalesce_ms=state.settings.stream_coalesce_ms, summary=loaded.summary,
+                instructions=instructions)
     queue: asyncio.Queue[Event | None] = asyncio.Queue()
 
     async def drive() -> None:
@@ -92,25 +126,17 @@ async def post_message(request: Request) -> EventSourceResponse:
         finally:
             queue.put_nowait(None)
 
-    task = asyncio.create_task(drive(), name=f"turn-{sid}-{stored[0]['seq']}")
+    task = asyncio.create_task(drive(), name=f"turn-{sid}-{turn_no}")
     state.turns.add(task)  # a strong reference until done; the lifespan awaits leftovers
     task.add_done_callback(state.turns.discard)
+    return LiveTurn(sid, turn_no, task, queue)
 
-    async def stream() -> AsyncIterator[bytes]:
-        while True:
-            # Events that queued up meanwhile go out in one write (one send, one syscall).
-            frames = []
-            event = await queue.get()
-            while event is not None:
-                frames.append(event.sse())
-                if event.event in event_log.TERMINAL or queue.empty():
-                    break
-                event = queue.get_nowait()
-            if frames:
-                yield b"".join(frames)
-            if event is None or event.event in event_log.TERMINAL:
-                return  # the turn still persists in its task; the client need not wait
 
+def live_response(
+    state: AppState, live: LiveTurn, body: AsyncIterator[bytes],
+    headers: dict[str, str] | None = None,
+) -> EventSourceResponse:
+    """The SSE response of a live turn, with its shutdown behaviour (module docstring)."""
     grace = state.settings.shutdown_grace_seconds
     stopping = anyio.Event()  # set by sse-starlette when the server begins to stop
 
@@ -118,14 +144,27 @@ async def post_message(request: Request) -> EventSourceResponse:
         """Runs as long as the response: once the server stops, the turn gets
         `grace` seconds, then is cancelled (it ends with `server_stopping`)."""
         await stopping.wait()
-        await asyncio.wait({task}, timeout=grace)
-        task.cancel()  # a no-op when it is done
+        await asyncio.wait({live.task}, timeout=grace)
+        live.task.cancel()  # a no-op when it is done
 
     return EventSourceResponse(
-        stream(), ping=PING_SECONDS, headers=HEADERS, shutdown_event=stopping,
-        shutdown_grace_period=grace + STOP_MARGIN_SECONDS,
+        body, ping=PING_SECONDS, headers={**HEADERS, **(headers or {})},
+        shutdown_event=stopping, shutdown_grace_period=grace + STOP_MARGIN_SECONDS,
         data_sender_callable=stop_turn_on_shutdown,
     )
+
+
+async def post_message(request: Request) -> EventSourceResponse:
+    state, user = caller(request)
+    sid = session_id(request)
+    content = limits.message_content(await limits.json_body(request))
+    live = await start_turn(state, user, sid, content)
+
+    async def stream() -> AsyncIterator[bytes]:
+        async for events in live.batches():
+            yield b"".join(event.sse() for event in events)
+
+    return live_response(state, live, stream())
 
 
 async def get_events(request: Request) -> EventSourceResponse:
