@@ -8,7 +8,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +218,76 @@ def test_the_docs_sdk_example_runs_as_printed(
     # It ran as the user the token names: the conversation is theirs.
     listed = _raw(base, settings, user, "GET", "/v1/sessions").json()["sessions"]
     assert len(listed) == 1 and listed[0]["messages"] >= 2
+
+
+def _everything_on(client: openai.OpenAI, conv: str, answer: str
+                   ) -> list[Callable[[], object]]:
+    """Every route of the face, aimed at one conversation and one of its responses."""
+    return [
+        lambda: client.conversations.retrieve(conv),
+        lambda: client.conversations.items.list(conv),
+        lambda: client.conversations.update(conv, metadata={"k": "stolen"}),
+        lambda: client.conversations.delete(conv),
+        lambda: client.responses.retrieve(answer),
+        lambda: list(client.responses.retrieve(answer, stream=True, starting_after=0)),
+        lambda: client.responses.create(model="m", conversation=conv, input="hi"),
+        lambda: client.responses.create(model="m", previous_response_id=answer, input="hi"),
+    ]
+
+
+def test_another_user_s_conversation_and_responses_are_refused_even_to_lookalike_ids(
+    base: str, settings: Settings
+) -> None:
+    owner_id = f"alice.{uuid.uuid4().hex[:8]}"
+    owner = sdk(base, settings, owner_id)
+    conv = owner.conversations.create(metadata={"k": "v"})
+    answer = owner.responses.create(model="m", conversation=conv.id, input=QUESTION)
+    before = [i.id for i in owner.conversations.items.list(conv.id).data]
+    # Another user, the same id in another case, and lookalikes (l -> 1, . -> _).
+    for intruder_id in ("bob", owner_id.upper(), owner_id.replace("l", "1"),
+                        owner_id.replace(".", "_")):
+        intruder = sdk(base, settings, intruder_id)
+        attempts = _everything_on(intruder, conv.id, answer.id)
+        for attempt in attempts:
+            with pytest.raises(openai.PermissionDeniedError):
+                attempt()
+    # Nothing changed: same items, same metadata, still there.
+    assert [i.id for i in owner.conversations.items.list(conv.id).data] == before
+    assert owner.conversations.retrieve(conv.id).metadata == {"k": "v"}
+    # An id differing by case or by a lookalike character names nothing.
+    sid = conv.id.removeprefix("conv_")
+    for variant in ("conv_" + sid.upper(), "conv_" + sid.replace("a", "\u0430", 1),
+                    "Conv_" + sid):
+        if variant != conv.id:
+            with pytest.raises(openai.BadRequestError):
+                owner.conversations.retrieve(variant)
+
+
+def test_deleting_a_conversation_mid_response_fails_the_stream_and_keeps_nothing(
+    settings: Settings, user: str
+) -> None:
+    with served(settings, offline_token_delay_ms=30) as url:
+        client = sdk(url, settings, user)
+        conv = client.conversations.create()
+        events = []
+        with client.responses.create(model="m", conversation=conv.id, input=QUESTION,
+                                     stream=True) as stream:
+            for event in stream:
+                events.append(event)
+                if event.type == "response.output_text.delta" and len(events) < 1000:
+                    deleted = client.conversations.delete(conv.id)
+                    assert deleted.deleted and deleted.id == conv.id
+                    break
+            events += list(stream)
+        assert [e.type for e in events[-2:]] == ["error", "response.failed"]
+        failed = events[-1].response  # type: ignore[union-attr]
+        assert failed.status == "failed" and failed.error.message.startswith("session_deleted")
+        answer_id = events[0].response.id  # type: ignore[union-attr]
+        with pytest.raises(openai.NotFoundError):
+            client.conversations.retrieve(conv.id)
+        with pytest.raises(openai.NotFoundError):
+            client.conversations.items.list(conv.id)
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(answer_id)
+        with pytest.raises(openai.NotFoundError):  # a second writer after the delete
+            client.responses.create(model="m", conversation=conv.id, input="Still there?")
