@@ -40,6 +40,24 @@ def served(settings: Settings, **changes: Any) -> Iterator[str]:
 
 
 def sdk(base: str, settings: Settings, user: str) -> openai.OpenAI:
-    """The SDK as a user of this server would set it up; no retries (a 429 is the answer)."""
+    """The SDK as a user of this server would set it up; no retries (a 429 is the answer).
+    Tests take it from the `sdk` fixture (conftest), which closes every client it made."""
     return openai.OpenAI(base_url=f"{base}/v1", api_key=issue_token(settings.auth_secret or "",
                                                                      user), max_retries=0)
+
+
+class Clients:
+    """SDK clients made during one test, closed at its end (their sockets, pooled)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.made: list[openai.OpenAI] = []
+
+    def __call__(self, base: str, user: str) -> openai.OpenAI:
+        client = sdk(base, self.settings, user)
+        self.made.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self.made:
+            client.close()

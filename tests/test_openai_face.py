@@ -18,7 +18,7 @@ import openai
 import pytest
 from docs_pages import ROOT, section, shell_blocks
 from fakes import FakeOpenAI, text_reply
-from openai_support import sdk, served
+from openai_support import Clients, served
 
 from app.settings import Settings
 
@@ -32,9 +32,9 @@ def base(settings: Settings) -> Iterator[str]:
 
 
 def test_a_conversation_answers_and_lists_its_history_as_items(
-    base: str, settings: Settings, user: str
+    base: str, settings: Settings, sdk: Clients, user: str
 ) -> None:
-    client = sdk(base, settings, user)
+    client = sdk(base, user)
     conv = client.conversations.create(metadata={"topic": "persistence"})
     assert conv.id.startswith("conv_") and conv.metadata == {"topic": "persistence"}
 
@@ -66,9 +66,9 @@ def test_a_conversation_answers_and_lists_its_history_as_items(
 
 
 def test_a_streamed_response_sends_the_typed_events_in_order_with_increasing_numbers(
-    base: str, settings: Settings, user: str
+    base: str, settings: Settings, sdk: Clients, user: str
 ) -> None:
-    client = sdk(base, settings, user)
+    client = sdk(base, user)
     conv = client.conversations.create()
     with client.responses.create(model="m", conversation=conv.id, input=QUESTION,
                                  stream=True) as stream:
@@ -94,9 +94,9 @@ def test_a_streamed_response_sends_the_typed_events_in_order_with_increasing_num
 
 
 def test_previous_response_id_continues_the_session_and_an_older_one_is_refused(
-    base: str, settings: Settings, user: str
+    base: str, settings: Settings, sdk: Clients, user: str
 ) -> None:
-    client = sdk(base, settings, user)
+    client = sdk(base, user)
     first = client.responses.create(model="m", input=QUESTION)
     assert first.conversation is None
     second = client.responses.create(model="m", input="Tell me more.",
@@ -114,12 +114,12 @@ def test_previous_response_id_continues_the_session_and_an_older_one_is_refused(
 
 
 def test_instructions_reach_the_model_for_that_response_only_and_metadata_is_kept(
-    settings: Settings, user: str
+    settings: Settings, sdk: Clients, user: str
 ) -> None:
     fake = FakeOpenAI()
     fake.script(text_reply("Short."), text_reply("Again."))
     with fake.serve() as llm, served(settings, llm_base_url=f"{llm}/v1") as url:
-        client = sdk(url, settings, user)
+        client = sdk(url, user)
         first = client.responses.create(model="any", input="Hello there",
                                         instructions="Answer in five words.",
                                         metadata={"ticket": "T-1"})
@@ -136,9 +136,10 @@ def test_instructions_reach_the_model_for_that_response_only_and_metadata_is_kep
     assert [m["content"] for m in later[1:]] == ["Hello there", "Short.", "Hello again"]
 
 
-def test_a_response_with_store_false_is_not_kept(base: str, settings: Settings, user: str
-                                                 ) -> None:
-    client = sdk(base, settings, user)
+def test_a_response_with_store_false_is_not_kept(
+    base: str, settings: Settings, sdk: Clients, user: str
+) -> None:
+    client = sdk(base, user)
     answer = client.responses.create(model="m", input=QUESTION, store=False)
     assert answer.output_text and answer.store is False  # type: ignore[attr-defined]
     deadline = time.monotonic() + 10
@@ -164,16 +165,16 @@ def _raw(base: str, settings: Settings, user: str, method: str, path: str,
 
 
 def test_errors_have_openai_s_shape_and_map_to_the_sdk_s_classes(
-    base: str, settings: Settings, user: str
+    base: str, settings: Settings, sdk: Clients, user: str
 ) -> None:
-    anonymous = openai.OpenAI(base_url=f"{base}/v1", api_key="not-a-token", max_retries=0)
-    with pytest.raises(openai.AuthenticationError) as auth:
+    with openai.OpenAI(base_url=f"{base}/v1", api_key="not-a-token", max_retries=0) as anonymous, \
+            pytest.raises(openai.AuthenticationError) as auth:
         anonymous.conversations.create()
     body = auth.value.body
     assert isinstance(body, dict) and body["message"].startswith("invalid token")
     assert {k: body[k] for k in ("type", "param", "code")} == {
         "type": "authentication_error", "param": None, "code": "unauthorized"}
-    client = sdk(base, settings, user)
+    client = sdk(base, user)
     with pytest.raises(openai.NotFoundError):
         client.conversations.retrieve("conv_" + "0" * 32)
     with pytest.raises(openai.BadRequestError) as bad:
@@ -187,10 +188,10 @@ def test_errors_have_openai_s_shape_and_map_to_the_sdk_s_classes(
 
 
 def test_the_rate_limit_is_a_rate_limit_error_and_leaves_no_session_behind(
-    settings: Settings, user: str
+    settings: Settings, sdk: Clients, user: str
 ) -> None:
     with served(settings, offline_token_delay_ms=0, rate_limit_messages=1) as url:
-        client = sdk(url, settings, user)
+        client = sdk(url, user)
         client.responses.create(model="m", input="one")
         with pytest.raises(openai.RateLimitError) as limited:
             client.responses.create(model="m", input="two")
@@ -236,17 +237,17 @@ def _everything_on(client: openai.OpenAI, conv: str, answer: str
 
 
 def test_another_user_s_conversation_and_responses_are_refused_even_to_lookalike_ids(
-    base: str, settings: Settings
+    base: str, settings: Settings, sdk: Clients
 ) -> None:
     owner_id = f"alice.{uuid.uuid4().hex[:8]}"
-    owner = sdk(base, settings, owner_id)
+    owner = sdk(base, owner_id)
     conv = owner.conversations.create(metadata={"k": "v"})
     answer = owner.responses.create(model="m", conversation=conv.id, input=QUESTION)
     before = [i.id for i in owner.conversations.items.list(conv.id).data]
     # Another user, the same id in another case, and lookalikes (l -> 1, . -> _).
     for intruder_id in ("bob", owner_id.upper(), owner_id.replace("l", "1"),
                         owner_id.replace(".", "_")):
-        intruder = sdk(base, settings, intruder_id)
+        intruder = sdk(base, intruder_id)
         attempts = _everything_on(intruder, conv.id, answer.id)
         for attempt in attempts:
             with pytest.raises(openai.PermissionDeniedError):
@@ -264,10 +265,10 @@ def test_another_user_s_conversation_and_responses_are_refused_even_to_lookalike
 
 
 def test_deleting_a_conversation_mid_response_fails_the_stream_and_keeps_nothing(
-    settings: Settings, user: str
+    settings: Settings, sdk: Clients, user: str
 ) -> None:
     with served(settings, offline_token_delay_ms=30) as url:
-        client = sdk(url, settings, user)
+        client = sdk(url, user)
         conv = client.conversations.create()
         events = []
         with client.responses.create(model="m", conversation=conv.id, input=QUESTION,
