@@ -7,6 +7,13 @@ plain 4xx JSON error; then it streams `message.delta`, `tool.call`,
 `GET /v1/sessions/{sid}/events` with `Last-Event-ID` (or `?after=<id>`)
 replays the rest of that turn from Redis.
 
+The POST's response carries `X-Stream-Token`: a token for this user's events of
+this session only, for STREAM_TOKEN_SECONDS (app.auth). The events route takes
+it as `?token=` in place of the Authorization header, so a browser's own
+EventSource (which sends no headers, but sends Last-Event-ID on its automatic
+reconnect) can resume the turn. Logs never show it (app.ops.logs masks anything
+shaped like a JWT, and the access line has no query).
+
 The turn runs as its own task, not inside the response: a client that
 disconnects only stops reading, and the turn completes, stores and persists
 its messages and keeps logging events, so the client can reconnect to any node
@@ -36,13 +43,14 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from app import limits
+from app.auth import issue_stream_token, verify_stream_token
 from app.chat import event_log
 from app.chat.event_log import Event, EventLog
 from app.chat.turn import Turn
 from app.errors import BadRequest, RateLimited
 from app.sessions import messages
 from app.sessions.routes import caller, session_id
-from app.state import AppState
+from app.state import AppState, app_state
 from app.stores import scripts
 
 PING_SECONDS = 15
@@ -164,12 +172,23 @@ async def post_message(request: Request) -> EventSourceResponse:
         async for events in live.batches():
             yield b"".join(event.sse() for event in events)
 
-    return live_response(state, live, stream())
+    token = issue_stream_token(state.settings.auth_secret or "", user, sid)
+    return live_response(state, live, stream(), headers={"X-Stream-Token": token})
+
+
+def events_caller(request: Request) -> tuple[AppState, str, str]:
+    """(state, user, sid): the bearer token's user, or without an Authorization header
+    the user of the `?token=` stream token, which must be for this session."""
+    token = request.query_params.get("token")
+    if token and "authorization" not in request.headers:
+        state, sid = app_state(request), session_id(request)
+        return state, verify_stream_token(state.settings.auth_secret or "", token, sid), sid
+    state, user = caller(request)
+    return state, user, session_id(request)
 
 
 async def get_events(request: Request) -> EventSourceResponse:
-    state, user = caller(request)
-    sid = session_id(request)
+    state, user, sid = events_caller(request)
     raw = request.headers.get("last-event-id") or request.query_params.get("after")
     if not raw:
         raise BadRequest("send Last-Event-ID or ?after=<event id>", code="invalid_event_id")
