@@ -47,6 +47,8 @@ from app.memory import routes as memory_routes
 from app.memory.queue import AfterTurnMark
 from app.memory.recall import make_recall
 from app.memory.usage import UsageMarks
+from app.openai import conversations as openai_conversations
+from app.openai import responses as openai_responses
 from app.ops import logs, metrics
 from app.sessions import routes as session_routes
 from app.sessions.store import Sessions
@@ -142,6 +144,8 @@ def routes() -> list[Route]:
         *chat_routes.routes,
         *memory_routes.routes,
         *cache_routes.routes,
+        *openai_conversations.routes,
+        *openai_responses.routes,
     ]
 
 

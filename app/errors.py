@@ -36,9 +36,12 @@ class BackboneError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
+        self.param = param  # the request field at fault, when one is (the OpenAI face shows it)
         if code is not None:
             self.code = code  # type: ignore[misc]
 

@@ -155,3 +155,36 @@ async def post_turn(
     if out.done is None and out.error is None:
         out.error = "stream ended without message.done"
     return out
+
+
+async def post_response(
+    client: httpx.AsyncClient, base: str, sid: str, headers: dict[str, str], content: str
+) -> TurnOutcome:
+    """The same turn through the OpenAI-compatible face: `POST /v1/responses` streamed in
+    the session's conversation, read to `response.completed` (its response is `done`)."""
+    out = TurnOutcome()
+    started = time.perf_counter()
+    event = ""
+    body = {"model": "bench", "conversation": f"conv_{sid}", "input": content, "stream": True}
+    try:
+        async with client.stream("POST", f"{base}/v1/responses", headers=headers,
+                                 json=body) as res:
+            if res.status_code != 200:
+                out.error = f"HTTP {res.status_code}"
+                return out
+            async for line in res.aiter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                    if out.ttfe_ms is None and event not in ("response.created",
+                                                             "response.in_progress"):
+                        out.ttfe_ms = (time.perf_counter() - started) * 1000
+                elif line.startswith("data:") and event == "response.completed":
+                    out.done = json.loads(line[5:])["response"]
+                elif line.startswith("data:") and event == "error":
+                    out.error = str(json.loads(line[5:])["code"])
+    except httpx.HTTPError as e:
+        out.error = type(e).__name__
+    out.total_ms = (time.perf_counter() - started) * 1000
+    if out.done is None and out.error is None:
+        out.error = "stream ended without response.completed"
+    return out

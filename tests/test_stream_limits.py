@@ -166,17 +166,35 @@ async def test_user_ids_differing_only_by_case_hold_separate_slots(
 async def test_the_node_limit_refuses_before_any_redis_work(settings: Settings, user: str) -> None:
     slots = await _slots(settings, per_node=2)
     first = await slots.acquire(user)
-    async with slots.take(user + "-b"):
-        real, slots.redis = slots.redis, aredis.Redis(port=free_port())  # nothing listens
-        refused_before = _refused("node")
-        with pytest.raises(TooManyStreams) as refused:
-            await slots.acquire(user + "-c")
-        assert "server" in refused.value.message
-        assert _refused("node") == refused_before + 1
-        await slots.redis.aclose()
-        slots.redis = real
+    second = await slots.acquire(user + "-b")
+    real, slots.redis = slots.redis, aredis.Redis(port=free_port())  # nothing listens
+    refused_before = _refused("node")
+    with pytest.raises(TooManyStreams) as refused:
+        await slots.acquire(user + "-c")
+    assert "server" in refused.value.message
+    assert _refused("node") == refused_before + 1
+    await slots.redis.aclose()
+    slots.redis = real
+    second.release()
     first.release()
     assert slots.open == 0
+    await slots.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_stream_refused_while_opening_gives_its_slot_back(
+    settings: Settings, user: str
+) -> None:
+    slots = await _slots(settings, per_node=4)
+    with pytest.raises(LookupError):
+        async with slots.opening(user):
+            assert slots.open == 1
+            raise LookupError("say, the session is not the caller's")
+    assert slots.open == 0
+    async with slots.opening(user) as kept:  # opened: its response holds it on
+        pass
+    assert slots.open == 1 and not kept.released
+    kept.release()
     await slots.aclose()
 
 

@@ -109,13 +109,16 @@ class StreamSlots:
         return slot
 
     @asynccontextmanager
-    async def take(self, user: str) -> AsyncIterator[Slot]:
-        """`async with state.streams.take(user):` around a stream's whole life."""
+    async def opening(self, user: str) -> AsyncIterator[Slot]:
+        """`async with state.streams.opening(user) as slot:` around what opens a stream:
+        the slot is given back if the block raises (the request was refused after all);
+        otherwise the block hands it to the `SlotStream` that holds it to its end."""
         slot = await self.acquire(user)
         try:
             yield slot
-        finally:
+        except BaseException:
             slot.release()
+            raise
 
     def _release(self, slot: Slot) -> None:
         if self.held.pop(slot.id, None) is None:

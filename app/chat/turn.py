@@ -102,8 +102,10 @@ class Turn:
     def __init__(
         self, deps: TurnDeps, sid: str, user: str, history: list[Message], log_: EventLog,
         *, coalesce_ms: int = COALESCE_MS, summary: str | None = None,
+        instructions: str | None = None,
     ) -> None:
         self.deps = deps
+        self.instructions = instructions  # this turn's own (the Responses API's), not stored
         self.summary = summary  # the rolling summary, read with the history (Sessions.load)
         self.coalesce_ms = coalesce_ms
         self.sid = sid
@@ -141,7 +143,8 @@ class Turn:
         memories = await self.deps.recall(self.user, question) if self.deps.recall else []
         self.timing.recall_ms += (time.perf_counter() - recalled) * 1000
         for step in range(MAX_STEPS):
-            prompt = context.build(self.history, self.summary, memories)
+            prompt = context.build(self.history, self.summary, memories,
+                                   instructions=self.instructions)
             # The last step offers no tools, so a model looping on tools must answer.
             tools = self.deps.router.specs() if step < MAX_STEPS - 1 else []
             text: list[str] = []

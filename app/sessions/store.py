@@ -104,10 +104,10 @@ class Sessions:
     def cluster(self) -> bool:
         return is_cluster(self.redis)
 
-    async def create(self, user: str) -> str:
+    async def create(self, user: str, metadata: dict[str, str] | None = None) -> str:
         sid = keys.new_session_id()
         async with self.pg.connection() as conn:
-            await history_db.insert_session(conn, sid, user)
+            await history_db.insert_session(conn, sid, user, metadata)
         await scripts.arun(self.redis, scripts.create_session(sid, user, self.ttl))
         return sid
 

@@ -5,6 +5,7 @@
 | `session:{<sid>}`                    | JSON array  | SESSION_TTL_SECONDS, renewed | the live history                      |
 | `session:{<sid>}:user`               | string      | same as the session        | the owning user id                      |
 | `session:{<sid>}:deleted`            | string      | SESSION_TTL_SECONDS        | fence: the session was deleted          |
+| `session:{<sid>}:responses`          | hash        | SESSION_TTL_SECONDS, renewed | turn -> its Responses API record (app.openai) |
 | `sessions:unpersisted:{<n>}`         | sorted set  | none                       | sid -> ms of its last unpersisted write (n = 0..15, from the sid) |
 | `persist-sweep-tick`                 | string      | SWEEP_INTERVAL_SECONDS     | one sweep enqueued per interval         |
 | `retention-sweep-tick`               | string      | 1 h                        | one retention sweep enqueued per hour   |
@@ -108,6 +109,12 @@ def session_deleted(sid: str) -> str:
     """The delete fence: append and restore refuse while it stands (PostgreSQL's
     `deleted_sessions` keeps the durable tombstone after it expires)."""
     return f"{session(sid)}:deleted"
+
+
+def session_responses(sid: str) -> str:
+    """The session's turns started through `POST /v1/responses`: turn -> the request's
+    model, instructions, metadata, previous response (app.openai.records)."""
+    return f"{session(sid)}:responses"
 
 
 def unpersisted(sid: str) -> str:
@@ -227,6 +234,7 @@ def session_keys(sid: str) -> list[str]:
     return [
         session(sid),
         session_user(sid),
+        session_responses(sid),
         memory_lock(sid),
         memory_cursor(sid),
         memory_cursor_seq(sid),
