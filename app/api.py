@@ -32,6 +32,7 @@ from app.chat.tool_router import ToolRouter
 from app.chat.turn import TurnDeps
 from app.embeddings import shared_embedder
 from app.errors import BackboneError, RateLimited, store_errors, translate
+from app.identity import Authenticator
 from app.llm import make_provider
 from app.memory import routes as memory_routes
 from app.memory.queue import AfterTurnMark
@@ -148,7 +149,10 @@ def create_app(settings: Settings) -> Starlette:
         )
         deps = TurnDeps(sessions, make_provider(settings), router,
                         recall=make_recall(redis, embedder), after_turn=[AfterTurnMark(redis)])
-        state = AppState(settings, redis, pg, embedder, sessions, deps)
+        auth = Authenticator(settings)
+        # The identity provider's keys: /readyz says 503 until they are fetched once.
+        auth_start = asyncio.create_task(auth.start())
+        state = AppState(settings, redis, pg, embedder, sessions, deps, auth)
         forced = False
         try:
             yield {"backbone": state}
@@ -160,6 +164,7 @@ def create_app(settings: Settings) -> Starlette:
             log.warning("forced quit: turns in flight were cut without their grace")
         finally:
             warming.cancel()
+            auth_start.cancel()
             if forced:
                 if state.turns:
                     await asyncio.wait(set(state.turns), timeout=FORCED_PERSIST_SECONDS)

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS: list[tuple[str, ...]] = [
     ("app.errors", "app.settings", "app.__init__"),
     # app.cache.decision is pure text logic (no app imports); tools read its fitted bound
-    ("app.stores", "app.embeddings", "app.auth", "app.cache.decision", "app.ops"),
+    ("app.stores", "app.embeddings", "app.auth", "app.identity", "app.cache.decision", "app.ops"),
     ("app.llm", "app.tools", "app.kb"),
     ("app.sessions", "app.cache", "app.memory"),
     ("app.chat",),

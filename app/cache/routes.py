@@ -20,7 +20,7 @@ async def flush_counts(state: AppState) -> None:
 
 
 async def stats(request: Request) -> JSONResponse:
-    state, _user = caller(request)
+    state, _user = await caller(request)
     await flush_counts(state)
     return JSONResponse({"tools": await cache_stats(state.redis, state.pg)})
 

@@ -40,7 +40,7 @@ from app.chat.event_log import Event, EventLog
 from app.chat.turn import Turn
 from app.errors import BadRequest, RateLimited
 from app.sessions import messages
-from app.sessions.routes import caller, session_id
+from app.sessions.routes import caller, identified, session_id
 from app.state import AppState
 from app.stores import scripts
 
@@ -66,7 +66,8 @@ async def check_rate(state: AppState, user: str) -> None:
 
 
 async def post_message(request: Request) -> EventSourceResponse:
-    state, user = caller(request)
+    state, who = await identified(request)
+    user = who.user
     sid = session_id(request)
     content = limits.message_content(await limits.json_body(request))
     loaded = await state.sessions.load(sid, user)
@@ -82,7 +83,8 @@ async def post_message(request: Request) -> EventSourceResponse:
         history = loaded.messages
     log_ = EventLog(state.sessions.redis, sid, stored[0]["seq"])
     turn = Turn(state.turn_deps, sid, user, history, log_,
-                coalesce_ms=state.settings.stream_coalesce_ms, summary=loaded.summary)
+                coalesce_ms=state.settings.stream_coalesce_ms, summary=loaded.summary,
+                tenant=who.tenant)
     queue: asyncio.Queue[Event | None] = asyncio.Queue()
 
     async def drive() -> None:
@@ -129,7 +131,7 @@ async def post_message(request: Request) -> EventSourceResponse:
 
 
 async def get_events(request: Request) -> EventSourceResponse:
-    state, user = caller(request)
+    state, user = await caller(request)
     sid = session_id(request)
     raw = request.headers.get("last-event-id") or request.query_params.get("after")
     if not raw:
