@@ -38,6 +38,7 @@ from app.memory import routes as memory_routes
 from app.memory.queue import AfterTurnMark
 from app.memory.recall import make_recall
 from app.ops import logs, metrics
+from app.privacy import routes as privacy_routes
 from app.sessions import routes as session_routes
 from app.sessions.store import Sessions
 from app.settings import Settings
@@ -103,6 +104,7 @@ def routes() -> list[Route]:
         *chat_routes.routes,
         *memory_routes.routes,
         *cache_routes.routes,
+        *privacy_routes.routes,
     ]
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
-from app.errors import NotFound
+from app.errors import Gone, NotFound
 from app.sessions.messages import Message, canonical_json
 
 TITLE_CHARS = 80
@@ -42,11 +42,17 @@ class SessionRow:
     messages: int
 
 
+def user_erased_error() -> Gone:
+    return Gone("this user's data was erased", code="user_erased")
+
+
 async def insert_session(conn: AsyncConnection[Any], sid: str, user: str) -> None:
-    await conn.execute(
-        "INSERT INTO sessions (id, user_id) VALUES (%s, %s) ON CONFLICT (id) DO NOTHING",
-        (sid, user),
-    )
+    """The session's row (`create_session_row`, migration 0006); 410 `user_erased`
+    once the user's erase has begun."""
+    cur = await conn.execute("SELECT create_session_row(%s, %s)", (sid, user))
+    row = await cur.fetchone()
+    if not (row and row[0]):
+        raise user_erased_error()
 
 
 async def owner(conn: AsyncConnection[Any], sid: str) -> str | None:

@@ -14,6 +14,7 @@ from starlette.routing import Route
 from app import limits
 from app.auth import bearer_token
 from app.identity import Identity
+from app.privacy.fence import check_not_erased
 from app.state import AppState, app_state
 from app.stores import keys
 
@@ -21,7 +22,9 @@ from app.stores import keys
 async def identified(request: Request) -> tuple[AppState, Identity]:
     """The app state and the caller's verified identity (user, tenant); 401 otherwise."""
     state = app_state(request)
-    return state, await state.auth.identity(bearer_token(request))
+    who = await state.auth.identity(bearer_token(request))
+    await check_not_erased(state.sessions.redis, who.user)  # 410 once erased (app.privacy)
+    return state, who
 
 
 async def caller(request: Request) -> tuple[AppState, str]:
