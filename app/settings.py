@@ -131,6 +131,8 @@ class Settings:
     auth_algorithms: tuple[str, ...] = ("RS256", "ES256")
     auth_user_claim: str = "sub"
     auth_tenant_claim: str | None = None
+    # Sessions untouched this long are removed by the privacy sweep; 0: kept.
+    history_retention_days: int = 0
     session_ttl_seconds: int = 86400
     memory_lock_ttl_seconds: int = 300
     memory_ttl_seconds: int = 30 * 86400
@@ -182,6 +184,7 @@ class Settings:
             auth_algorithms=_algorithms(_str(e, "AUTH_ALGORITHMS", "RS256,ES256") or ""),
             auth_user_claim=_claim("AUTH_USER_CLAIM", _str(e, "AUTH_USER_CLAIM", "sub")) or "sub",
             auth_tenant_claim=_claim("AUTH_TENANT_CLAIM", _str(e, "AUTH_TENANT_CLAIM")),
+            history_retention_days=_int(e, "HISTORY_RETENTION_DAYS", 0),
             session_ttl_seconds=_int(e, "SESSION_TTL_SECONDS", 86400, minimum=60),
             memory_lock_ttl_seconds=_int(e, "MEMORY_LOCK_TTL_SECONDS", 300, minimum=1),
             memory_ttl_seconds=_int(e, "MEMORY_TTL_SECONDS", 30 * 86400, minimum=60),

@@ -113,10 +113,12 @@ class Eraser:
         client = redis_client(self.redis_url)
         try:
             q = Queue(AUDIT_QUEUE, connection=client)
+            # Waiting, and kept after they ran (their description repeats the payload).
+            ids = [*q.get_job_ids(), *q.finished_job_registry.get_job_ids(),
+                   *q.failed_job_registry.get_job_ids()]
             dropped = 0
-            for jid in q.get_job_ids():
-                job = Job.fetch(jid, connection=client)
-                if (job.kwargs or {}).get("user_id") == user:
+            for job in Job.fetch_many(ids, connection=client):
+                if job is not None and (job.kwargs or {}).get("user_id") == user:
                     job.delete()
                     dropped += 1
             return dropped
