@@ -417,7 +417,12 @@ def cmd_erase(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     secret = with_secret(settings).auth_secret or ""
-    print(issue_token(secret, args.user, ttl_seconds=args.days * 86400))
+    claims = None
+    if args.tenant is not None:
+        if not settings.auth_tenant_claim:
+            raise BackboneError("--tenant needs AUTH_TENANT_CLAIM (the claim to put it in)")
+        claims = {settings.auth_tenant_claim: keys.check_user_id(args.tenant)}
+    print(issue_token(secret, args.user, ttl_seconds=args.days * 86400, claims=claims))
     return 0
 
 
@@ -454,6 +459,7 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("token", help="print a bearer token for a user")
     t.add_argument("--user", required=True)
     t.add_argument("--days", type=int, default=30, help="validity (default 30)")
+    t.add_argument("--tenant", help="the tenant id, in the AUTH_TENANT_CLAIM claim")
     t.set_defaults(fn=cmd_token)
     e = sub.add_parser("erase", help="erase everything held about a user (idempotent)")
     e.add_argument("--user", required=True)

@@ -27,6 +27,7 @@ from test_fuzz import _turn
 
 from app.api import create_app
 from app.auth import issue_token
+from app.cli import main
 from app.embeddings import shared_embedder
 from app.kb.ingest import ingest_paths
 from app.settings import Settings
@@ -122,3 +123,17 @@ def test_without_a_tenant_claim_setting_a_tokens_org_id_is_ignored(
     """The embedded default reads no tenant, whatever the token carries."""
     text, _ = _ask(client, settings, f"fay-{uuid.uuid4().hex[:6]}", tenants["upper"], r, pg)
     assert CODES["upper"] not in text
+
+
+def test_backbone_token_puts_the_tenant_in_the_configured_claim(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+) -> None:
+    secret = "a-cli-test-secret-of-sufficient-length-0123"
+    monkeypatch.setenv("AUTH_SECRET", secret)
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("AUTH_TENANT_CLAIM", "org_id")
+    assert main(["token", "--user", "gil", "--tenant", "Acme"]) == 0
+    claims = jwt.decode(capsys.readouterr().out.strip(), secret, algorithms=["HS256"])
+    assert claims["sub"] == "gil" and claims["org_id"] == "Acme"
+    monkeypatch.delenv("AUTH_TENANT_CLAIM")
+    assert main(["token", "--user", "gil", "--tenant", "Acme"]) == 2  # no claim to put it in
