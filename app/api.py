@@ -42,6 +42,7 @@ from app.errors import (
     store_errors,
     translate,
 )
+from app.identity import Authenticator
 from app.llm import make_provider
 from app.memory import routes as memory_routes
 from app.memory.queue import AfterTurnMark
@@ -50,6 +51,7 @@ from app.memory.usage import UsageMarks
 from app.openai import conversations as openai_conversations
 from app.openai import responses as openai_responses
 from app.ops import logs, metrics
+from app.privacy import routes as privacy_routes
 from app.sessions import routes as session_routes
 from app.sessions.store import Sessions
 from app.settings import Settings
@@ -146,6 +148,7 @@ def routes() -> list[Route]:
         *cache_routes.routes,
         *openai_conversations.routes,
         *openai_responses.routes,
+        *privacy_routes.routes,
     ]
 
 
@@ -198,7 +201,10 @@ def create_app(settings: Settings) -> Starlette:
         streams = StreamSlots(session_redis, async_session_reader_client(settings),
                               per_user=settings.max_streams_per_user,
                               per_node=settings.max_streams_per_node)
-        state = AppState(settings, redis, pg, embedder, sessions, deps, streams=streams)
+        auth = Authenticator(settings)
+        # The identity provider's keys: /readyz says 503 until they are fetched once.
+        auth_start = asyncio.create_task(auth.start())
+        state = AppState(settings, redis, pg, embedder, sessions, deps, streams, auth)
         forced = False
         try:
             yield {"backbone": state}
@@ -210,6 +216,7 @@ def create_app(settings: Settings) -> Starlette:
             log.warning("forced quit: turns in flight were cut without their grace")
         finally:
             warming.cancel()
+            auth_start.cancel()
             if forced:
                 if state.turns:
                     await asyncio.wait(set(state.turns), timeout=FORCED_PERSIST_SECONDS)

@@ -8,6 +8,7 @@
     │   ├── Forbidden              403 forbidden
     │   ├── NotFound               404 not_found
     │   ├── Conflict               409 conflict
+    │   ├── Gone                   410 user_erased: the caller's data was erased
     │   ├── PayloadTooLarge        413 payload_too_large
     │   ├── Unprocessable          422 invalid_body
     │   └── RateLimited            429 rate_limited
@@ -17,6 +18,8 @@
         ├── MissingModules         Redis lacks the search or JSON module (start-up)
         ├── DatabaseUnavailable    database_unavailable
         ├── ServerStopping         server_stopping: this node stopped the turn (shutdown)
+        ├── IdentityUnavailable    identity_unavailable: the identity provider's keys (JWKS)
+        │                          were never fetched
         └── EmbeddedStartError     the embedded Redis or PostgreSQL did not start
 
 Route bodies raise these and never catch; `app.api` renders them as
@@ -82,6 +85,11 @@ class Conflict(ClientError):
     code = "conflict"
 
 
+class Gone(ClientError):
+    status = 410
+    code = "gone"
+
+
 class PayloadTooLarge(ClientError):
     status = 413
     code = "payload_too_large"
@@ -130,6 +138,10 @@ class DatabaseUnavailable(DependencyError):
 
 class ServerStopping(DependencyError):
     code = "server_stopping"
+
+
+class IdentityUnavailable(DependencyError):
+    code = "identity_unavailable"
 
 
 class EmbeddedStartError(DependencyError):

@@ -77,6 +77,28 @@ def embedding_backend(env: Mapping[str, str] | None = None) -> str:
     return value
 
 
+# What an identity provider's JWKS may sign with: never HS* (a public key is no secret)
+# nor `none`.
+ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                         "ES256", "ES384", "ES512", "EdDSA")
+
+
+def _algorithms(raw: str) -> tuple[str, ...]:
+    algs = tuple(a.strip() for a in raw.split(",") if a.strip())
+    bad = [a for a in algs if a not in ASYMMETRIC_ALGORITHMS]
+    if bad or not algs:
+        raise SettingsError(f"AUTH_ALGORITHMS takes asymmetric algorithms only "
+                            f"{ASYMMETRIC_ALGORITHMS}, got {raw!r}")
+    return algs
+
+
+def _claim(name: str, value: str | None) -> str | None:
+    if value is not None and not value.replace("_", "").replace(".", "").replace(
+            "-", "").replace(":", "").replace("/", "").isalnum():
+        raise SettingsError(f"{name} must be a claim name, got {value!r}")
+    return value
+
+
 def _session_cluster(env: Mapping[str, str], cluster: bool) -> bool:
     if cluster and _str(env, "SESSION_REDIS_URL") is None:
         raise SettingsError("SESSION_REDIS_CLUSTER=1 needs SESSION_REDIS_URL (a cluster node)")
@@ -101,6 +123,16 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     auth_secret: str | None = None
+    # An identity provider (app.identity): with AUTH_JWKS_URL set, tokens are verified
+    # against its keys instead of AUTH_SECRET.
+    auth_jwks_url: str | None = None
+    auth_issuer: str | None = None
+    auth_audience: str | None = None
+    auth_algorithms: tuple[str, ...] = ("RS256", "ES256")
+    auth_user_claim: str = "sub"
+    auth_tenant_claim: str | None = None
+    # Sessions untouched this long are removed by the privacy sweep; 0: kept.
+    history_retention_days: int = 0
     session_ttl_seconds: int = 86400
     memory_lock_ttl_seconds: int = 300
     memory_ttl_seconds: int = 30 * 86400
@@ -155,6 +187,13 @@ class Settings:
             host=_str(e, "HOST", "127.0.0.1") or "127.0.0.1",
             port=_int(e, "PORT", 8000, minimum=1),
             auth_secret=_str(e, "AUTH_SECRET"),
+            auth_jwks_url=_str(e, "AUTH_JWKS_URL"),
+            auth_issuer=_str(e, "AUTH_ISSUER"),
+            auth_audience=_str(e, "AUTH_AUDIENCE"),
+            auth_algorithms=_algorithms(_str(e, "AUTH_ALGORITHMS", "RS256,ES256") or ""),
+            auth_user_claim=_claim("AUTH_USER_CLAIM", _str(e, "AUTH_USER_CLAIM", "sub")) or "sub",
+            auth_tenant_claim=_claim("AUTH_TENANT_CLAIM", _str(e, "AUTH_TENANT_CLAIM")),
+            history_retention_days=_int(e, "HISTORY_RETENTION_DAYS", 0),
             session_ttl_seconds=_int(e, "SESSION_TTL_SECONDS", 86400, minimum=60),
             memory_lock_ttl_seconds=_int(e, "MEMORY_LOCK_TTL_SECONDS", 300, minimum=1),
             memory_ttl_seconds=_int(e, "MEMORY_TTL_SECONDS", 30 * 86400, minimum=60),

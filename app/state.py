@@ -17,6 +17,7 @@ from app.cache.stats import Memo
 from app.chat.stream_slots import StreamSlots
 from app.chat.turn import TurnDeps
 from app.embeddings import Embedder
+from app.identity import Authenticator
 from app.sessions.store import Sessions
 from app.settings import Settings
 
@@ -30,6 +31,7 @@ class AppState:
     sessions: Sessions
     turn_deps: TurnDeps
     streams: StreamSlots  # open-stream limits and the blocking readers' pool
+    auth: Authenticator
     turns: set[asyncio.Task[None]] = field(default_factory=set)  # turns still running
     cache_report: Memo = field(default_factory=Memo)  # /v1/cache/stats, once a second
 

@@ -18,7 +18,7 @@ from app.cache.stats import AUDIT_WINDOW, cache_stats
 from app.settings import Settings
 from app.stores import keys
 from app.stores.clients import async_redis_client
-from workers.retention import trim_cache_audits
+from workers.retention import sweep, trim_cache_audits
 from workers.worker import enqueue_retention_if_due
 
 
@@ -68,6 +68,16 @@ def test_the_retention_defaults_to_cache_audit_retention_days(
     assert _ages(pg, tool) == [6, 6]
 
 
+def test_the_hourly_sweep_trims_audits_and_runs_the_privacy_sweep(
+    stores_env: Settings, pg: psycopg.Connection[Any], tool: str
+) -> None:
+    _audits(pg, tool, 2, days_ago=45, overlap=0.5)
+    counts = sweep()
+    assert counts["cache_audits_deleted"] >= 2 and _ages(pg, tool) == []
+    # The privacy part ran too: its counts are there (history, tombstones, erasures).
+    assert {"erasures_resumed", "sessions_expired", "tombstones_trimmed"} <= set(counts)
+
+
 def test_one_retention_sweep_is_enqueued_per_interval_over_all_workers(
     settings: Settings, r: redis.Redis
 ) -> None:
@@ -78,7 +88,7 @@ def test_one_retention_sweep_is_enqueued_per_interval_over_all_workers(
         assert enqueue_retention_if_due(settings, r) is True
         assert enqueue_retention_if_due(settings, r) is False  # another worker, same hour
         new = [persist.fetch_job(j) for j in set(persist.job_ids) - before]
-        assert [j.func_name for j in new if j] == ["workers.retention.trim_cache_audits"]
+        assert [j.func_name for j in new if j] == ["workers.retention.sweep"]
         assert 0 < r.ttl(keys.RETENTION_TICK) <= 3600
     finally:
         for job_id in set(persist.job_ids) - before:

@@ -1,11 +1,15 @@
-"""rq job: drop what PostgreSQL keeps longer than it is useful.
+"""rq job: drop what the stores keep longer than they should.
+
+`sweep` is the hourly job: `trim_cache_audits` below, then the privacy sweep
+(workers.privacy: history past HISTORY_RETENTION_DAYS, old tombstones, erasures
+left unfinished). Every worker's ticker enqueues it at most once per
+RETENTION_SWEEP_SECONDS over all workers (`retention-sweep-tick`, `SET NX EX`),
+beside the persistence sweep.
 
 `trim_cache_audits` deletes `cache_audits` rows older than
 CACHE_AUDIT_RETENTION_DAYS, in batches of TRIM_BATCH rows (each its own short
 statement, so the table is never locked for long), until none is left or
-TRIM_BUDGET_SECONDS have passed (the next run goes on). Every worker's ticker
-enqueues it at most once per RETENTION_SWEEP_SECONDS over all workers
-(`retention-sweep-tick`, `SET NX EX`), beside the persistence sweep.
+TRIM_BUDGET_SECONDS have passed (the next run goes on).
 
 The cache report reads a bounded window of audits anyway (app.cache.stats):
 the trim keeps the table, and its index, from growing without end.
@@ -30,6 +34,13 @@ DELETE FROM cache_audits WHERE id IN (
     SELECT id FROM cache_audits WHERE created_at < now() - make_interval(days => %s) LIMIT %s
 )
 """
+
+
+def sweep() -> dict[str, int]:
+    """The hourly retention sweep; returns what each part removed."""
+    from workers.privacy import privacy_sweep  # the privacy part imports the app's stores
+
+    return {f"cache_audits_{k}": v for k, v in trim_cache_audits().items()} | privacy_sweep()
 
 
 def trim_cache_audits(days: int | None = None, batch: int = TRIM_BATCH) -> dict[str, int]:

@@ -5,8 +5,9 @@ Queues, in priority order: `persist` (turns left unpersisted), `memory`
 also runs a small ticker that enqueues the persistence sweep every
 SWEEP_INTERVAL_SECONDS; a `SET NX EX` on `persist-sweep-tick` makes sure only
 one worker of many enqueues it per interval. The same ticker enqueues the
-retention sweep (workers.retention: old `cache_audits` rows) once an hour
-(`retention-sweep-tick`). And a dispatcher: the app marks a
+hourly retention sweep (workers.retention: old `cache_audits` rows, and the
+privacy sweep of workers.privacy: history retention, tombstones, unfinished
+erasures) on `persist` (`retention-sweep-tick`). And a dispatcher: the app marks a
 session due for memory extraction after each turn (`memory-due`); the
 dispatcher enqueues those sessions' jobs (`app.memory.queue.dispatch_due`),
 one pass every DISPATCH_SECONDS (at once again after a full batch). Several
@@ -96,7 +97,7 @@ def enqueue_retention_if_due(settings: Settings, connection: redis.Redis) -> boo
     if not connection.set(keys.RETENTION_TICK, "1", nx=True, ex=RETENTION_SWEEP_SECONDS):
         return False
     queue(settings, "persist", connection).enqueue(
-        "workers.retention.trim_cache_audits", job_timeout=300, result_ttl=600,
+        "workers.retention.sweep", job_timeout=300, result_ttl=600,
         failure_ttl=86400,
     )
     return True

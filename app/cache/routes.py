@@ -23,7 +23,7 @@ async def flush_counts(state: AppState) -> None:
 
 async def stats(request: Request) -> JSONResponse:
     """The report, computed at most once a second per node (`app.cache.stats.Memo`)."""
-    state, _user = caller(request)
+    state, _user = await caller(request)
 
     async def report() -> dict[str, Any]:
         await flush_counts(state)

@@ -66,6 +66,7 @@ from app.cache.decision import AdaptiveThreshold, Decision, HitPolicy, canonical
 from app.cache.knn import QueryCounts, knn_command, knn_filter
 from app.cache.protocol import CacheHit, Flight
 from app.embeddings import Embedder, Vector, shared_embedder
+from app.identity import user_digest
 from app.settings import Settings
 from app.stores import keys
 from app.stores.batch import as_dict, batch
@@ -357,6 +358,9 @@ class SemanticCache:
             "tool_ms": tool_ms,
             "args": json.dumps(arguments, sort_keys=True, default=str),
             "args_digest": args_digest(arguments),
+            # Whose question made the entry (a digest): an erase finds the shared
+            # entries holding the user's words by it (app.privacy.erase).
+            "creator": user_digest(ctx.user_id),
         }
         if version is not None:
             fields["version"] = version

@@ -54,8 +54,9 @@ from app.chat.event_log import Event, EventLog
 from app.chat.stream_slots import Slot, SlotStream
 from app.chat.turn import Turn
 from app.errors import BadRequest, RateLimited
+from app.privacy.fence import check_not_erased
 from app.sessions import messages
-from app.sessions.routes import caller, session_id
+from app.sessions.routes import caller, identified, session_id
 from app.state import AppState, app_state
 from app.stores import scripts
 
@@ -108,12 +109,14 @@ class LiveTurn:
 
 async def start_turn(
     state: AppState, user: str, sid: str, content: str, *, instructions: str | None = None,
+    tenant: str | None = None,
 ) -> LiveTurn:
     """Check, append the user message and start the turn's task: the one way a turn
     starts, for the native route and the OpenAI-compatible face (app.openai) alike.
 
     Every refusal (404/403, a full session, the rate limit) comes before anything
-    is written; `instructions` are this turn's alone (not stored in the history).
+    is written; `instructions` are this turn's alone (not stored in the history);
+    `tenant` is the caller's (AUTH_TENANT_CLAIM), whose knowledge kb_search reads.
     """
     loaded = await state.sessions.load(sid, user)
     seq = messages.next_seq(loaded.messages)
@@ -130,7 +133,7 @@ async def start_turn(
     log_ = EventLog(state.sessions.redis, sid, turn_no)
     turn = Turn(state.turn_deps, sid, user, history, log_,
                 coalesce_ms=state.settings.stream_coalesce_ms, summary=loaded.summary,
-                instructions=instructions)
+                instructions=instructions, tenant=tenant)
     queue: asyncio.Queue[Event | None] = asyncio.Queue()
 
     async def drive() -> None:
@@ -170,12 +173,13 @@ def live_response(
 
 
 async def post_message(request: Request) -> EventSourceResponse:
-    state, user = caller(request)
+    state, who = await identified(request)
+    user = who.user
     sid = session_id(request)
     content = limits.message_content(await limits.json_body(request))
     # The stream's slot first: a refused one costs no other Redis work.
     async with state.streams.opening(user) as slot:
-        live = await start_turn(state, user, sid, content)
+        live = await start_turn(state, user, sid, content, tenant=who.tenant)
 
     async def stream() -> AsyncIterator[bytes]:
         async for events in live.batches():
@@ -185,19 +189,21 @@ async def post_message(request: Request) -> EventSourceResponse:
     return live_response(state, live, stream(), slot, headers={"X-Stream-Token": token})
 
 
-def events_caller(request: Request) -> tuple[AppState, str, str]:
+async def events_caller(request: Request) -> tuple[AppState, str, str]:
     """(state, user, sid): the bearer token's user, or without an Authorization header
     the user of the `?token=` stream token, which must be for this session."""
     token = request.query_params.get("token")
     if token and "authorization" not in request.headers:
         state, sid = app_state(request), session_id(request)
-        return state, verify_stream_token(state.settings.auth_secret or "", token, sid), sid
-    state, user = caller(request)
+        user = verify_stream_token(state.settings.auth_secret or "", token, sid)
+        await check_not_erased(state.sessions.redis, user)  # as for a bearer token
+        return state, user, sid
+    state, user = await caller(request)
     return state, user, session_id(request)
 
 
 async def get_events(request: Request) -> EventSourceResponse:
-    state, user, sid = events_caller(request)
+    state, user, sid = await events_caller(request)
     raw = request.headers.get("last-event-id") or request.query_params.get("after")
     if not raw:
         raise BadRequest("send Last-Event-ID or ?after=<event id>", code="invalid_event_id")

@@ -102,7 +102,7 @@ class Turn:
     def __init__(
         self, deps: TurnDeps, sid: str, user: str, history: list[Message], log_: EventLog,
         *, coalesce_ms: int = COALESCE_MS, summary: str | None = None,
-        instructions: str | None = None,
+        instructions: str | None = None, tenant: str | None = None,
     ) -> None:
         self.deps = deps
         self.instructions = instructions  # this turn's own (the Responses API's), not stored
@@ -110,6 +110,8 @@ class Turn:
         self.coalesce_ms = coalesce_ms
         self.sid = sid
         self.user = user
+        # The caller's tenant (AUTH_TENANT_CLAIM): kb_search reads `tenant:<tid>` for it.
+        self.tool_context = ToolContext(user, tenant)
         self.history = history  # ends with this turn's user message
         self.log = log_
         self.stored: list[Message] = [history[-1]]
@@ -188,7 +190,7 @@ class Turn:
                 yield self.log.emit("tool.call", {
                     "id": call.id, "name": call.name, "arguments": call.arguments,
                 })
-                routed = await self.deps.router.run(call, ToolContext(self.user))
+                routed = await self.deps.router.run(call, self.tool_context)
                 # Tool time is the whole call: query embedding, cache lookup, the tool.
                 self.timing.tool_ms += routed.elapsed_ms
                 results.append((call, routed))

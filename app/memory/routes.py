@@ -29,7 +29,7 @@ def memory_id(request: Request) -> str:
 
 async def list_memories(request: Request) -> JSONResponse:
     """The caller's memories, most recently updated first."""
-    state, user = caller(request)
+    state, user = await caller(request)
     async with state.pg.connection() as conn:
         cur = await conn.execute(
             "SELECT id, kind, content, session_id, created_at, updated_at FROM memories"
@@ -48,7 +48,7 @@ async def list_memories(request: Request) -> JSONResponse:
 
 async def delete_memory(request: Request) -> Response:
     """Forget one memory: 204, or 404 when the caller has no memory with this id."""
-    state, user = caller(request)
+    state, user = await caller(request)
     mid = memory_id(request)
     async with state.pg.connection() as conn:
         cur = await conn.execute(

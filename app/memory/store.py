@@ -15,7 +15,8 @@ another user's memory (`Alice`'s for `alice`) never suppresses or absorbs one.
 
 Writes for one user are serialised by a PostgreSQL transaction-scoped advisory
 lock, so two workers mining two sessions of the same user cannot both miss each
-other's near-duplicate. The Redis copy is written inside that transaction,
+other's near-duplicate; an erase's fence takes the same lock, and nothing is
+written for an erased user. The Redis copy is written inside that transaction,
 before the commit, so the next writer's KNN already sees it. If the commit then
 fails, the copy names a row that does not exist until the job's retry writes it.
 
@@ -152,6 +153,9 @@ class MemoryStore:
         total = Stored()
         with self.pg.transaction():
             self.pg.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("memory:" + user,))
+            if self.pg.execute("SELECT 1 FROM erased_users WHERE user_digest = user_digest(%s)",
+                               (user,)).fetchone():
+                return Stored()  # the user's erase began (app.privacy): write nothing
             for fact, vector in zip(facts, vectors, strict=True):
                 total += self._write_one(user, sid, fact, vector, source_hash)
             if total.inserted and self.max_per_user is not None:

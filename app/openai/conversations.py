@@ -48,7 +48,7 @@ def _owned(meta: history_db.SessionMeta | None, user: str) -> history_db.Session
 
 
 async def create(request: Request) -> JSONResponse:
-    state, user = caller(request)
+    state, user = await caller(request)
     body = await limits.json_body(request)
     meta = items.metadata(body.get("metadata"))
     seed = items.message_items(body["items"], "items") if body.get("items") is not None else []
@@ -67,7 +67,7 @@ async def create(request: Request) -> JSONResponse:
 
 
 async def retrieve(request: Request) -> JSONResponse:
-    state, user = caller(request)
+    state, user = await caller(request)
     sid = _sid(request)
     async with state.pg.connection() as conn:
         row = _owned(await history_db.session_meta(conn, sid), user)
@@ -75,7 +75,7 @@ async def retrieve(request: Request) -> JSONResponse:
 
 
 async def update(request: Request) -> JSONResponse:
-    state, user = caller(request)
+    state, user = await caller(request)
     sid = _sid(request)
     body = await limits.json_body(request)
     if "metadata" not in body:
@@ -90,7 +90,7 @@ async def update(request: Request) -> JSONResponse:
 
 
 async def delete(request: Request) -> JSONResponse:
-    state, user = caller(request)
+    state, user = await caller(request)
     sid = _sid(request)
     await state.sessions.delete(sid, user)
     return JSONResponse({"id": ids.conversation_id(sid), "object": "conversation.deleted",
@@ -115,7 +115,7 @@ def _limit(raw: str | None) -> int:
 
 
 async def list_items(request: Request) -> JSONResponse:
-    state, user = caller(request)
+    state, user = await caller(request)
     sid = _sid(request)
     q = request.query_params
     order = q.get("order", "desc")

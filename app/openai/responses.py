@@ -40,7 +40,7 @@ from app.errors import BadRequest, Conflict, NotFound
 from app.openai import ids, items, records
 from app.openai.errors import openai_route
 from app.openai.events import Projection, sse
-from app.sessions.routes import caller
+from app.sessions.routes import caller, identified
 from app.state import AppState
 
 MAX_MODEL_CHARS = 128
@@ -99,7 +99,8 @@ def _forget_when_done(state: AppState, live: LiveTurn, user: str) -> None:
 
 
 async def create(request: Request) -> Response:
-    state, user = caller(request)
+    state, who = await identified(request)
+    user = who.user
     body = await limits.json_body(request)
     content, extra = items.request_input(body.get("input"))
     instructions = _optional(body, "instructions", str)
@@ -115,7 +116,8 @@ async def create(request: Request) -> Response:
     async with (state.streams.opening(user) if stream else _no_slot()) as slot:
         sid, made = await _session(state, user, body, store)
         try:
-            live = await start_turn(state, user, sid, content, instructions=instructions)
+            live = await start_turn(state, user, sid, content, instructions=instructions,
+                                  tenant=who.tenant)
         except BaseException:
             if made:  # refused (rate limit, say): leave no empty session behind
                 with contextlib.suppress(Exception):
@@ -168,7 +170,7 @@ def _created_at(event: Event) -> int:
 
 
 async def retrieve(request: Request) -> Response:
-    state, user = caller(request)
+    state, user = await caller(request)
     sid, turn = await _turn_of(state, user, request)
     q = request.query_params
     after = q.get("starting_after")

@@ -20,7 +20,7 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
-from app.errors import NotFound
+from app.errors import Gone, NotFound
 from app.sessions.messages import Message, canonical_json
 
 TITLE_CHARS = 80
@@ -43,14 +43,20 @@ class SessionRow:
     messages: int
 
 
+def user_erased_error() -> Gone:
+    return Gone("this user's data was erased", code="user_erased")
+
+
 async def insert_session(
     conn: AsyncConnection[Any], sid: str, user: str, metadata: dict[str, str] | None = None
 ) -> None:
-    await conn.execute(
-        "INSERT INTO sessions (id, user_id, metadata) VALUES (%s, %s, %s)"
-        " ON CONFLICT (id) DO NOTHING",
-        (sid, user, Jsonb(metadata or {})),
-    )
+    """The session's row with its metadata (`create_session_row`, migrations 0005 and
+    0006); 410 `user_erased` once the user's erase has begun."""
+    cur = await conn.execute("SELECT create_session_row(%s, %s, %s)",
+                             (sid, user, Jsonb(metadata or {})))
+    row = await cur.fetchone()
+    if not (row and row[0]):
+        raise user_erased_error()
 
 
 @dataclass(frozen=True)

@@ -297,7 +297,7 @@ class Sessions:
         # Redis first, fence and removal in one MULTI (one slot): from here no
         # append or restore writes, and no live copy is left for the sweep.
         fence = self.redis.pipeline(transaction=True)
-        fence.set(keys.session_deleted(sid), user, ex=self.ttl)
+        fence.set(keys.session_deleted(sid), 1, ex=self.ttl)  # no user id: erase leaves none
         fence.execute_command("JSON.GET", keys.session(sid), '$[?(@.role=="user")].seq')
         fence.delete(*keys.session_keys(sid))
         _, turns_raw, _ = await fence.execute()

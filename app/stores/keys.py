@@ -28,6 +28,7 @@
 | `kb-file:<doc>`                      | string      | none                       | content hash of an ingested file        |
 | `kb-version:<scope>`                 | string      | none                       | counter: bumped by every ingest or delete in the scope (global, user:<uid>, tenant:<tid>) |
 | `memory:<uid>:<id>`                  | hash + HNSW | none (MEMORY_MAX_PER_USER) | one long-term memory (recall copy)      |
+| `erased:{<digest>}`                  | string      | ERASED_SECONDS (30 days)   | fence: this user's data was erased (410 `user_erased`); digest, never the id |
 | `idx:cache`, `idx:kb`, `idx:memory`  | indexes     |                            | RediSearch indexes over the hashes      |
 | `idx:<name>:model-tagged`, `idx:kb:versioned` | string | none           | start-up backfills done, once per Redis |
 | `rq:*`                               | rq's own    | rq's                       | queues, jobs, registries                |
@@ -227,6 +228,15 @@ def kb_file(doc: str) -> str:
 
 def memory(uid: str, memory_id: str) -> str:
     return f"memory:{check_user_id(uid)}:{_hex(memory_id)}"
+
+
+def memory_prefix(uid: str) -> str:
+    return f"memory:{check_user_id(uid)}:"
+
+
+def erased_user(digest: str) -> str:
+    """The erase fence of one user, named by `app.identity.user_digest` (session plane)."""
+    return f"erased:{{{_hex(digest)}}}"
 
 
 def session_keys(sid: str) -> list[str]:
