@@ -77,15 +77,16 @@ async def retrieve(request: Request) -> JSONResponse:
 async def update(request: Request) -> JSONResponse:
     state, user = caller(request)
     sid = _sid(request)
+    async with state.pg.connection() as conn:  # 404 / 403 before the body is read
+        _owned(await history_db.session_meta(conn, sid), user)
     body = await limits.json_body(request)
     if "metadata" not in body:
         raise BadRequest("send the new 'metadata'", param="metadata")
     meta = items.metadata(body["metadata"])
     async with state.pg.connection() as conn:
         row = await history_db.set_metadata(conn, sid, user, meta)
-        if row is None:  # not theirs, or gone: say which
-            _owned(await history_db.session_meta(conn, sid), user)
-            raise NotFound("no such conversation")
+    if row is None:  # deleted meanwhile
+        raise NotFound("no such conversation")
     return JSONResponse(conversation(sid, row))
 
 
