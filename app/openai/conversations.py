@@ -13,6 +13,7 @@ exactly, so a case variant or a lookalike of a user id owns nothing).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from starlette.requests import Request
@@ -110,7 +111,7 @@ def _include(request: Request) -> frozenset[str]:
 def _limit(raw: str | None) -> int:
     if raw is None:
         return 20
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST:
+    if not re.fullmatch(r"[0-9]{1,3}", raw) or not 1 <= int(raw) <= MAX_LIST:
         raise BadRequest(f"limit is 1 to {MAX_LIST}", param="limit")
     return int(raw)
 
