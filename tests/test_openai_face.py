@@ -185,6 +185,14 @@ def test_errors_have_openai_s_shape_and_map_to_the_sdk_s_classes(
     reply = _raw(base, settings, user, "GET", "/v1/responses/resp_nope")
     assert reply.status_code == 400
     assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+    # Digits of other scripts, which int() would take, are not numbers here.
+    answer = client.responses.create(model="m", input=QUESTION)
+    conv = client.conversations.create()
+    for path, param in ((f"/v1/responses/{answer.id}?stream=true&starting_after=\u0663",
+                         "starting_after"),
+                        (f"/v1/conversations/{conv.id}/items?limit=\u00b2", "limit")):
+        reply = _raw(base, settings, user, "GET", path)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param
 
 
 def test_the_rate_limit_is_a_rate_limit_error_and_leaves_no_session_behind(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -94,15 +95,11 @@ class Page:
         raise AssertionError(f"timed out waiting for {expression}")
 
 
-@pytest.fixture
-def browser_page(settings: Settings) -> Iterator[tuple[Page, str]]:
+@contextlib.contextmanager
+def chromium_page() -> Iterator[Page]:
+    """A headless Chromium with a fresh profile, its first tab driven over DevTools."""
     exe = _chromium()
-    client = redis.Redis.from_url(settings.redis_url or "")
-    ingest_paths(client, shared_embedder(),
-                 [Path(__file__).resolve().parent.parent / "app" / "kb" / "corpus"], progress=False)
-    client.close()
-    with app_process(settings, OFFLINE_TOKEN_DELAY_MS="5") as (base, _), \
-            tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         port = free_port()
         proc = subprocess.Popen(
             [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
@@ -121,10 +118,22 @@ def browser_page(settings: Settings) -> Iterator[tuple[Page, str]]:
                 except httpx.HTTPError:
                     time.sleep(0.2)
             with connect(targets[0]["webSocketDebuggerUrl"], max_size=None) as ws:
-                yield Page(ws), base
+                yield Page(ws)
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+@pytest.fixture
+def browser_page(settings: Settings) -> Iterator[tuple[Page, str]]:
+    _chromium()  # skip before anything starts when there is none
+    client = redis.Redis.from_url(settings.redis_url or "")
+    ingest_paths(client, shared_embedder(),
+                 [Path(__file__).resolve().parent.parent / "app" / "kb" / "corpus"], progress=False)
+    client.close()
+    with app_process(settings, OFFLINE_TOKEN_DELAY_MS="5") as (base, _), \
+            chromium_page() as page:
+        yield page, base
 
 
 def test_a_reply_streams_into_the_page_with_a_tool_badge(

@@ -11,26 +11,20 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import subprocess
-import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import redis
 from live import app_process
-from test_web_page import CHROMIUM_FLAGS, Page, _chromium
-from websockets.sync.client import connect
+from test_web_page import Page, chromium_page
 
 from app.auth import issue_token
 from app.embeddings import shared_embedder
 from app.kb.ingest import ingest_paths
 from app.settings import Settings
-from app.stack.embedded import free_port
 
 
 class CuttingProxy:
@@ -108,29 +102,8 @@ def _close(*socks: socket.socket) -> None:
 
 @pytest.fixture
 def chromium() -> Iterator[Page]:
-    exe = _chromium()
-    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
-        port = free_port()
-        proc = subprocess.Popen(
-            [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-             f"--remote-debugging-port={port}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 30
-            targets: list[dict[str, Any]] = []
-            while not targets:
-                assert time.monotonic() < deadline, "Chromium's DevTools did not come up"
-                try:
-                    targets = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list").json()
-                               if t["type"] == "page"]
-                except httpx.HTTPError:
-                    time.sleep(0.2)
-            with connect(targets[0]["webSocketDebuggerUrl"], max_size=None) as ws:
-                yield Page(ws)
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    with chromium_page() as page:
+        yield page
 
 
 def test_the_page_resumes_a_dropped_turn_with_eventsource_and_shows_each_event_once(

@@ -13,6 +13,7 @@ exactly, so a case variant or a lookalike of a user id owns nothing).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from starlette.requests import Request
@@ -77,15 +78,16 @@ async def retrieve(request: Request) -> JSONResponse:
 async def update(request: Request) -> JSONResponse:
     state, user = await caller(request)
     sid = _sid(request)
+    async with state.pg.connection() as conn:  # 404 / 403 before the body is read
+        _owned(await history_db.session_meta(conn, sid), user)
     body = await limits.json_body(request)
     if "metadata" not in body:
         raise BadRequest("send the new 'metadata'", param="metadata")
     meta = items.metadata(body["metadata"])
     async with state.pg.connection() as conn:
         row = await history_db.set_metadata(conn, sid, user, meta)
-        if row is None:  # not theirs, or gone: say which
-            _owned(await history_db.session_meta(conn, sid), user)
-            raise NotFound("no such conversation")
+    if row is None:  # deleted meanwhile
+        raise NotFound("no such conversation")
     return JSONResponse(conversation(sid, row))
 
 
@@ -109,7 +111,7 @@ def _include(request: Request) -> frozenset[str]:
 def _limit(raw: str | None) -> int:
     if raw is None:
         return 20
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST:
+    if not re.fullmatch(r"[0-9]{1,3}", raw) or not 1 <= int(raw) <= MAX_LIST:
         raise BadRequest(f"limit is 1 to {MAX_LIST}", param="limit")
     return int(raw)
 

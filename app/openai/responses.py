@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
@@ -44,6 +45,7 @@ from app.sessions.routes import caller, identified
 from app.state import AppState
 
 MAX_MODEL_CHARS = 128
+DIGITS = re.compile(r"[0-9]{1,9}")
 
 
 def default_model(state: AppState) -> str:
@@ -174,7 +176,7 @@ async def retrieve(request: Request) -> Response:
     sid, turn = await _turn_of(state, user, request)
     q = request.query_params
     after = q.get("starting_after")
-    if after is not None and not after.isdigit():
+    if after is not None and not DIGITS.fullmatch(after):  # ASCII: int() takes any script's
         raise BadRequest("starting_after is a sequence number", param="starting_after")
     record = await records.load(state.sessions.redis, sid, turn)
     model = default_model(state)
