@@ -15,13 +15,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from app import health, web
 from app.cache import routes as cache_routes
@@ -33,9 +34,11 @@ from app.chat.turn import TurnDeps
 from app.embeddings import shared_embedder
 from app.errors import BackboneError, RateLimited, store_errors, translate
 from app.llm import make_provider
+from app.mcp import server as mcp_server
 from app.memory import routes as memory_routes
 from app.memory.queue import AfterTurnMark
 from app.memory.recall import make_recall
+from app.memory.service import MemoryService
 from app.ops import logs, metrics
 from app.sessions import routes as session_routes
 from app.sessions.store import Sessions
@@ -92,7 +95,7 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-def routes() -> list[Route]:
+def routes(mcp_app: ASGIApp) -> list[Route]:
     return [
         Route("/", web.index, methods=["GET"]),
         Route("/healthz", health.healthz, methods=["GET"]),
@@ -102,6 +105,8 @@ def routes() -> list[Route]:
         *chat_routes.routes,
         *memory_routes.routes,
         *cache_routes.routes,
+        # The MCP server (app.mcp): its own router answers this one path, every method.
+        Route("/mcp", mcp_app),
     ]
 
 
@@ -148,10 +153,20 @@ def create_app(settings: Settings) -> Starlette:
         )
         deps = TurnDeps(sessions, make_provider(settings), router,
                         recall=make_recall(redis, embedder), after_turn=[AfterTurnMark(redis)])
-        state = AppState(settings, redis, pg, embedder, sessions, deps)
+        # MemoryStore is sync (the workers'): the memory service runs it in threads on
+        # these, a few connections beside the async pool.
+        store_pg: ConnectionPool[Any] = ConnectionPool(
+            settings.database_url or "", min_size=1, max_size=4, open=False,
+            kwargs={"autocommit": True},
+        )
+        store_pg.open(wait=False)
+        store_redis = redis_client(settings.redis_url or "")
+        memories = MemoryService(redis, pg, store_redis, store_pg, embedder)
+        state = AppState(settings, redis, pg, embedder, sessions, deps, memories)
         forced = False
         try:
-            yield {"backbone": state}
+            async with mcp.session_manager.run():
+                yield {"backbone": state}
         except asyncio.CancelledError:
             # A forced quit (a second Ctrl-C): uvicorn skips the lifespan shutdown and
             # asyncio cancels every task, turns and pool workers included. Close what
@@ -167,6 +182,8 @@ def create_app(settings: Settings) -> Starlette:
                 await _stop_turns(state.turns, settings.shutdown_grace_seconds)
                 await cache.drain()
             audit_conn.close()
+            store_redis.close()
+            await asyncio.to_thread(store_pg.close)
             try:
                 await pg.close()
             except asyncio.CancelledError:
@@ -180,8 +197,9 @@ def create_app(settings: Settings) -> Starlette:
     # Never log these, whatever a message or traceback holds (app.ops.logs).
     logs.redact(settings.auth_secret, urlsplit(settings.redis_url).password,
                 urlsplit(settings.database_url).password)
+    mcp, mcp_app = mcp_server.build(settings)
     return Starlette(
-        routes=routes(),
+        routes=routes(mcp_app),
         middleware=[Middleware(logs.RequestIds)],
         lifespan=lifespan,
         exception_handlers={

@@ -15,6 +15,7 @@ from starlette.requests import Request
 
 from app.chat.turn import TurnDeps
 from app.embeddings import Embedder
+from app.memory.service import MemoryService
 from app.sessions.store import Sessions
 from app.settings import Settings
 
@@ -27,6 +28,7 @@ class AppState:
     embedder: Embedder
     sessions: Sessions
     turn_deps: TurnDeps
+    memories: MemoryService
     turns: set[asyncio.Task[None]] = field(default_factory=set)  # turns still running
 
 

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("app.chat",),
     # the HTTP edge: every package's routes, and what builds and serves the app
     ("app.sessions.routes", "app.cache.routes", "app.memory.routes", "app.chat.routes",
-     "app.limits", "app.state", "app.health", "app.web", "app.api"),
+     "app.limits", "app.state", "app.health", "app.web", "app.api", "app.mcp"),
     ("app.stack", "app.cli"),
 ]
 

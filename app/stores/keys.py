@@ -24,7 +24,7 @@
 | `kb-version:<scope>`                 | string      | none                       | counter: bumped by every ingest or delete in the scope (global, user:<uid>, tenant:<tid>) |
 | `memory:<uid>:<id>`                  | hash + HNSW | none                       | one long-term memory (recall copy)      |
 | `idx:cache`, `idx:kb`, `idx:memory`  | indexes     |                            | RediSearch indexes over the hashes      |
-| `idx:<name>:model-tagged`, `idx:kb:versioned` | string | none           | start-up backfills done, once per Redis |
+| `idx:<name>:model-tagged`, `idx:kb:versioned`, `idx:memory:session-tagged` | string | none | start-up backfills done, once per Redis |
 | `rq:*`                               | rq's own    | rq's                       | queues, jobs, registries                |
 
 The `{<sid>}` hash tag puts every key of one session in the same cluster slot,
@@ -55,6 +55,8 @@ SWEEP_TICK = "persist-sweep-tick"
 INDEX_CACHE = "idx:cache"
 INDEX_KB = "idx:kb"
 INDEX_MEMORY = "idx:memory"
+# Start-up backfill marker: memories from before the `session` TAG were tagged (app.stores.indexes).
+MEMORY_SESSION_TAGGED = "idx:memory:session-tagged"
 # Sessions whose last turn awaits memory extraction: the app marks them, a worker
 # enqueues their jobs (app.memory.queue). On REDIS_URL, beside rq's queues.
 MEMORY_DUE = "memory-due"
