@@ -22,7 +22,6 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
 
 from app import health, web
 from app.cache import routes as cache_routes
@@ -95,7 +94,7 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-def routes(mcp_app: ASGIApp) -> list[Route]:
+def routes() -> list[Route]:
     return [
         Route("/", web.index, methods=["GET"]),
         Route("/healthz", health.healthz, methods=["GET"]),
@@ -105,8 +104,6 @@ def routes(mcp_app: ASGIApp) -> list[Route]:
         *chat_routes.routes,
         *memory_routes.routes,
         *cache_routes.routes,
-        # The MCP server (app.mcp): its own router answers this one path, every method.
-        Route("/mcp", mcp_app),
     ]
 
 
@@ -199,7 +196,9 @@ def create_app(settings: Settings) -> Starlette:
                 urlsplit(settings.database_url).password)
     mcp, mcp_app = mcp_server.build(settings)
     return Starlette(
-        routes=routes(mcp_app),
+        # The MCP server (app.mcp, its own bearer gate): its router answers this one path,
+        # every method.
+        routes=[*routes(), Route("/mcp", mcp_app)],
         middleware=[Middleware(logs.RequestIds)],
         lifespan=lifespan,
         exception_handlers={

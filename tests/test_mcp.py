@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 import redis
 from mcp import ClientSession
@@ -135,12 +137,19 @@ async def test_search_knowledge_finds_the_callers_own_document_through_the_cache
     assert f"kb:{doc_id(path)}:0" not in [p["id"] for p in other["passages"]]
 
 
-async def test_mcp_without_a_valid_token_is_refused_with_401(base: str) -> None:
+async def test_mcp_without_a_valid_token_is_refused_with_401(
+    base: str, user: str, settings: Settings,
+) -> None:
     init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {},
         "clientInfo": {"name": "t", "version": "0"}}}
     accept = {"Accept": "application/json, text/event-stream"}
-    for headers in ({}, {"Authorization": "Bearer not-a-token"}, {"Authorization": "Basic x"}):
+    expired = jwt.encode({"sub": user, "exp": int(time.time()) - 60},
+                         settings.auth_secret or "", "HS256")
+    forged = jwt.encode({"sub": user, "exp": int(time.time()) + 60},
+                        "some-other-secret-that-is-long-enough", "HS256")
+    for headers in ({}, {"Authorization": "Bearer not-a-token"}, {"Authorization": "Basic x"},
+                    {"Authorization": f"Bearer {expired}"}, {"Authorization": f"Bearer {forged}"}):
         res = httpx.post(f"{base}/mcp", json=init, headers={**accept, **headers})
         assert res.status_code == 401 and res.json()["error"]["code"] == "unauthorized"
     with pytest.raises(ExceptionGroup) as refused:  # the SDK's client gives up on the 401
