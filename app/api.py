@@ -180,7 +180,9 @@ def create_app(settings: Settings) -> Starlette:
                 await cache.drain()
             audit_conn.close()
             store_redis.close()
-            await asyncio.to_thread(store_pg.close)
+            # Sync, not awaited: a forced quit may cancel an await here; closing idle
+            # connections takes milliseconds, and the wait for its workers is bounded.
+            store_pg.close(timeout=1.0)
             try:
                 await pg.close()
             except asyncio.CancelledError:
