@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -44,9 +44,11 @@ from app.errors import (
 )
 from app.identity import Authenticator
 from app.llm import make_provider
+from app.mcp import server as mcp_server
 from app.memory import routes as memory_routes
 from app.memory.queue import AfterTurnMark
 from app.memory.recall import make_recall
+from app.memory.service import MemoryService
 from app.memory.usage import UsageMarks
 from app.openai import conversations as openai_conversations
 from app.openai import responses as openai_responses
@@ -204,10 +206,21 @@ def create_app(settings: Settings) -> Starlette:
         auth = Authenticator(settings)
         # The identity provider's keys: /readyz says 503 until they are fetched once.
         auth_start = asyncio.create_task(auth.start())
-        state = AppState(settings, redis, pg, embedder, sessions, deps, streams, auth)
+        # MemoryStore is sync (the workers'): the memory service runs it in threads on
+        # these, a few connections beside the async pool.
+        store_pg: ConnectionPool[Any] = ConnectionPool(
+            settings.database_url or "", min_size=1, max_size=4, open=False,
+            kwargs={"autocommit": True},
+        )
+        store_pg.open(wait=False)
+        store_redis = redis_client(settings.redis_url or "")
+        memories = MemoryService(redis, pg, store_redis, store_pg, embedder)
+        state = AppState(settings, redis, pg, embedder, sessions, deps, streams, auth,
+                         memories)
         forced = False
         try:
-            yield {"backbone": state}
+            async with mcp.session_manager.run():
+                yield {"backbone": state}
         except asyncio.CancelledError:
             # A forced quit (a second Ctrl-C): uvicorn skips the lifespan shutdown and
             # asyncio cancels every task, turns and pool workers included. Close what
@@ -227,6 +240,10 @@ def create_app(settings: Settings) -> Starlette:
             await streams.aclose()
             marking.cancel()  # its last flush runs as it stops, before the pool closes
             await asyncio.gather(marking, return_exceptions=True)
+            store_redis.close()
+            # Sync, not awaited: a forced quit may cancel an await here; closing idle
+            # connections takes milliseconds, and the wait for its workers is bounded.
+            store_pg.close(timeout=1.0)
             try:
                 await pg.close()
             except asyncio.CancelledError:
@@ -240,8 +257,11 @@ def create_app(settings: Settings) -> Starlette:
     # Never log these, whatever a message or traceback holds (app.ops.logs).
     logs.redact(settings.auth_secret, settings.metrics_token, urlsplit(settings.redis_url).password,
                 urlsplit(settings.database_url).password)
+    mcp, mcp_app = mcp_server.build(settings)
     return Starlette(
-        routes=routes(),
+        # The MCP server (app.mcp, its own bearer gate): its router answers this one path,
+        # every method.
+        routes=[*routes(), Route("/mcp", mcp_app)],
         middleware=[Middleware(logs.RequestIds)],
         lifespan=lifespan,
         exception_handlers={

@@ -8,6 +8,7 @@
     │   ├── Forbidden              403 forbidden
     │   ├── NotFound               404 not_found
     │   ├── Conflict               409 conflict
+    │   │   └── DuplicateMemory    409 duplicate_memory (+ the id of the memory it repeats)
     │   ├── Gone                   410 user_erased: the caller's data was erased
     │   ├── PayloadTooLarge        413 payload_too_large
     │   ├── Unprocessable          422 invalid_body
@@ -88,6 +89,21 @@ class Conflict(ClientError):
 class Gone(ClientError):
     status = 410
     code = "gone"
+
+
+class DuplicateMemory(Conflict):
+    """An edit would make a memory say what another of the user's memories says."""
+
+    code = "duplicate_memory"
+
+    def __init__(self, existing_id: str) -> None:
+        super().__init__(f"memory {existing_id} already says this")
+        self.existing_id = existing_id
+
+    def to_body(self) -> dict[str, dict[str, str]]:
+        body = super().to_body()
+        body["error"]["id"] = self.existing_id
+        return body
 
 
 class PayloadTooLarge(ClientError):

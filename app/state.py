@@ -18,6 +18,7 @@ from app.chat.stream_slots import StreamSlots
 from app.chat.turn import TurnDeps
 from app.embeddings import Embedder
 from app.identity import Authenticator
+from app.memory.service import MemoryService
 from app.sessions.store import Sessions
 from app.settings import Settings
 
@@ -32,6 +33,7 @@ class AppState:
     turn_deps: TurnDeps
     streams: StreamSlots  # open-stream limits and the blocking readers' pool
     auth: Authenticator
+    memories: MemoryService
     turns: set[asyncio.Task[None]] = field(default_factory=set)  # turns still running
     cache_report: Memo = field(default_factory=Memo)  # /v1/cache/stats, once a second
 

@@ -146,7 +146,7 @@ def test_every_id_tag_of_the_production_indexes_is_case_sensitive(r: redis.Redis
         "cache.tool": True, "cache.scope": True, "cache.model": True, "cache.args_digest": True,
         "cache.creator": True,
         "kb.doc": True, "kb.scope": True, "kb.source": True, "kb.model": True,
-        "memory.user": True, "memory.kind": True, "memory.model": True,
+        "memory.user": True, "memory.kind": True, "memory.model": True, "memory.session": True,
     }  # fmt: skip
 
 

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
      "app.privacy.routes",
      "app.limits", "app.state", "app.health", "app.web", "app.api",
      # the OpenAI-compatible face: a projection of the chat routes' turn
-     "app.openai"),
+     "app.openai", "app.mcp"),
     ("app.stack", "app.cli"),
 ]
 

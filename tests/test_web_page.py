@@ -290,3 +290,30 @@ def test_a_token_link_for_another_user_replaces_the_stored_token_only_when_confi
     page.wait_for("document.readyState === 'complete' && location.search === '?n=4'")
     assert page.next_event("Page.javascriptDialogOpening", timeout=1) is None
     assert page.eval(stored) == theirs
+
+
+def test_the_memory_panel_adds_a_memory_and_searches_by_meaning(
+    browser_page: tuple[Page, str], settings: Settings
+) -> None:
+    page, base = browser_page
+    user = f"web-{uuid.uuid4().hex[:8]}"
+    token = issue_token(settings.auth_secret or "", user)
+    page.eval(f"location.href = {json.dumps(base + '/#token=' + token)}")
+    page.wait_for("document.readyState === 'complete' && !!document.getElementById('memory-new')")
+    page.wait_for("document.getElementById('memories-empty').textContent === 'none yet'")
+    enter = "new KeyboardEvent('keydown', {key: 'Enter', bubbles: true})"
+    for fact in ("prefers window seats on long flights", "keeps bees in the garden"):
+        page.eval(f"{{ const box = document.getElementById('memory-new');"
+                  f" box.value = {json.dumps(fact)}; box.dispatchEvent({enter}); }} true")
+        page.wait_for(f"[...document.querySelectorAll('#memories li .text')]"
+                      f".some(e => e.textContent === {json.dumps(fact)})")
+    page.eval("{ const q = document.getElementById('memory-search');"
+              " q.value = 'Which seat on a plane?'; q.dispatchEvent(" + enter + "); } true")
+    first = page.wait_for("document.querySelector('#memories li .score') && "
+                          "document.querySelector('#memories li .text').textContent")
+    assert first == "prefers window seats on long flights"
+    with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
+        stored = conn.execute("SELECT kind, content FROM memories WHERE user_id = %s"
+                              " ORDER BY content", (user,)).fetchall()
+    assert stored == [("note", "keeps bees in the garden"),
+                      ("note", "prefers window seats on long flights")]

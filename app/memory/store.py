@@ -44,6 +44,7 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from app.embeddings import Embedder, Vector
+from app.errors import DuplicateMemory, NotFound
 from app.memory.facts import Fact
 from app.stores import keys
 from app.stores.scope_guard import admitted
@@ -74,6 +75,8 @@ class Stored:
     updated: int = 0
     unchanged: int = 0
     evicted: int = 0
+    # The memory each fact landed on, in order (its own, or the one it duplicates).
+    ids: tuple[str, ...] = ()
 
     def __add__(self, other: Stored) -> Stored:
         return Stored(
@@ -81,6 +84,7 @@ class Stored:
             self.updated + other.updated,
             self.unchanged + other.unchanged,
             self.evicted + other.evicted,
+            self.ids + other.ids,
         )
 
 
@@ -118,12 +122,14 @@ def nearest(
 
 
 def _hash_fields(
-    user: str, kind: str, content: str, vector: Vector, model: str
+    user: str, kind: str, content: str, vector: Vector, model: str, sid: str | None = None
 ) -> dict[FieldT, EncodableT]:
     return {
         "user": user,
         "kind": kind,
         "model": model,
+        # '' is not indexed: a memory from no session matches no session filter.
+        "session": sid or "",
         "content": content,
         "updated_at": time.time(),
         "embedding": np.asarray(vector, dtype=np.float32).tobytes(),
@@ -182,14 +188,14 @@ class MemoryStore:
             "UPDATE memories SET used_at = now() WHERE id = %s RETURNING 1", (mid,)
         ).fetchone()
         if row is not None:
-            return Stored(unchanged=1)
+            return Stored(unchanged=1, ids=(mid,))
         near = nearest(self.redis, vector, user, fact.kind,
                        model=self.embedder.model_id, index=self.index)
         if near and near[0].distance < self.merge_distance:
             if canonical_content(near[0].content) == canonical_content(fact.content):
                 self.pg.execute("UPDATE memories SET used_at = now() WHERE id = %s"
                                 " AND user_id = %s", (near[0].id, user))
-                return Stored(unchanged=1)
+                return Stored(unchanged=1, ids=(near[0].id,))
             updated = self.pg.execute(
                 "UPDATE memories SET content = %s, session_id = %s, source_hash = %s,"
                 " updated_at = now(), used_at = now() WHERE id = %s AND user_id = %s",
@@ -199,9 +205,9 @@ class MemoryStore:
                 self.redis.hset(
                     keys.memory(user, near[0].id),
                     mapping=_hash_fields(user, fact.kind, fact.content, vector,
-                                         self.embedder.model_id),
+                                         self.embedder.model_id, sid),
                 )
-                return Stored(updated=1)
+                return Stored(updated=1, ids=(near[0].id,))
             # The copy outlived its row (deleted meanwhile): insert afresh below.
         self.pg.execute(
             "INSERT INTO memories (id, user_id, session_id, kind, content, source_hash)"
@@ -211,9 +217,52 @@ class MemoryStore:
         )
         self.redis.hset(
             keys.memory(user, mid),
-            mapping=_hash_fields(user, fact.kind, fact.content, vector, self.embedder.model_id),
+            mapping=_hash_fields(user, fact.kind, fact.content, vector, self.embedder.model_id,
+                                 sid),
         )
-        return Stored(inserted=1)
+        return Stored(inserted=1, ids=(mid,))
+
+    def rewrite(self, user: str, mid: str, kind: str, content: str) -> bool:
+        """Give the user's memory `mid` a new kind and content, re-embedded and re-deduped
+        like a written fact; its id stays. False when it already said exactly this.
+
+        Raises NotFound when the user has no memory `mid` (another user's, or deleted
+        meanwhile: the row is read FOR UPDATE, so a delete either came first or waits
+        for the commit and then removes the new copy too), and DuplicateMemory when
+        another memory of the user and kind has the same or a near-duplicate content."""
+        keys.check_user_id(user)
+        [vector] = self.embedder.embed_many([content])
+        with self.pg.transaction():
+            self.pg.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("memory:" + user,))
+            row = self.pg.execute(
+                "SELECT kind, content, session_id FROM memories"
+                " WHERE id = %s AND user_id = %s FOR UPDATE",
+                (mid, user),
+            ).fetchone()
+            if row is None:
+                raise NotFound("no such memory")
+            if (row[0], row[1]) == (kind, content):
+                return False
+            others = [memory_id(user, kind, content)] + [
+                n.id for n in nearest(self.redis, vector, user, kind, k=2,
+                                      model=self.embedder.model_id, index=self.index)
+                if n.distance < self.merge_distance
+            ]  # fmt: skip
+            for other in others:
+                if other != mid and self.pg.execute(
+                    "SELECT 1 FROM memories WHERE id = %s AND user_id = %s", (other, user)
+                ).fetchone():
+                    raise DuplicateMemory(other)
+            self.pg.execute(
+                "UPDATE memories SET kind = %s, content = %s, updated_at = now()"
+                " WHERE id = %s AND user_id = %s",
+                (kind, content, mid, user),
+            )
+            self.redis.hset(
+                keys.memory(user, mid),
+                mapping=_hash_fields(user, kind, content, vector, self.embedder.model_id, row[2]),
+            )
+        return True
 
 
 def count(pg: psycopg.Connection[Any], user: str) -> int:

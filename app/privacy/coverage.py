@@ -36,6 +36,7 @@ KEY_FAMILIES: dict[str, str] = {
     "memory:<uid>:<id>": "erased: memories",
     "erased:{<digest>}": "the fence itself: a digest, never the id; expires after 30 days",
     "idx:<name>:model-tagged": "no user data",
+    "idx:memory:session-tagged": "no user data",
     "idx:kb:versioned": "no user data: scope names of old chunks, once (user scopes "
                         "included until their chunks are re-ingested)",
     "rq:*": "no user data: audit jobs carry a cache-audit key, memory jobs sids only",

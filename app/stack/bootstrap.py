@@ -80,6 +80,11 @@ def prepare(settings: Settings, dims: int | None = None) -> Prepared:
             sessions.close()
     with pg_connect(settings.database_url, autocommit=True) as conn:
         ran = migrations.migrate(conn)
+        client = redis_client(settings.redis_url)
+        try:
+            indexes.tag_memory_sessions(client, conn)  # reads the migrated memories table
+        finally:
+            client.close()
     if risk is not None:
         log.warning("%s", risk)
     return Prepared(modules, created, [f"{m.version:04d}_{m.name}" for m in ran],

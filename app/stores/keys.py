@@ -30,7 +30,7 @@
 | `memory:<uid>:<id>`                  | hash + HNSW | none (MEMORY_MAX_PER_USER) | one long-term memory (recall copy)      |
 | `erased:{<digest>}`                  | string      | ERASED_SECONDS (30 days)   | fence: this user's data was erased (410 `user_erased`); digest, never the id |
 | `idx:cache`, `idx:kb`, `idx:memory`  | indexes     |                            | RediSearch indexes over the hashes      |
-| `idx:<name>:model-tagged`, `idx:kb:versioned` | string | none           | start-up backfills done, once per Redis |
+| `idx:<name>:model-tagged`, `idx:kb:versioned`, `idx:memory:session-tagged` | string | none | start-up backfills done, once per Redis |
 | `rq:*`                               | rq's own    | rq's                       | queues, jobs, registries                |
 
 The `{<sid>}` hash tag puts every key of one session in the same cluster slot,
@@ -65,6 +65,8 @@ CACHE_TOOLS = "cache-tools"
 INDEX_CACHE = "idx:cache"
 INDEX_KB = "idx:kb"
 INDEX_MEMORY = "idx:memory"
+# Start-up backfill marker: memories from before the `session` TAG were tagged (app.stores.indexes).
+MEMORY_SESSION_TAGGED = "idx:memory:session-tagged"
 # Sessions whose last turn awaits memory extraction: the app marks them, a worker
 # enqueues their jobs (app.memory.queue). On REDIS_URL, beside rq's queues.
 MEMORY_DUE = "memory-due"

@@ -247,6 +247,12 @@ def tag_model(key: str, model: str) -> Call[int]:
     return _call("tag_model", [key], [model], _int)
 
 
+def tag_session(key: str, sid: str) -> Call[int]:
+    """1 tagged | 0 already tagged or gone. `key` is a memory's recall copy
+    (`app.stores.indexes.tag_memory_sessions`)."""
+    return _call("tag_session", [key], [sid], _int)
+
+
 def release_flight(lock: str, token: str) -> Call[int]:
     """1 released | 0 not held by this token. `lock` comes from `keys.cache_flight`."""
     return _call("release_flight", [lock], [token], _int)
