@@ -36,7 +36,7 @@ from app.llm import make_provider
 from app.memory import routes as memory_routes
 from app.memory.queue import AfterTurnMark
 from app.memory.recall import make_recall
-from app.ops import logs, metrics
+from app.ops import logs, metrics, tracing
 from app.sessions import routes as session_routes
 from app.sessions.store import Sessions
 from app.settings import Settings
@@ -182,7 +182,8 @@ def create_app(settings: Settings) -> Starlette:
                 urlsplit(settings.database_url).password)
     return Starlette(
         routes=routes(),
-        middleware=[Middleware(logs.RequestIds)],
+        # The OpenTelemetry ASGI middleware first, when tracing is on (app.ops.tracing).
+        middleware=[*tracing.asgi_middleware(), Middleware(logs.RequestIds)],
         lifespan=lifespan,
         exception_handlers={
             BackboneError: _backbone_error,

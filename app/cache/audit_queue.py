@@ -11,6 +11,8 @@ from typing import Any
 import redis
 from rq import Queue
 
+from app.ops import tracing
+
 AUDIT_QUEUE = "audit"
 JOB = "workers.audit.audit_cache_entry"
 
@@ -20,8 +22,10 @@ def audit_enqueuer(connection: redis.Redis) -> Callable[[dict[str, Any]], None]:
     q = Queue(AUDIT_QUEUE, connection=connection)
 
     def enqueue(payload: dict[str, Any]) -> None:
+        # Runs in a thread that copied the turn's context: the audit joins its trace.
         q.enqueue_call(
-            JOB, kwargs=payload, timeout=120, result_ttl=600, failure_ttl=86400
+            JOB, kwargs=payload, timeout=120, result_ttl=600, failure_ttl=86400,
+            meta=tracing.job_meta(),
         )
 
     return enqueue

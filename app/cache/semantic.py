@@ -490,7 +490,7 @@ class SemanticCache:
         text = _s(stored_query) if stored_query is not None else None
         if current is not None and _version(stored_version) < current:
             return Probe(key, text, 0.0, Decision(False, 0.0, "stale"), None, True)
-        hit = CacheHit(decode_result(raw), 0.0, key, float(_s(tool_ms or b"0")))
+        hit = CacheHit(decode_result(raw), 0.0, key, float(_s(tool_ms or b"0")), exact=True)
         return Probe(key, text, 0.0, Decision(True, 1.0, "exact"), hit, True)
 
     def _nearest(
