@@ -20,7 +20,10 @@ With WORKER_CLASS=simple there are no work horses: the jobs' CPU is the worker's
 `--against DIR` measures instead the app's CPU per turn of this checkout and of
 the checkout in DIR (`git worktree add /tmp/base <commit>`), both servers on the
 same stores and driven at the same time by the same load, so a shared machine's
-noise falls on both alike; `--rounds` repeats it.
+noise falls on both alike; `--rounds` repeats it. `--otlp` turns tracing on in
+this checkout's app only (OTEL_EXPORTER_OTLP_ENDPOINT at an OTLP/HTTP sink in
+this process that reads and acknowledges every export, every turn sampled);
+`--against .` then gives tracing on against off in one checkout.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.server
 import itertools
 import os
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,16 +218,48 @@ def measure(settings_redis: str, settings_pg: str, port: str, backend: str,
     return run
 
 
+class _Sink(http.server.BaseHTTPRequestHandler):
+    """An OTLP/HTTP endpoint that reads every export and says 200 (counts them)."""
+
+    exports = [0, 0]  # requests, bytes
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.exports[0] += 1
+        self.exports[1] += len(body)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def otlp_sink() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def against(args: argparse.Namespace) -> None:
     """This checkout's app and DIR's, side by side under the same load at the same time."""
     other = Path(args.against).resolve()
     env = {"OFFLINE_TOKEN_DELAY_MS": str(args.pace_ms),
            "STREAM_COALESCE_MS": str(args.coalesce_ms[0])}
-    labels = ["this checkout", str(other)]
+    labels = ["this checkout" + (", tracing on (OTLP sink)" if args.otlp else ""), str(other)]
     totals = [[0.0, 0, 0] for _ in labels]
     with stores() as settings, contextlib.ExitStack() as stack:
-        bases = [stack.enter_context(servers(settings, cwd=cwd, **env))[0]
-                 for cwd in (None, other)]
+        traced = {}
+        if args.otlp:
+            traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": stack.enter_context(otlp_sink()),
+                      "OTEL_TRACES_SAMPLER": "parentbased_always_on"}
+        bases = [stack.enter_context(servers(settings, cwd=cwd, **env, **extra))[0]
+                 for cwd, extra in ((None, traced), (other, {}))]
         stack.enter_context(workers(settings, **env))
         apps = [_env_pid("PORT", b.rsplit(":", 1)[1], "app.cli", "serve")[0] for b in bases]
         for base in bases:
@@ -249,6 +286,8 @@ def against(args: argparse.Namespace) -> None:
     print("|---|---:|---:|---:|")
     for label, (cpu, turns, errors) in zip(labels, totals, strict=True):
         print(f"| {label} | {turns} | {errors} | {cpu * 1000 / max(turns, 1):.1f} |")
+    if args.otlp:
+        print(f"\nOTLP sink: {_Sink.exports[0]} exports, {_Sink.exports[1] / 1e6:.1f} MB")
 
 
 def main() -> None:
@@ -262,6 +301,8 @@ def main() -> None:
     p.add_argument("--coalesce-ms", nargs="+", type=int, default=[25])
     p.add_argument("--against", help="another checkout's folder: its app side by side")
     p.add_argument("--rounds", type=int, default=2, help="rounds of --against")
+    p.add_argument("--otlp", action="store_true",
+                   help="with --against: this checkout's app traces to a local OTLP sink")
     args = p.parse_args()
     if args.against:
         against(args)
