@@ -43,6 +43,7 @@ call: a Redis error on lookup is a miss, on store is a skipped store.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import functools
 import hashlib
@@ -547,7 +548,8 @@ class SemanticCache:
             if kind == "exact_hits":
                 counts[tool, "exact_hits"] += 1
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_later())
+            # Counts of many turns: not in the context (log ids, trace) of this one.
+            self._flusher = asyncio.create_task(self._flush_later(), context=contextvars.Context())
             self._tasks.add(self._flusher)
             self._flusher.add_done_callback(self._tasks.discard)
 

@@ -35,6 +35,7 @@ from app.errors import BadRequest
 from app.ops import tracing
 from app.sessions.messages import Message
 from app.stores import keys, scripts
+from app.stores.batch import batch
 
 log = logging.getLogger("backbone.memory")
 
@@ -212,10 +213,13 @@ async def mark_due(client: aredis.Redis, sid: str) -> None:
     if not carrier:
         await client.zadd(keys.MEMORY_DUE, mark)
         return
-    pipe = client.pipeline(transaction=False)
-    pipe.zadd(keys.MEMORY_DUE, mark)
-    pipe.set(keys.memory_due_trace(sid), json.dumps(carrier), ex=keys.MEMORY_DUE_TRACE_SECONDS)
-    await pipe.execute()
+    for reply in await batch(client, [
+        ("ZADD", keys.MEMORY_DUE, mark[sid], sid),
+        ("SET", keys.memory_due_trace(sid), json.dumps(carrier), "EX",
+         keys.MEMORY_DUE_TRACE_SECONDS),
+    ]):
+        if isinstance(reply, redis.RedisError):
+            raise reply
 
 
 class AfterTurnMark:
