@@ -5,6 +5,7 @@ nothing imported without an endpoint; a real OTLP/HTTP receiver decodes what is 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.server
 import os
 import subprocess
@@ -139,20 +140,30 @@ def test_one_turn_is_one_trace_from_the_route_through_redis_and_postgres_into_th
         assert all(SECRET_WORD not in repr(dict(e.attributes or {})) for e in s.events), s.name
 
 
-def test_a_repeated_question_is_an_exact_cache_hit_on_its_tool_span(
-    stores_env: Settings, token_for: Headers, user: str
+def test_a_repeated_question_is_an_exact_hit_on_its_tool_span_and_its_audit_joins_the_trace(
+    stores_env: Settings, r: redis.Redis, token_for: Headers, user: str
 ) -> None:
     text = f"What does a semantic cache key hold? {user}"
-    with traced() as exporter, TestClient(create_app(stores_env)) as c:
-        h = token_for(user)
-        for _ in range(2):
-            _turn(c, c.post("/v1/sessions", headers=h).json()["id"], h, text)
-        wait_until(lambda: len(_by_name(exporter.get_finished_spans(), "turn")) >= 2,
-                   "both turns' spans")
-        tools = [s for s in _by_name(exporter.get_finished_spans(), "execute_tool ")]
-    outcomes = [(s.attributes or {}).get("backbone.cache.outcome") for s in tools[-2:]]
+    audited = dataclasses.replace(stores_env, retrieval_cache_audit_rate=1.0)
+    with traced() as exporter:
+        with TestClient(create_app(audited)) as c:
+            h = token_for(user)
+            for _ in range(2):
+                _turn(c, c.post("/v1/sessions", headers=h).json()["id"], h, text)
+            wait_until(lambda: len(_by_name(exporter.get_finished_spans(), "turn")) >= 2,
+                       "both turns' spans")
+        # The lifespan's end waited for the audit enqueue; the worker runs it.
+        SimpleWorker([Queue("audit", connection=r)], connection=r).work(burst=True)
+        spans = list(exporter.get_finished_spans())
+    tools = _by_name(spans, "execute_tool ")[-2:]
+    outcomes = [(s.attributes or {}).get("backbone.cache.outcome") for s in tools]
     assert outcomes == ["miss", "exact_hit"]
     assert (tools[-1].attributes or {}).get("backbone.cache.distance") == 0.0
+    hit = tools[-1]
+    [audit] = [s for s in _by_name(spans, "cache.audit")
+               if s.context.trace_id == hit.context.trace_id]
+    assert audit.kind is SpanKind.CONSUMER
+    assert audit.parent is not None and audit.parent.span_id == hit.context.span_id
 
 
 def test_content_capture_puts_the_messages_on_the_chat_span_only_when_switched_on(
