@@ -52,7 +52,7 @@ from app.memory.service import MemoryService
 from app.memory.usage import UsageMarks
 from app.openai import conversations as openai_conversations
 from app.openai import responses as openai_responses
-from app.ops import logs, metrics
+from app.ops import logs, metrics, tracing
 from app.privacy import routes as privacy_routes
 from app.sessions import routes as session_routes
 from app.sessions.store import Sessions
@@ -262,7 +262,8 @@ def create_app(settings: Settings) -> Starlette:
         # The MCP server (app.mcp, its own bearer gate): its router answers this one path,
         # every method.
         routes=[*routes(), Route("/mcp", mcp_app)],
-        middleware=[Middleware(logs.RequestIds)],
+        # The OpenTelemetry ASGI middleware first, when tracing is on (app.ops.tracing).
+        middleware=[*tracing.asgi_middleware(), Middleware(logs.RequestIds)],
         lifespan=lifespan,
         exception_handlers={
             BackboneError: _backbone_error,

@@ -29,7 +29,7 @@ from typing import Any
 
 from app.auth import issue_token, with_secret
 from app.errors import BackboneError
-from app.ops import logs, metrics
+from app.ops import logs, metrics, tracing
 from app.settings import Settings
 from app.stack import running as running_stack
 from app.stack.bootstrap import eviction_warning, prepare
@@ -220,6 +220,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     # which must end in KeyboardInterrupt (uvicorn.run returns), not kill us before
     # the stores this command started are stopped.
     signal.signal(signal.SIGTERM, _interrupt)
+    # Only with OTEL_EXPORTER_OTLP_ENDPOINT set; before the app opens its clients.
+    tracing.setup("backbone-api")
     with _stores(with_secret(settings)) as resolved:
         prepare(resolved, _dims(resolved))
         drain = int(resolved.shutdown_grace_seconds + STOP_MARGIN_SECONDS) + 2
@@ -242,6 +244,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from workers.worker import run_worker
 
+    tracing.setup("backbone-worker")
     with _stores(settings) as resolved:
         # run_worker prepares the stores itself, once they answer: it may start before them.
         run_worker(resolved, burst=args.burst, dims=_dims(resolved))

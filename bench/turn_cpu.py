@@ -31,6 +31,11 @@ one driven through the native route (`POST /v1/sessions/{sid}/messages`), the
 other through the OpenAI-compatible face (`POST /v1/responses`, streamed, in
 the session's conversation): the same turns, the cost of the projection. With
 one protocol (the default, native) the configurations above are driven with it.
+
+`--otlp` turns tracing on in this checkout's app only (OTEL_EXPORTER_OTLP_ENDPOINT
+at an OTLP/HTTP sink in this process that reads and acknowledges every export,
+every turn sampled); `--otlp --against .` then gives tracing on against off in
+one checkout.
 """
 
 from __future__ import annotations
@@ -38,11 +43,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.server
 import itertools
 import os
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,12 +250,41 @@ def seed_memories(settings_redis: str, settings_pg: str, users: list[str], n: in
     conn.close()
 
 
+class _Sink(http.server.BaseHTTPRequestHandler):
+    """An OTLP/HTTP endpoint that reads every export and says 200 (counts them)."""
+
+    exports = [0, 0]  # requests, bytes
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.exports[0] += 1
+        self.exports[1] += len(body)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def otlp_sink() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def side_by_side(args: argparse.Namespace) -> None:
     """Two apps under the same load at the same time: this checkout's and DIR's
     (`--against`), or this checkout's twice, one per `--protocol`."""
     if args.against:
         other = Path(args.against).resolve()
-        lanes = [("this checkout", None, args.protocol[0]),
+        mine = "this checkout" + (", tracing on (OTLP sink)" if args.otlp else "")
+        lanes = [(mine, None, args.protocol[0]),
                  (str(other), other, args.protocol[0])]
     else:
         lanes = [(f"{p} ({'POST /v1/responses' if p == 'responses' else 'POST .../messages'})",
@@ -257,8 +293,13 @@ def side_by_side(args: argparse.Namespace) -> None:
            "STREAM_COALESCE_MS": str(args.coalesce_ms[0])}
     totals = [[0.0, 0, 0] for _ in lanes]
     with stores() as settings, contextlib.ExitStack() as stack:
-        bases = [stack.enter_context(servers(settings, cwd=cwd, **env))[0]
-                 for _, cwd, _ in lanes]
+        traced = {}
+        if args.otlp:  # the first lane only
+            traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": stack.enter_context(otlp_sink()),
+                      "OTEL_TRACES_SAMPLER": "parentbased_always_on"}
+        bases = [stack.enter_context(servers(settings, cwd=cwd, **env,
+                                             **(traced if i == 0 else {})))[0]
+                 for i, (_, cwd, _) in enumerate(lanes)]
         stack.enter_context(workers(settings, **env))
         apps = [_env_pid("PORT", b.rsplit(":", 1)[1], "app.cli", "serve")[0] for b in bases]
         for base, (_, _, protocol) in zip(bases, lanes, strict=True):
@@ -290,6 +331,8 @@ def side_by_side(args: argparse.Namespace) -> None:
     print("|---|---:|---:|---:|")
     for (label, _, _), (cpu, turns, errors) in zip(lanes, totals, strict=True):
         print(f"| {label} | {turns} | {errors} | {cpu * 1000 / max(turns, 1):.1f} |")
+    if args.otlp:
+        print(f"\nOTLP sink: {_Sink.exports[0]} exports, {_Sink.exports[1] / 1e6:.1f} MB")
 
 
 def main() -> None:
@@ -308,6 +351,8 @@ def main() -> None:
                    help="the face that drives the turns; two: side by side")
     p.add_argument("--memories", type=int, default=0,
                    help="with --against: long-term memories per chat user, near its questions")
+    p.add_argument("--otlp", action="store_true",
+                   help="side by side: the first app traces to a local OTLP sink")
     args = p.parse_args()
     if args.against or len(args.protocol) > 1:
         side_by_side(args)

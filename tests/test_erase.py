@@ -56,7 +56,10 @@ class Seeded:
 
 @pytest.fixture(scope="module")
 def erase_client(settings: Settings) -> Iterator[TestClient]:
-    s = dataclasses.replace(settings, offline_token_delay_ms=0, retrieval_cache_audit_rate=1.0)
+    # A window longer than the seeding takes on a busy machine: its rate-limit keys must
+    # still be there for the erase to clear.
+    s = dataclasses.replace(settings, offline_token_delay_ms=0, retrieval_cache_audit_rate=1.0,
+                            rate_limit_window_seconds=3600)
     with TestClient(create_app(s)) as c:
         yield c
 

@@ -192,6 +192,8 @@ SID = "0" * 32
     ("PTTL", f"memory-task-lock:{{{SID}}}"),  # a locked job schedules its follow-up
     ("SET", f"cache-audit:{SID}", "{}", "EX", "60"),  # app.cache.audit_queue: the audit input
     ("GETDEL", f"cache-audit:{SID}"),  # workers.audit reads it once
+    # ... and with tracing on, the turn's trace context beside the mark
+    ("SET", f"memory-due-trace:{{{SID}}}", "{}", "EX", "3600"),
 ])
 def test_the_limited_user_may_run_what_the_app_runs_on_its_own_keys(
     limited: Settings, command: tuple[str, ...]

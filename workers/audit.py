@@ -33,6 +33,7 @@ from app.cache.decision import AdaptiveThreshold, content_words
 from app.cache.semantic import decode_result, threshold_key, threshold_state
 from app.cache.stats import record_audit
 from app.embeddings import shared_embedder
+from app.ops import tracing
 from app.settings import Settings
 from app.stores import keys
 from app.stores.clients import async_redis_client, redis_client
@@ -125,6 +126,7 @@ def _insert_row(
         return False
 
 
+@tracing.traced_job("cache.audit")
 def audit_cache_entry(entry: str) -> dict[str, Any]:
     """Audit one served entry; return what was found (status, overlap, invalidated).
 

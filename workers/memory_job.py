@@ -49,7 +49,7 @@ from app.memory import Extractor, make_extractor, update_summary
 from app.memory.facts import cap
 from app.memory.queue import enqueue_after_lock
 from app.memory.store import MemoryStore
-from app.ops import metrics
+from app.ops import metrics, tracing
 from app.sessions.messages import Message
 from app.settings import Settings
 from app.stores import keys, scripts
@@ -67,6 +67,7 @@ def _text(raw: Any) -> str | None:
 # -- the job ---------------------------------------------------------------------
 
 
+@tracing.traced_job("memory.extract")
 def extract_memories(sid: str) -> dict[str, Any]:
     """rq job: mine the messages of `sid` after its cursor; return counts."""
     settings = Settings.from_env()

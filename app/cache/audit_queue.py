@@ -18,6 +18,7 @@ from typing import Any
 import redis
 from rq import Queue
 
+from app.ops import tracing
 from app.stores import keys
 
 AUDIT_QUEUE = "audit"
@@ -33,6 +34,8 @@ def audit_enqueuer(connection: redis.Redis) -> Callable[[dict[str, Any]], None]:
         entry = keys.cache_audit()
         connection.set(entry, json.dumps(payload, sort_keys=True),
                        ex=keys.AUDIT_ENTRY_TTL_SECONDS)
-        q.enqueue_call(JOB, args=(entry,), timeout=120, result_ttl=600, failure_ttl=86400)
+        # Runs in a thread that copied the turn's context: the audit joins its trace.
+        q.enqueue_call(JOB, args=(entry,), timeout=120, result_ttl=600, failure_ttl=86400,
+                       meta=tracing.job_meta())
 
     return enqueue

@@ -19,6 +19,7 @@ class CacheHit:
     distance: float
     entry: str
     tool_ms: float
+    exact: bool = False  # served by the exact entry, not the KNN
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ call: a Redis error on lookup is a miss, on store is a skipped store.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import functools
 import hashlib
@@ -505,7 +506,7 @@ class SemanticCache:
         text = _s(stored_query) if stored_query is not None else None
         if current is not None and _version(stored_version) < current:
             return Probe(key, text, 0.0, Decision(False, 0.0, "stale"), None, True)
-        hit = CacheHit(decode_result(raw), 0.0, key, float(_s(tool_ms or b"0")))
+        hit = CacheHit(decode_result(raw), 0.0, key, float(_s(tool_ms or b"0")), exact=True)
         return Probe(key, text, 0.0, Decision(True, 1.0, "exact"), hit, True)
 
     def _nearest(
@@ -562,7 +563,8 @@ class SemanticCache:
             if kind == "exact_hits":
                 counts[tool, "exact_hits"] += 1
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_later())
+            # Counts of many turns: not in the context (log ids, trace) of this one.
+            self._flusher = asyncio.create_task(self._flush_later(), context=contextvars.Context())
             self._tasks.add(self._flusher)
             self._flusher.add_done_callback(self._tasks.discard)
 

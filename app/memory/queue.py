@@ -21,6 +21,7 @@ The job is named by its import path, so the app never imports `workers`.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from datetime import timedelta
@@ -33,8 +34,10 @@ from rq.exceptions import DuplicateJobError
 from rq.job import Job, JobStatus
 
 from app.errors import BadRequest
+from app.ops import tracing
 from app.sessions.messages import Message
 from app.stores import keys, scripts
+from app.stores.batch import batch
 
 log = logging.getLogger("backbone.memory")
 
@@ -104,6 +107,18 @@ def _fetch(q: Queue, jid: str) -> Job | None:
 Enqueued = Literal["queued", "waiting", "busy"]
 
 
+def _trace_meta(client: redis.Redis, sid: str) -> dict[str, object] | None:
+    """The job meta carrying the marking turn's trace (tracing on, in this worker)."""
+    if not tracing.enabled():
+        return None
+    raw = client.get(keys.memory_due_trace(sid))
+    try:
+        found = json.loads(raw) if raw else None
+    except ValueError:
+        found = None
+    return {"otel": found} if isinstance(found, dict) else None
+
+
 def enqueue_extraction(client: redis.Redis, sid: str, *, queue: str = QUEUE) -> bool:
     """Enqueue one extraction for `sid` unless one is already waiting; True if enqueued."""
     return try_enqueue(client, sid, queue=queue) == "queued"
@@ -135,7 +150,8 @@ def try_enqueue(client: redis.Redis, sid: str, *, queue: str = QUEUE) -> Enqueue
             # Retry: a job whose worker died is re-run once rq finds it abandoned
             # (StartedJobRegistry.cleanup), instead of landing in the failed registry.
             q.enqueue_call(JOB, args=(sid,), job_id=jid, unique=True, timeout=600,
-                           result_ttl=300, failure_ttl=86400, retry=Retry(max=RETRIES))
+                           result_ttl=300, failure_ttl=86400, retry=Retry(max=RETRIES),
+                           meta=_trace_meta(client, sid))
         except DuplicateJobError:
             return "waiting"  # another node enqueued it between our read and our write
         return "queued"
@@ -157,7 +173,8 @@ def enqueue_after_lock(client: redis.Redis, sid: str, delay_seconds: float, *,
     if job is not None:
         _free(job)
     q.enqueue_in(timedelta(seconds=delay_seconds), JOB, sid, job_id=jid, job_timeout=600,
-                 result_ttl=300, failure_ttl=86400, retry=Retry(max=RETRIES))
+                 result_ttl=300, failure_ttl=86400, retry=Retry(max=RETRIES),
+                 meta=tracing.job_meta())
     return True
 
 
@@ -216,8 +233,21 @@ def dispatch_all(client: redis.Redis, *, batch: int = DISPATCH_BATCH, queue: str
 
 
 async def mark_due(client: aredis.Redis, sid: str) -> None:
-    """This session's last turn awaits extraction (a later mark raises its score)."""
-    await client.zadd(keys.MEMORY_DUE, {keys.check_session_id(sid): int(time.time() * 1000)})
+    """This session's last turn awaits extraction (a later mark raises its score).
+    With tracing on, the turn's trace context goes beside the mark, in the same round
+    trip, so the job the dispatcher enqueues continues the turn's trace."""
+    mark = {keys.check_session_id(sid): int(time.time() * 1000)}
+    carrier = tracing.carrier()
+    if not carrier:
+        await client.zadd(keys.MEMORY_DUE, mark)
+        return
+    for reply in await batch(client, [
+        ("ZADD", keys.MEMORY_DUE, mark[sid], sid),
+        ("SET", keys.memory_due_trace(sid), json.dumps(carrier), "EX",
+         keys.MEMORY_DUE_TRACE_SECONDS),
+    ]):
+        if isinstance(reply, redis.RedisError):
+            raise reply
 
 
 class AfterTurnMark:

@@ -19,6 +19,7 @@ KEY_FAMILIES: dict[str, str] = {
     "cache-tools": "no user data: tool names",
     "cache-audit:<token>": "erased: cache (inputs naming the user, one SCAN); expires in 1 h",
     "memory-due": "sessions: the sid's mark removed (sids only)",
+    "memory-due-trace:{<sid>}": "no user data: a W3C trace context (tracing on); expires in 1 h",
     "memory-task-lock:{<sid>}": "erased: sessions",
     "memory-last-extracted:{<sid>}": "erased: sessions",
     "memory-last-extracted:{<sid>}:seq": "erased: sessions",

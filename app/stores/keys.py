@@ -10,6 +10,7 @@
 | `persist-sweep-tick`                 | string      | SWEEP_INTERVAL_SECONDS     | one sweep enqueued per interval         |
 | `retention-sweep-tick`               | string      | 1 h                        | one retention sweep enqueued per hour   |
 | `memory-due`                         | sorted set  | none                       | sid -> ms of its last turn not yet handed to the memory queue |
+| `memory-due-trace:{<sid>}`           | string      | 1 hour                     | W3C trace context of the turn that marked it (tracing on only) |
 | `memory-task-lock:{<sid>}`           | string      | MEMORY_LOCK_TTL_SECONDS    | owner token of the one extractor        |
 | `memory-last-extracted:{<sid>}`      | string      | MEMORY_TTL_SECONDS         | SHA-256 of the last mined message       |
 | `memory-last-extracted:{<sid>}:seq`  | string      | MEMORY_TTL_SECONDS         | seq of that message (cursor order)      |
@@ -70,10 +71,16 @@ MEMORY_SESSION_TAGGED = "idx:memory:session-tagged"
 # Sessions whose last turn awaits memory extraction: the app marks them, a worker
 # enqueues their jobs (app.memory.queue). On REDIS_URL, beside rq's queues.
 MEMORY_DUE = "memory-due"
+# With tracing on: the marking turn's trace context, for the job the dispatcher enqueues.
+MEMORY_DUE_TRACE_SECONDS = 3600
 
 
 def new_session_id() -> str:
     return secrets.token_hex(16)
+
+
+def memory_due_trace(sid: str) -> str:
+    return f"memory-due-trace:{{{check_session_id(sid)}}}"
 
 
 def check_session_id(sid: str) -> str:
