@@ -40,6 +40,7 @@ from app.stores.clients import check_modules, pg_connect, redis_client
 Command = Callable[[Settings, argparse.Namespace], int]
 LOCAL_USER = "local"
 KEEP_ALIVE_SECONDS = 30
+ENDS_WITHOUT_TEARDOWN = ("up", "serve", "worker")
 
 
 def _dims(settings: Settings) -> int | None:
@@ -127,8 +128,9 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         env[metrics.MULTIPROC_ENV] = str(metrics.fresh_multiproc_dir(resolved.data_dir))
     # From here on a child that exits is restarted, not a reason to stop (app.supervisor).
     board_port = dashboard_port()
-    supervisor = Supervisor([*store_children(stack), *cluster_children(cluster),
-                             ProcessChild("app", "serve", env),
+    # The app's stop is its drain: past it uvicorn itself cuts what still runs.
+    app = ProcessChild("app", "serve", env, stop_wait=_drain_seconds(resolved) + 5)
+    supervisor = Supervisor([*store_children(stack), *cluster_children(cluster), app,
                              ProcessChild("worker", "worker", env),
                              dashboard_child(resolved.redis_url or "", board_port, env)])
     try:
@@ -207,11 +209,18 @@ def _print_banner(s: Settings, created: list[str], applied: list[str],
     print("\n".join(lines), flush=True)
 
 
+def _drain_seconds(settings: Settings) -> int:
+    """uvicorn's graceful-shutdown timeout: past the streams' own shutdown grace
+    (app.chat.routes) and the margin for their last event."""
+    from app.chat.routes import STOP_MARGIN_SECONDS
+
+    return int(settings.shutdown_grace_seconds + STOP_MARGIN_SECONDS) + 2
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.api import create_app
-    from app.chat.routes import STOP_MARGIN_SECONDS
 
     # SIGTERM stops like Ctrl-C: uvicorn drains, then re-raises the signal it caught,
     # which must end in KeyboardInterrupt (uvicorn.run returns), not kill us before
@@ -219,7 +228,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     with _stores(with_secret(settings)) as resolved:
         prepare(resolved, _dims(resolved))
-        drain = int(resolved.shutdown_grace_seconds + STOP_MARGIN_SECONDS) + 2
+        drain = _drain_seconds(resolved)
         uvicorn.run(
             create_app(resolved), host=resolved.host, port=resolved.port,
             log_level=resolved.log_level.lower(),
@@ -460,10 +469,27 @@ def main(argv: list[str] | None = None) -> int:
         # pgserver narrates every initdb and pg_ctl at INFO; keep the banner readable.
         logging.getLogger("pgserver").setLevel(logging.WARNING)
         fn: Command = args.fn
-        return fn(settings, args)
+        code = fn(settings, args)
     except BackboneError as e:
         print(f"backbone: {e.message}", file=sys.stderr)
         return 2
+    if args.command in ENDS_WITHOUT_TEARDOWN:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """End a stopped `up`, `serve` or `worker` without the interpreter's teardown.
+
+    Everything they started is stopped and closed by now (pools, clients, stores,
+    children); what is left is unloading modules, and with sentence-transformers and
+    torch imported that took 0.3 s idle and up to 3 s on a busy machine: a good part
+    of each Ctrl-C, paid once by every process (docs/reliability.md).
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
