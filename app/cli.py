@@ -20,10 +20,12 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from app.auth import issue_token, with_secret
@@ -177,9 +179,22 @@ def _ingest_sample_if_empty(settings: Settings) -> None:
         client.close()
 
 
+def backbone_command() -> str:
+    """`backbone` as the user can type it where they stand: `.venv/bin/backbone` under
+    `make run` (the venv is not on PATH), plain `backbone` when PATH finds this one."""
+    script = Path(sys.executable).parent / "backbone"
+    if not script.exists() or shutil.which("backbone") == str(script):
+        return "backbone"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
 def _print_banner(s: Settings, created: list[str], applied: list[str],
                   board_port: int, cluster: EmbeddedCluster | None = None) -> None:
     base = f"http://{s.host}:{s.port}"
+    backbone = backbone_command()
     lines = [
         "",
         "redis-backbone is up",
@@ -191,7 +206,7 @@ def _print_banner(s: Settings, created: list[str], applied: list[str],
     if s.redis_url and s.redis_url.startswith("redis://127.0.0.1:"):
         port = s.redis_url.rsplit(":", 1)[1].split("/")[0]
         lines.append(f"  inspect      redis-cli -p {port}    (FT._LIST; no redis-cli? apt install "
-                     "redis-tools, or backbone keys)")
+                     f"redis-tools, or {backbone} keys)")
     if cluster is not None:
         lines.append(f"  sessions     {cluster.describe()}")
         lines.append(f"               redis-cli -c -p {cluster.ports[0]}    (CLUSTER NODES)")
@@ -200,7 +215,7 @@ def _print_banner(s: Settings, created: list[str], applied: list[str],
     token = issue_token(s.auth_secret or "", LOCAL_USER)
     lines.append(f"  chat page    {base}/#token={token}")
     lines.append(f"  token        {token}")
-    lines.append(f"               (user '{LOCAL_USER}'; another: backbone token --user NAME)")
+    lines.append(f"               (user '{LOCAL_USER}'; another: {backbone} token --user NAME)")
     if created:
         lines.append(f"  created indexes: {', '.join(created)}")
     if applied:
@@ -334,8 +349,6 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from app.embeddings import shared_embedder
     from app.kb.ingest import delete_paths, ingest_paths
 

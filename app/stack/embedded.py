@@ -315,6 +315,10 @@ class EmbeddedStack:
         """Which stores this command uses, in a sentence for the user."""
         if self.running is not None:
             return f"using {self.running.describe()}"
+        if self.redis is None and self.postgres is None:
+            # Both from the environment (as `up` hands them to its app and worker):
+            # no record was looked for, and none is missing.
+            return "using Redis from REDIS_URL and PostgreSQL from DATABASE_URL"
         parts = []
         if self.redis is None:
             parts.append("Redis from REDIS_URL")
