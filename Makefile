@@ -30,8 +30,9 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy app workers
 
+## make bench: the product's benchmarks (not bench/experiments/), each with where its table goes
 bench: install
-	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+	$(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -21,10 +21,12 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from app.auth import issue_token, with_secret
@@ -41,6 +43,7 @@ from app.stores.clients import check_modules, pg_connect, redis_client
 Command = Callable[[Settings, argparse.Namespace], int]
 LOCAL_USER = "local"
 KEEP_ALIVE_SECONDS = 30
+ENDS_WITHOUT_TEARDOWN = ("up", "serve", "worker")
 
 
 def _dims(settings: Settings) -> int | None:
@@ -128,8 +131,9 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         env[metrics.MULTIPROC_ENV] = str(metrics.fresh_multiproc_dir(resolved.data_dir))
     # From here on a child that exits is restarted, not a reason to stop (app.supervisor).
     board_port = dashboard_port()
-    supervisor = Supervisor([*store_children(stack), *cluster_children(cluster),
-                             ProcessChild("app", "serve", env),
+    # The app's stop is its drain: past it uvicorn itself cuts what still runs.
+    app = ProcessChild("app", "serve", env, stop_wait=_drain_seconds(resolved) + 5)
+    supervisor = Supervisor([*store_children(stack), *cluster_children(cluster), app,
                              ProcessChild("worker", "worker", env),
                              dashboard_child(resolved.redis_url or "", board_port, env)])
     try:
@@ -176,9 +180,22 @@ def _ingest_sample_if_empty(settings: Settings) -> None:
         client.close()
 
 
+def backbone_command() -> str:
+    """`backbone` as the user can type it where they stand: `.venv/bin/backbone` under
+    `make run` (the venv is not on PATH), plain `backbone` when PATH finds this one."""
+    script = Path(sys.executable).parent / "backbone"
+    if not script.exists() or shutil.which("backbone") == str(script):
+        return "backbone"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
 def _print_banner(s: Settings, created: list[str], applied: list[str],
                   board_port: int, cluster: EmbeddedCluster | None = None) -> None:
     base = f"http://{s.host}:{s.port}"
+    backbone = backbone_command()
     lines = [
         "",
         "redis-backbone is up",
@@ -190,7 +207,7 @@ def _print_banner(s: Settings, created: list[str], applied: list[str],
     if s.redis_url and s.redis_url.startswith("redis://127.0.0.1:"):
         port = s.redis_url.rsplit(":", 1)[1].split("/")[0]
         lines.append(f"  inspect      redis-cli -p {port}    (FT._LIST; no redis-cli? apt install "
-                     "redis-tools, or backbone keys)")
+                     f"redis-tools, or {backbone} keys)")
     if cluster is not None:
         lines.append(f"  sessions     {cluster.describe()}")
         lines.append(f"               redis-cli -c -p {cluster.ports[0]}    (CLUSTER NODES)")
@@ -201,7 +218,7 @@ def _print_banner(s: Settings, created: list[str], applied: list[str],
     token = issue_token(s.auth_secret or "", LOCAL_USER)
     lines.append(f"  chat page    {base}/#token={token}")
     lines.append(f"  token        {token}")
-    lines.append(f"               (user '{LOCAL_USER}'; another: backbone token --user NAME)")
+    lines.append(f"               (user '{LOCAL_USER}'; another: {backbone} token --user NAME)")
     if created:
         lines.append(f"  created indexes: {', '.join(created)}")
     if applied:
@@ -210,11 +227,18 @@ def _print_banner(s: Settings, created: list[str], applied: list[str],
     print("\n".join(lines), flush=True)
 
 
+def _drain_seconds(settings: Settings) -> int:
+    """uvicorn's graceful-shutdown timeout: past the streams' own shutdown grace
+    (app.chat.routes) and the margin for their last event."""
+    from app.chat.routes import STOP_MARGIN_SECONDS
+
+    return int(settings.shutdown_grace_seconds + STOP_MARGIN_SECONDS) + 2
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.api import create_app
-    from app.chat.routes import STOP_MARGIN_SECONDS
 
     # SIGTERM stops like Ctrl-C: uvicorn drains, then re-raises the signal it caught,
     # which must end in KeyboardInterrupt (uvicorn.run returns), not kill us before
@@ -224,7 +248,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     tracing.setup("backbone-api")
     with _stores(with_secret(settings)) as resolved:
         prepare(resolved, _dims(resolved))
-        drain = int(resolved.shutdown_grace_seconds + STOP_MARGIN_SECONDS) + 2
+        drain = _drain_seconds(resolved)
         uvicorn.run(
             create_app(resolved), host=resolved.host, port=resolved.port,
             log_level=resolved.log_level.lower(),
@@ -331,8 +355,6 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from app.embeddings import shared_embedder
     from app.kb.ingest import delete_paths, ingest_paths
 
@@ -486,10 +508,27 @@ def main(argv: list[str] | None = None) -> int:
         # pgserver narrates every initdb and pg_ctl at INFO; keep the banner readable.
         logging.getLogger("pgserver").setLevel(logging.WARNING)
         fn: Command = args.fn
-        return fn(settings, args)
+        code = fn(settings, args)
     except BackboneError as e:
         print(f"backbone: {e.message}", file=sys.stderr)
         return 2
+    if args.command in ENDS_WITHOUT_TEARDOWN:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """End a stopped `up`, `serve` or `worker` without the interpreter's teardown.
+
+    Everything they started is stopped and closed by now (pools, clients, stores,
+    children); what is left is unloading modules, and with sentence-transformers and
+    torch imported that took 0.3 s idle and up to 3 s on a busy machine: a good part
+    of each Ctrl-C, paid once by every process (docs/reliability.md).
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

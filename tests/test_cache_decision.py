@@ -211,7 +211,7 @@ def test_the_benchmark_counts_hits_exactly_as_decide_does() -> None:
 
 
 def _verifiers() -> ModuleType:
-    path = Path(__file__).resolve().parent.parent / "bench" / "cache_verifiers.py"
+    path = Path(__file__).resolve().parent.parent / "bench" / "experiments" / "cache_verifiers.py"
     spec = importlib.util.spec_from_file_location("cache_verifiers", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

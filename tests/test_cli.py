@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +17,7 @@ from pathlib import Path
 import httpx
 import redis
 
+from app.auth import verify_token
 from app.settings import Settings
 from app.stack.embedded import free_port
 
@@ -78,6 +82,16 @@ def test_up_starts_everything_stops_it_on_ctrl_c_and_a_second_run_keeps_the_data
     assert proc.returncode == 0, out
     assert f"redis-cli -p {redis_port}" in out
     assert "data folder" in out
+    # The app and the worker get the stores' URLs from `up`: nothing is missing.
+    assert "no running `backbone up` recorded" not in out, out
+    # The banner's command for another user's token runs as printed, from here.
+    printed = re.search(r"another: (.+ token --user NAME)\)", out)
+    assert printed is not None, out
+    command = shlex.split(printed.group(1).replace("NAME", "banner-user"))
+    assert "/" in command[0] or shutil.which(command[0]), command  # not a bare venv name
+    made = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert verify_token(env["AUTH_SECRET"], made.stdout.strip()) == "banner-user"
     assert _port_is_free(redis_port) and _port_is_free(app_port)
     assert (tmp_path / "data" / "redis").is_dir() and (tmp_path / "data" / "postgres").is_dir()
 

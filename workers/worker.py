@@ -48,11 +48,14 @@ import socket
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 import redis
 from rq import Queue, SimpleWorker, Worker
+from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.executions import Execution
 from rq.job import Job
+from rq.scheduler import RQScheduler
 from rq.worker import WorkerStatus
 
 from app.memory.queue import DISPATCH_BATCH, dispatch_all, dispatch_due
@@ -195,14 +198,79 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+class _Scheduler(RQScheduler):
+    """rq's scheduler process, whose pause between passes ends at its SIGTERM.
+
+    rq's own sleeps out the rest of its interval (up to 1 s) before it stops, and
+    the worker's stop joins it: that pause was most of an idle worker's stop.
+    """
+
+    def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
+        self._stop_requested = True
+        self._woken.set()  # runs in the scheduler's main thread, between its waits
+
+    def work(self) -> None:
+        # rq 3.0's RQScheduler.work with an Event's wait for its time.sleep.
+        rq: Any = self  # RQScheduler is untyped
+        self._woken = threading.Event()  # made in the forked process, not its parent
+        rq._install_signal_handlers()
+        rq.register_birth()
+        while not self._stop_requested:
+            if self.should_reacquire_locks:
+                rq.acquire_locks()
+            rq.heartbeat()
+            rq.enqueue_scheduled_jobs()
+            self._woken.wait(self.interval)
+        rq.stop()
+
+
 class _StopFlag:
-    """Tells us when a signal asked rq's worker to stop (rq keeps no public flag)."""
+    """Tells us when a signal asked rq's worker to stop (rq keeps no public flag),
+    and runs our `_Scheduler` for rq's."""
 
     stop_event: threading.Event
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stop_event.set()
         super().request_stop(signum, frame)  # type: ignore[misc]
+
+    def unsubscribe(self) -> None:
+        # rq sends UNSUBSCRIBE, then stops its pubsub thread with no timeout: when the
+        # thread reads that reply before the stop, it waits in its next get_message for
+        # up to a minute, and the worker's exit with it (`up` killed it after 15 s, most
+        # of a 17 s Ctrl-C). Stopping the thread first makes that reply its last wake-up.
+        worker: Any = self
+        thread = worker.pubsub_thread
+        if thread is None:
+            return
+        log.debug("worker %s: unsubscribing from %s", worker.name, worker.pubsub_channel_name)
+        thread.stop(timeout=0)  # only clears its flag: the reply below wakes it to exit
+        worker.pubsub.unsubscribe()
+        thread.join(timeout=5)
+        worker.pubsub.close()
+
+    def _start_scheduler(self, burst: bool = False, logging_level: str | None = "INFO",
+                         date_format: str = DEFAULT_LOGGING_DATE_FORMAT,
+                         log_format: str = DEFAULT_LOGGING_FORMAT) -> None:
+        # rq 3.0's Worker._start_scheduler with _Scheduler for RQScheduler. Should a later
+        # rq rename it, rq's own scheduler runs: the stop is slower, nothing else changes.
+        worker: Any = self
+        scheduler: Any = _Scheduler(
+            worker.queues, connection=worker.connection, logging_level=logging_level or "INFO",
+            date_format=date_format, log_format=log_format, serializer=worker.serializer)
+        worker.scheduler = scheduler
+        scheduler.acquire_locks()
+        if not scheduler.acquired_locks:
+            return
+        if not burst:
+            scheduler.start()
+            return
+        try:
+            scheduler.register_birth()
+            scheduler.enqueue_scheduled_jobs()
+        finally:
+            scheduler.release_locks()
+            scheduler.register_death()
 
 
 class _ForkWorker(_StopFlag, Worker):

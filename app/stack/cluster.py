@@ -35,6 +35,7 @@ from app.stack.embedded import (
     free_ports,
     redis_module_paths,
     redis_server_binary,
+    stop_together,
     terminate,
 )
 
@@ -252,8 +253,7 @@ class EmbeddedCluster:
                    time.monotonic() + timeout, "reach cluster_state:ok")
 
     def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
+        stop_together([node.stop for node in self.nodes])
 
     def __enter__(self) -> str:
         return self.start()

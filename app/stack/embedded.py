@@ -22,8 +22,10 @@ from __future__ import annotations
 import importlib.util
 import socket
 import subprocess
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -73,6 +75,26 @@ def terminate(process: subprocess.Popen[bytes] | None, timeout: float) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def stop_together(stops: list[Callable[[], None]]) -> None:
+    """Run each stop on its own thread and wait for them all (the slowest sets the
+    time, not the sum); the first error is raised once all are done."""
+    errors: list[BaseException] = []
+
+    def run(stop: Callable[[], None]) -> None:
+        try:
+            stop()
+        except BaseException as e:  # re-raised in the caller's thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(s,), name="stop") for s in stops]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def free_port() -> int:
@@ -293,6 +315,10 @@ class EmbeddedStack:
         """Which stores this command uses, in a sentence for the user."""
         if self.running is not None:
             return f"using {self.running.describe()}"
+        if self.redis is None and self.postgres is None:
+            # Both from the environment (as `up` hands them to its app and worker):
+            # no record was looked for, and none is missing.
+            return "using Redis from REDIS_URL and PostgreSQL from DATABASE_URL"
         parts = []
         if self.redis is None:
             parts.append("Redis from REDIS_URL")
@@ -306,10 +332,7 @@ class EmbeddedStack:
         return "using " + " and ".join(parts) + " (no running `backbone up` recorded)"
 
     def stop(self) -> None:
-        if self.redis is not None:
-            self.redis.stop()
-        if self.postgres is not None:
-            self.postgres.stop()
+        stop_together([store.stop for store in (self.redis, self.postgres) if store is not None])
 
     def __enter__(self) -> Settings:
         return self.start()

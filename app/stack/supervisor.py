@@ -40,7 +40,13 @@ from types import FrameType
 from typing import Protocol
 
 from app.stack.cluster import ClusterNode, EmbeddedCluster
-from app.stack.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedStack, free_port
+from app.stack.embedded import (
+    EmbeddedPostgres,
+    EmbeddedRedis,
+    EmbeddedStack,
+    free_port,
+    stop_together,
+)
 
 log = logging.getLogger("backbone.supervisor")
 
@@ -91,6 +97,10 @@ class ProcessChild:
     env: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
     argv: list[str] | None = None
+    # How long a stop waits for it after its SIGINT: the app's is its own drain
+    # (SHUTDOWN_GRACE_SECONDS and the streams' margin), set by `up`.
+    stop_wait: float = STOP_WAIT_SECONDS
+    _interrupted: int | None = field(default=None, init=False, repr=False)  # pid signalled
 
     def start(self) -> None:
         argv = self.argv or [sys.executable, "-m", "app.cli", self.command]
@@ -100,18 +110,28 @@ class ProcessChild:
         return exit_cause_of(self.process)
 
     def interrupt(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+        """One SIGINT per process, however often called: a second one is uvicorn's
+        forced quit and rq's cold shutdown."""
+        process = self.process
+        if process is not None and process.poll() is None and self._interrupted != process.pid:
+            self._interrupted = process.pid
+            process.send_signal(signal.SIGINT)
 
-    def stop(self) -> None:
+    def wait_stopped(self, deadline: float) -> None:
+        """Wait for the interrupted process until `deadline` (monotonic), then SIGKILL it."""
         if self.process is None:
             return
-        self.interrupt()
         try:
-            self.process.wait(STOP_WAIT_SECONDS)
+            self.process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s of its SIGINT: killing it",
+                        self.name, self.stop_wait)
             self.process.kill()
             self.process.wait()
+
+    def stop(self) -> None:
+        self.interrupt()
+        self.wait_stopped(time.monotonic() + self.stop_wait)
 
 
 @dataclass
@@ -292,9 +312,20 @@ class Supervisor:
         return True
 
     def stop(self) -> None:
-        """The app, worker and dashboard first (together), then the stores, last started first."""
-        procs = [w.child for w in self._watches if isinstance(w.child, ProcessChild)]
+        """The app, worker and dashboard first, then the stores: each group at once.
+
+        One SIGINT to each process at the same moment, then one wait for them all
+        (each until its own `stop_wait`, then SIGKILL): the slowest sets the time,
+        not their sum. The stores (Redis, PostgreSQL, cluster nodes) only once those
+        are gone, since the app persists its last turns while it stops, and then
+        all together too.
+        """
+        procs = [c for c in self.children if isinstance(c, ProcessChild)]
+        stores = [c for c in self.children if not isinstance(c, ProcessChild)]
+        started = time.monotonic()
         for p in procs:
             p.interrupt()
-        for child in reversed(self.children):
-            child.stop()
+        for p in procs:
+            p.wait_stopped(started + p.stop_wait)
+        stop_together([c.stop for c in stores])
+

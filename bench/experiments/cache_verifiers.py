@@ -1,7 +1,7 @@
 """Can a learned verifier serve more hits at <= 1 % false hits? Plain distance, the shipped
 decision and a logistic verifier over richer pair features, fitted on FIT, judged on REPORT.
 
-    .venv/bin/python bench/cache_verifiers.py [--pairs N] [--seed S]
+    .venv/bin/python bench/experiments/cache_verifiers.py [--pairs N] [--seed S]
 
 Same data, split, embeddings, labels and definitions as `bench/cache_quality.py`
 (its helpers are reused). The nearest stored question is found by exact cosine
@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+# Its neighbours here, and cache_quality (a product benchmark) one folder up.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cache_quality as cq

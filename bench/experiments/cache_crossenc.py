@@ -1,7 +1,8 @@
 """Does a cross-encoder fine-tuned on all layers buy more hits at <= 1 % false hits? As a
 second stage on MiniLM's nearest candidate, trained and cut on FIT only.
 
-    .venv/bin/python bench/cache_crossenc.py [--train N] [--epochs E] [--pairs N] [--seed S]
+    .venv/bin/python bench/experiments/cache_crossenc.py \\
+        [--train N] [--epochs E] [--pairs N] [--seed S]
 
 The model: the packaged all-MiniLM-L6-v2 weights (`default_model_path()`) as a BertModel
 reading "[CLS] query [SEP] candidate [SEP]" (max 64 tokens), a linear head on the
@@ -16,7 +17,7 @@ question) pairs of its FIT lookups within VERIFIER_MAX_DISTANCE whose candidate 
 partner, labelled `correct` as `cache_quality.features` defines it; subsampled to --train
 pairs (all nearest-candidate pairs kept). REPORT is never seen before the last tables.
 
-Evaluation as `bench/cache_mpnet.py` part 1: lookups whose MiniLM nearest is within 0.12
+Evaluation as `bench/experiments/cache_mpnet.py` part 1: lookups whose MiniLM nearest is within 0.12
 keep that candidate and are scored by the cross-encoder (alone, and after the decision's
 vetoes), cuts fitted on HELD-OUT for each bound and applied to REPORT, next to MiniLM
 plain distance and the shipped decision cut on the same HELD-OUT lookups. The checkpoint
@@ -43,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+# Its neighbours here, and cache_quality (a product benchmark) one folder up.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cache_mpnet as cm
