@@ -163,6 +163,8 @@ SID = "0" * 32
     ("HGETALL", "cache-stats:kb_search"), ("LLEN", "rq:queue:memory"),
     ("LPOS", "rq:queue:memory", "memory-extract-x"),  # app.memory.queue: is it really waiting
     ("ZADD", "memory-due", "1", SID),  # app.memory.queue.mark_due, after every turn
+    ("EXISTS", "erased:{" + "0" * 32 + "}"),  # app.privacy.fence, every request
+    ("SET", "privacy-sweep-tick", "1", "NX", "EX", "1"),  # the worker's privacy ticker
 ])
 def test_the_limited_user_may_run_what_the_app_runs_on_its_own_keys(
     limited: Settings, command: tuple[str, ...]
