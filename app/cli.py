@@ -29,7 +29,7 @@ from typing import Any
 
 from app.auth import issue_token, with_secret
 from app.errors import BackboneError
-from app.ops import logs, metrics
+from app.ops import logs, metrics, tracing
 from app.settings import Settings
 from app.stack import running as running_stack
 from app.stack.bootstrap import eviction_warning, prepare
@@ -195,7 +195,9 @@ def _print_banner(s: Settings, created: list[str], applied: list[str],
         lines.append(f"  sessions     {cluster.describe()}")
         lines.append(f"               redis-cli -c -p {cluster.ports[0]}    (CLUSTER NODES)")
     lines.append(f"  rq dashboard http://127.0.0.1:{board_port}/   (queues, workers, jobs)")
-    lines.append(f"  metrics      {base}/metrics   (Prometheus; app and worker together)")
+    who = ("with Authorization: Bearer $METRICS_TOKEN" if s.metrics_token
+           else "from this machine only; set METRICS_TOKEN to scrape from elsewhere")
+    lines.append(f"  metrics      {base}/metrics   (Prometheus, app and worker together; {who})")
     token = issue_token(s.auth_secret or "", LOCAL_USER)
     lines.append(f"  chat page    {base}/#token={token}")
     lines.append(f"  token        {token}")
@@ -218,6 +220,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     # which must end in KeyboardInterrupt (uvicorn.run returns), not kill us before
     # the stores this command started are stopped.
     signal.signal(signal.SIGTERM, _interrupt)
+    # Only with OTEL_EXPORTER_OTLP_ENDPOINT set; before the app opens its clients.
+    tracing.setup("backbone-api")
     with _stores(with_secret(settings)) as resolved:
         prepare(resolved, _dims(resolved))
         drain = int(resolved.shutdown_grace_seconds + STOP_MARGIN_SECONDS) + 2
@@ -240,6 +244,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from workers.worker import run_worker
 
+    tracing.setup("backbone-worker")
     with _stores(settings) as resolved:
         # run_worker prepares the stores itself, once they answer: it may start before them.
         run_worker(resolved, burst=args.burst, dims=_dims(resolved))

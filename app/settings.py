@@ -136,6 +136,8 @@ class Settings:
     session_ttl_seconds: int = 86400
     memory_lock_ttl_seconds: int = 300
     memory_ttl_seconds: int = 30 * 86400
+    memory_max_facts_per_job: int = 20
+    memory_max_per_user: int = 2000
     embedding_model: str | None = None
     embedding_backend: str = "onnx"
     llm_base_url: str | None = None
@@ -156,6 +158,13 @@ class Settings:
     rate_limit_messages: int = 30
     rate_limit_window_seconds: int = 60
     rate_limit_sessions: int = 10
+    # Open event streams (a live turn's POST or a resume) one user may hold at once,
+    # and one node; the node's limit also sizes its pool of blocking readers.
+    max_streams_per_user: int = 8
+    max_streams_per_node: int = 256
+    # /metrics: a bearer token; None: answered to loopback callers only.
+    metrics_token: str | None = None
+    cache_audit_retention_days: int = 30
     log_level: str = "INFO"
     log_format: str = "text"  # or "json": one object per record (app.ops.logs)
 
@@ -188,6 +197,8 @@ class Settings:
             session_ttl_seconds=_int(e, "SESSION_TTL_SECONDS", 86400, minimum=60),
             memory_lock_ttl_seconds=_int(e, "MEMORY_LOCK_TTL_SECONDS", 300, minimum=1),
             memory_ttl_seconds=_int(e, "MEMORY_TTL_SECONDS", 30 * 86400, minimum=60),
+            memory_max_facts_per_job=_int(e, "MEMORY_MAX_FACTS_PER_JOB", 20, minimum=1),
+            memory_max_per_user=_int(e, "MEMORY_MAX_PER_USER", 2000, minimum=1),
             embedding_model=_str(e, "EMBEDDING_MODEL"),
             embedding_backend=embedding_backend(e),
             llm_base_url=_str(e, "LLM_BASE_URL"),
@@ -211,6 +222,10 @@ class Settings:
             rate_limit_messages=_int(e, "RATE_LIMIT_MESSAGES", 30, minimum=1),
             rate_limit_window_seconds=_int(e, "RATE_LIMIT_WINDOW_SECONDS", 60, minimum=1),
             rate_limit_sessions=_int(e, "RATE_LIMIT_SESSIONS", 10, minimum=1),
+            max_streams_per_user=_int(e, "MAX_STREAMS_PER_USER", 8, minimum=1),
+            max_streams_per_node=_int(e, "MAX_STREAMS_PER_NODE", 256, minimum=1),
+            metrics_token=_str(e, "METRICS_TOKEN"),
+            cache_audit_retention_days=_int(e, "CACHE_AUDIT_RETENTION_DAYS", 30, minimum=1),
             log_level=(_str(e, "LOG_LEVEL", "INFO") or "INFO").upper(),
             log_format=_choice(e, "LOG_FORMAT", ("text", "json")),
         )

@@ -140,3 +140,34 @@ def test_the_image_leaves_out_the_embedded_servers_make_installs(project_root: P
     project_installs = [line for line in installs if re.search(r"-e \.(\s|$)", line)]
     assert project_installs, installs
     assert not any("[" in line for line in installs), installs
+
+
+def test_the_observability_profile_adds_jaeger_and_tracing_is_off_without_an_endpoint(
+    project_root: Path,
+) -> None:
+    env = {**os.environ, "AUTH_SECRET": "x" * 32,
+           "OTEL_EXPORTER_OTLP_ENDPOINT": "http://jaeger:4318"}
+    res = subprocess.run(
+        [_compose(), "-f", str(project_root / "compose.yaml"), "--profile", "observability",
+         "config"], capture_output=True, text=True, env=env, cwd=project_root, timeout=60)
+    assert res.returncode == 0, res.stderr
+    services = yaml.safe_load(res.stdout)["services"]
+    jaeger = services["jaeger"]
+    assert jaeger["image"].startswith("jaegertracing/all-in-one:")
+    assert jaeger["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert "healthcheck" in jaeger
+    for name in ("app", "worker"):
+        assert services[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == (
+            "http://jaeger:4318")
+    # Without the variable the endpoint is empty, which app.ops.tracing reads as off.
+    quiet = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    default = subprocess.run(
+        [_compose(), "-f", str(project_root / "compose.yaml"), "config"],
+        capture_output=True, text=True, env={**quiet, "AUTH_SECRET": "x" * 32},
+        cwd=project_root, timeout=60)
+    plain = yaml.safe_load(default.stdout)["services"]
+    assert plain["jaeger"]["profiles"] == ["observability"]  # not part of a plain `up`
+    assert plain["app"]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == ""
+    from app.ops import tracing
+
+    assert not tracing.wanted(plain["app"]["environment"])

@@ -26,7 +26,9 @@ LAYERS: list[tuple[str, ...]] = [
     # the HTTP edge: every package's routes, and what builds and serves the app
     ("app.sessions.routes", "app.cache.routes", "app.memory.routes", "app.chat.routes",
      "app.privacy.routes",
-     "app.limits", "app.state", "app.health", "app.web", "app.api"),
+     "app.limits", "app.state", "app.health", "app.web", "app.api",
+     # the OpenAI-compatible face: a projection of the chat routes' turn
+     "app.openai", "app.mcp"),
     ("app.stack", "app.cli"),
 ]
 

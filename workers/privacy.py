@@ -1,8 +1,7 @@
-"""The privacy sweep job: retention, tombstones, unfinished erasures (app.privacy.retention).
+"""The privacy sweep: retention, tombstones, unfinished erasures (app.privacy.retention).
 
-Enqueued on the `persist` queue at most once per PRIVACY_SWEEP_SECONDS by the
-worker's ticker (a `SET NX EX` on `privacy-sweep-tick`, so one worker of many
-does it). Safe to run twice: every part finds only what is left.
+Part of the hourly retention sweep (workers.retention.sweep). Safe to run twice:
+every part finds only what is left.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ from app.settings import Settings
 from app.stores.clients import async_redis_client, async_session_redis_client
 
 log = logging.getLogger("backbone.privacy")
-
-PRIVACY_SWEEP_SECONDS = 3600
 
 
 def privacy_sweep() -> dict[str, int]:

@@ -23,6 +23,7 @@ tells it to reload the session.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import re
@@ -156,7 +157,9 @@ class _Writer:
         self.pending.append((owner, entry, event, data))
         self.wake.set()
         if self.task is None or self.task.done():
-            self.task = asyncio.create_task(self._run())
+            # It writes every turn's events: it starts from an empty context, not the
+            # context of the turn that woke it (that turn's log ids, its trace).
+            self.task = asyncio.create_task(self._run(), context=contextvars.Context())
 
     async def _run(self) -> None:
         while True:
@@ -278,3 +281,10 @@ async def replay(
             yield Event(f"{turn}.{last}", event, fields[b"data"])
             if event in TERMINAL:
                 return
+
+
+async def read_all(redis: aredis.Redis, sid: str, turn: int) -> list[Event]:
+    """The turn's events logged so far, without waiting for more ([] when gone)."""
+    entries: Any = await redis.xrange(keys.events(sid, turn))
+    return [Event(f"{turn}.{entry_id.decode()}", fields[b"event"].decode(), fields[b"data"])
+            for entry_id, fields in entries]

@@ -40,6 +40,7 @@ class Routed:
     # A tool run in parts: (part scope, served from the cache) per part, e.g. the global
     # part a hit and the caller's own part a miss.
     parts: tuple[tuple[str, bool], ...] = ()
+    exact: bool = False  # every hit came from the exact entry (no KNN)
 
 
 class ToolRouter:
@@ -87,7 +88,8 @@ class ToolRouter:
         )
         hit = all(r.cached for r in done)
         return Routed(
-            split.merge([r.result for r in done]), cached=hit,
+            split.merge([r.result for r in done]), cached=hit, exact=hit and all(
+                r.exact for r in done),
             distance=max(r.distance or 0.0 for r in done) if hit else None,
             elapsed_ms=_ms(started), tool_ms=round(sum(r.tool_ms for r in done), 2),
             saved_ms=round(sum(r.saved_ms or 0.0 for r in done), 2) if hit else None,
@@ -112,7 +114,7 @@ class ToolRouter:
                 )  # fmt: skip
                 hit = flight.hit
             if hit is not None:
-                return Routed(hit.result, cached=True, distance=hit.distance,
+                return Routed(hit.result, cached=True, distance=hit.distance, exact=hit.exact,
                               elapsed_ms=_ms(started), saved_ms=hit.tool_ms)
         try:
             tool_started = time.perf_counter()

@@ -46,7 +46,7 @@ from app.chat.event_log import Event, EventLog
 from app.chat.tool_router import Routed, ToolRouter
 from app.errors import BackboneError, NotFound, ServerStopping, translate
 from app.llm.base import Provider, StreamEnd, TextDelta, ToolCall, ToolCallRequest
-from app.ops import logs, metrics
+from app.ops import logs, metrics, tracing
 from app.sessions import messages
 from app.sessions.history_db import session_deleted_error
 from app.sessions.messages import Message
@@ -101,9 +101,11 @@ class Timing:
 class Turn:
     def __init__(
         self, deps: TurnDeps, sid: str, user: str, history: list[Message], log_: EventLog,
-        *, coalesce_ms: int = COALESCE_MS, summary: str | None = None, tenant: str | None = None,
+        *, coalesce_ms: int = COALESCE_MS, summary: str | None = None,
+        instructions: str | None = None, tenant: str | None = None,
     ) -> None:
         self.deps = deps
+        self.instructions = instructions  # this turn's own (the Responses API's), not stored
         self.summary = summary  # the rolling summary, read with the history (Sessions.load)
         self.coalesce_ms = coalesce_ms
         self.sid = sid
@@ -118,56 +120,69 @@ class Turn:
     async def events(self) -> AsyncIterator[Event]:
         watch = metrics.TurnWatch()
         logs.TURN.set(self.log.turn)  # on every log line of this turn (app.ops.logs)
-        try:
-            async for event in self._steps():
-                yield watch.sent(event)
-        except asyncio.CancelledError:
-            # Only a stopping server cancels a turn's task (a client that goes away
-            # just stops reading). Say so, then let the cancellation go on.
-            yield watch.sent(await self._error(STOPPING, within=STOP_FLUSH_SECONDS))
-            raise
-        except Exception as exc:
-            err = translate(exc)
-            if err is None:
-                log.exception("turn failed in session %s", self.sid)
-                err = BackboneError("the turn failed unexpectedly")
-            yield watch.sent(await self._error(err))
-        finally:
-            watch.finish()
-            with anyio.CancelScope(shield=True):
-                await self._finish()
+        # The turn's span (when tracing is on) holds every span below, persistence too.
+        with tracing.span("turn", {"gen_ai.conversation.id": self.sid}) as span:
+            try:
+                async for event in self._steps():
+                    yield watch.sent(event)
+            except asyncio.CancelledError:
+                # Only a stopping server cancels a turn's task (a client that goes away
+                # just stops reading). Say so, then let the cancellation go on.
+                yield watch.sent(await self._error(STOPPING, within=STOP_FLUSH_SECONDS))
+                raise
+            except Exception as exc:
+                err = translate(exc)
+                if err is None:
+                    log.exception("turn failed in session %s", self.sid)
+                    err = BackboneError("the turn failed unexpectedly")
+                if span is not None:
+                    span.set_attribute("error.type", err.code)
+                yield watch.sent(await self._error(err))
+            finally:
+                watch.finish()
+                with anyio.CancelScope(shield=True):
+                    await self._finish()
 
     async def _steps(self) -> AsyncIterator[Event]:
         question = str(self.history[-1].get("content") or "")
         recalled = time.perf_counter()
-        memories = await self.deps.recall(self.user, question) if self.deps.recall else []
+        memories: list[str] = []
+        if self.deps.recall:
+            with tracing.span("recall"):
+                memories = await self.deps.recall(self.user, question)
         self.timing.recall_ms += (time.perf_counter() - recalled) * 1000
         for step in range(MAX_STEPS):
-            prompt = context.build(self.history, self.summary, memories)
+            prompt = context.build(self.history, self.summary, memories,
+                                   instructions=self.instructions)
             # The last step offers no tools, so a model looping on tools must answer.
             tools = self.deps.router.specs() if step < MAX_STEPS - 1 else []
             text: list[str] = []
             calls: list[ToolCall] = []
             usage: dict[str, int] = {}
+            chat = tracing.chat(self.deps.provider.name,
+                                getattr(self.deps.provider, "model", self.deps.provider.name))
             model = coalesce(self.deps.provider.stream(prompt, tools), self.coalesce_ms)
-            async with aclosing(model) as stream:
-                while True:
-                    waited = time.perf_counter()
-                    try:
-                        item = await anext(stream)
-                    except StopAsyncIteration:
-                        break
-                    finally:
-                        self.timing.model_ms += (time.perf_counter() - waited) * 1000
-                    if self.log.deleted:  # the event writer saw the delete fence
-                        raise session_deleted_error()
-                    if isinstance(item, TextDelta):
-                        text.append(item.text)
-                        yield self.log.emit("message.delta", {"text": item.text})
-                    elif isinstance(item, ToolCallRequest):
-                        calls.append(item.call)
-                    elif isinstance(item, StreamEnd):
-                        usage = item.usage
+            with chat as chat_span:
+                async with aclosing(model) as stream:
+                    while True:
+                        waited = time.perf_counter()
+                        try:
+                            item = await anext(stream)
+                        except StopAsyncIteration:
+                            break
+                        finally:
+                            self.timing.model_ms += (time.perf_counter() - waited) * 1000
+                        if self.log.deleted:  # the event writer saw the delete fence
+                            raise session_deleted_error()
+                        if isinstance(item, TextDelta):
+                            text.append(item.text)
+                            yield self.log.emit("message.delta", {"text": item.text})
+                        elif isinstance(item, ToolCallRequest):
+                            calls.append(item.call)
+                        elif isinstance(item, StreamEnd):
+                            usage = item.usage
+                            tracing.chat_ended(chat_span, item.finish_reason, usage, prompt,
+                                               "".join(text))
             if not calls:
                 stored = await self._append([self._message("assistant", "".join(text))])
                 done = self.log.emit("message.done", {
@@ -187,7 +202,10 @@ class Turn:
                 yield self.log.emit("tool.call", {
                     "id": call.id, "name": call.name, "arguments": call.arguments,
                 })
-                routed = await self.deps.router.run(call, self.tool_context)
+                with tracing.execute_tool(call.name, call.id, call.arguments) as tool_span:
+                    routed = await self.deps.router.run(call, self.tool_context)
+                    if tool_span is not None:
+                        tool_span.set_attributes(_tool_attributes(routed))
                 # Tool time is the whole call: query embedding, cache lookup, the tool.
                 self.timing.tool_ms += routed.elapsed_ms
                 results.append((call, routed))
@@ -224,7 +242,8 @@ class Turn:
 
     async def _finish(self) -> None:
         try:
-            await self.deps.sessions.persist(self.sid, self.user, self.stored)
+            with tracing.span("persist", {"backbone.messages": len(self.stored)}):
+                await self.deps.sessions.persist(self.sid, self.user, self.stored)
         except NotFound as exc:  # session_deleted: the delete wins
             log.info("session %s deleted during its turn: nothing persisted (%s)", self.sid, exc)
             await self._forget_events()
@@ -249,6 +268,27 @@ class Turn:
             await self.deps.sessions.redis.delete(self.log.key)
         except Exception as exc:
             log.warning("events of deleted session %s left to their TTL: %s", self.sid, exc)
+
+
+def _tool_attributes(routed: Routed) -> dict[str, Any]:
+    """The cache outcome of a tool call, for its `execute_tool` span: never its text
+    (the result only with OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT)."""
+    cached = [scope for scope, hit in routed.parts if hit]
+    if routed.cached:
+        outcome = "exact_hit" if routed.exact else "semantic_hit"
+    else:
+        outcome = "partial_hit" if cached else "miss"
+    attrs: dict[str, Any] = {"backbone.cache.outcome": outcome,
+                             "backbone.tool.items": len(routed.result.items)}
+    if routed.distance is not None:
+        attrs["backbone.cache.distance"] = routed.distance
+    if routed.parts:
+        attrs["backbone.cache.parts_cached"] = cached
+    if routed.result.error is not None:
+        attrs["error.type"] = "tool_error"
+    if tracing.capture_content:
+        attrs["gen_ai.tool.call.result"] = routed.result.content
+    return attrs
 
 
 def _result_event(call: ToolCall, routed: Routed) -> dict[str, Any]:

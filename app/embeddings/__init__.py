@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from app.ops import tracing
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -220,7 +222,8 @@ class Embedder:
         batcher = self._batchers.get(loop)
         if batcher is None:
             batcher = self._batchers[loop] = _Batcher(self, loop)
-        vector = await batcher.submit(text)
+        with tracing.embeddings(self.model_id):  # a span only when tracing is on
+            vector = await batcher.submit(text)
         with self._recent_lock:
             self._recent[text] = vector
             while len(self._recent) > RECENT:

@@ -28,6 +28,7 @@ from typing import Any
 
 import jwt
 
+from app.auth import STREAM_SCOPE
 from app.errors import Unauthorized
 from app.identity.jwks import JwksKeys
 from app.settings import Settings
@@ -123,6 +124,10 @@ class Authenticator:
             raise Unauthorized("the token has expired") from None
         except jwt.PyJWTError as e:
             raise Unauthorized(f"invalid token: {e}") from None
+        if self.jwks is None and claims.get("scope") == STREAM_SCOPE:
+            # Signed with the same secret, but it opens one session's events only.
+            raise Unauthorized("a stream token only opens its session's event stream "
+                               "(GET /v1/sessions/{sid}/events?token=...)")
         return claims
 
     def _identity(self, claims: dict[str, Any]) -> Identity:

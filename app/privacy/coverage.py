@@ -10,10 +10,16 @@ from __future__ import annotations
 KEY_FAMILIES: dict[str, str] = {
     "session:{<sid>}": "erased: sessions (the user's words)",
     "session:{<sid>}:user": "erased: sessions (holds the user id)",
+    "session:{<sid>}:responses": "erased: sessions (responses' instructions, metadata)",
     "session:{<sid>}:deleted": "written by sessions: value '1', never the id; expires",
     "sessions:unpersisted:{<n>}": "sessions: the sid's mark removed (sids only)",
     "persist-sweep-tick": "no user data",
+    "retention-sweep-tick": "no user data",
+    "streams:{<uid>}": "erased: limits (slot ids; the id is in its name)",
+    "cache-tools": "no user data: tool names",
+    "cache-audit:<token>": "erased: cache (inputs naming the user, one SCAN); expires in 1 h",
     "memory-due": "sessions: the sid's mark removed (sids only)",
+    "memory-due-trace:{<sid>}": "no user data: a W3C trace context (tracing on); expires in 1 h",
     "memory-task-lock:{<sid>}": "erased: sessions",
     "memory-last-extracted:{<sid>}": "erased: sessions",
     "memory-last-extracted:{<sid>}:seq": "erased: sessions",
@@ -30,11 +36,11 @@ KEY_FAMILIES: dict[str, str] = {
     "kb-version:<scope>": "erased: documents (kb-version:user:<uid>)",
     "memory:<uid>:<id>": "erased: memories",
     "erased:{<digest>}": "the fence itself: a digest, never the id; expires after 30 days",
-    "privacy-sweep-tick": "no user data",
     "idx:<name>:model-tagged": "no user data",
+    "idx:memory:session-tagged": "no user data",
     "idx:kb:versioned": "no user data: scope names of old chunks, once (user scopes "
                         "included until their chunks are re-ingested)",
-    "rq:*": "erased: cache (queued audit jobs naming the user); memory jobs carry sids only",
+    "rq:*": "no user data: audit jobs carry a cache-audit key, memory jobs sids only",
 }
 
 TABLES: dict[str, str] = {

@@ -8,8 +8,9 @@
     memories     PostgreSQL rows and `memory:<uid>:*` (under the user's lock)
     documents    the user's private documents: chunks, `kb-file:<doc>`, `kb-version:user:<uid>`
     cache        entries of the user's scope and shared entries the user's question
-                 created (`creator` TAG), their audit rows, queued audit jobs naming the user
-    limits       ratelimit:{<uid>} and ratelimit:{<uid>}:sessions
+                 created (`creator` TAG), their audit rows, audit inputs naming the user
+                 (`cache-audit:<token>`, one SCAN)
+    limits       ratelimit:{<uid>}, ratelimit:{<uid>}:sessions and streams:{<uid>}
     finish       entries stored meanwhile by a turn already past the fence, once more;
                  tombstones keep the session ids but name the user by digest; the
                  erased_users row forgets the id and records the finish
@@ -26,6 +27,7 @@ erased_users row unfinished, and the privacy sweep runs it again.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -33,10 +35,7 @@ from typing import Any
 
 import redis.asyncio as aredis
 from psycopg_pool import AsyncConnectionPool
-from rq import Queue
-from rq.job import Job
 
-from app.cache.audit_queue import AUDIT_QUEUE
 from app.identity import user_digest
 from app.privacy.fence import raise_fence
 from app.sessions.store import Sessions
@@ -123,25 +122,23 @@ class Eraser:
         return await self.cache_entries(f"@creator:{{{keys.check_hex(digest)}}}")
 
     def _drop_audit_jobs(self, user: str) -> int:
-        """Queued audits whose payload names the user (they carry its question)."""
+        """Audit inputs waiting for their job (`cache-audit:<token>`, app.cache.audit_queue)
+        that name the user: they carry its question. The jobs hold only the key; one
+        whose input is gone finds nothing to audit."""
         client = redis_client(self.redis_url)
         try:
-            q = Queue(AUDIT_QUEUE, connection=client)
-            # Waiting, and kept after they ran (their description repeats the payload).
-            ids = [*q.get_job_ids(), *q.finished_job_registry.get_job_ids(),
-                   *q.failed_job_registry.get_job_ids()]
             dropped = 0
-            for job in Job.fetch_many(ids, connection=client):
-                if job is not None and (job.kwargs or {}).get("user_id") == user:
-                    job.delete()
-                    dropped += 1
+            for key in client.scan_iter(match="cache-audit:*", count=1000):
+                raw = client.get(key)
+                if raw is not None and json.loads(raw).get("user_id") == user:
+                    dropped += int(client.delete(key))
             return dropped
         finally:
             client.close()
 
     async def _limits(self, user: str, counts: Counter[str]) -> None:
         counts["rate_limits"] += int(await self.sessions.redis.delete(
-            keys.rate_limit(user), keys.session_rate_limit(user)))
+            keys.rate_limit(user), keys.session_rate_limit(user), keys.streams(user)))
 
     async def _finish(self, user: str, counts: Counter[str]) -> None:
         digest = user_digest(user)

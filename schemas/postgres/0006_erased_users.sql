@@ -23,14 +23,16 @@ $$;
 -- A new session's row, refused (false) for an erased user. The user's advisory
 -- lock is the one MemoryStore.write and the erase's fence take: a create either
 -- commits before the fence (and the erase finds it) or sees the fence.
-CREATE FUNCTION create_session_row(p_session text, p_user text) RETURNS boolean
+CREATE FUNCTION create_session_row(p_session text, p_user text, p_metadata jsonb DEFAULT '{}')
+RETURNS boolean
 LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('memory:' || p_user));
     IF EXISTS (SELECT 1 FROM erased_users WHERE user_digest = user_digest(p_user)) THEN
         RETURN false;
     END IF;
-    INSERT INTO sessions (id, user_id) VALUES (p_session, p_user) ON CONFLICT (id) DO NOTHING;
+    INSERT INTO sessions (id, user_id, metadata) VALUES (p_session, p_user, p_metadata)
+        ON CONFLICT (id) DO NOTHING;
     RETURN true;
 END
 $$;
