@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from conftest import BOTH_TOPOLOGIES
 from psycopg_pool import AsyncConnectionPool
 from rq import Queue, SimpleWorker
 from starlette.testclient import TestClient
@@ -45,6 +46,8 @@ from app.sessions.store import Sessions
 from app.settings import Settings
 from app.stores.clients import async_redis_client, async_session_redis_client
 
+pytestmark = BOTH_TOPOLOGIES
+
 
 @dataclasses.dataclass
 class Seeded:
@@ -64,8 +67,8 @@ def erase_client(settings: Settings) -> Iterator[TestClient]:
         yield c
 
 
-def seed(client: TestClient, r: redis.Redis, pg: psycopg.Connection[Any], settings: Settings,
-         folder: Path) -> Seeded:
+def seed(client: TestClient, r: redis.Redis, sr: redis.Redis, pg: psycopg.Connection[Any],
+         settings: Settings, folder: Path) -> Seeded:
     run = uuid.uuid4().hex[:10]
     user, marker = f"erin-{run}", f"quokka{run}"
     (folder / "vault.md").write_text(
@@ -75,7 +78,7 @@ def seed(client: TestClient, r: redis.Redis, pg: psycopg.Connection[Any], settin
     sids = []
     for _ in range(2):  # the second asks the same: a cache hit, and a queued audit
         sid = client.post("/v1/sessions", headers=h).json()["id"]
-        _turn(client, r, pg, sid, h, {"content": f"I am allergic to {marker} pollen. "
+        _turn(client, sr, pg, sid, h, {"content": f"I am allergic to {marker} pollen. "
                                                  f"What is the {marker} vault code?"})
         sids.append(sid)
     wait_until(lambda: all(r.zscore("memory-due", s) is not None for s in sids),
@@ -150,8 +153,8 @@ def test_export_holds_everything_and_erase_leaves_no_trace_in_either_store(
     stores_env: Settings, tmp_path: Path,
 ) -> None:
     settings = stores_env  # the memory job reads its stores from the environment
-    who = seed(erase_client, r, pg, settings, tmp_path)
-    clients = [r] if sr.connection_pool == r.connection_pool else [r, sr]
+    who = seed(erase_client, r, sr, pg, settings, tmp_path)
+    clients = [r, sr] if settings.session_redis_url else [r]
     before = redis_traces(clients, who.user, who.marker)
     rows = pg_traces(pg, who.user, who.marker)
     # The seeding reached every kind of place the erase must clear.
@@ -186,7 +189,7 @@ def test_an_erase_cut_half_way_refuses_every_late_writer_and_finishes_when_run_a
     stores_env: Settings, tmp_path: Path,
 ) -> None:
     settings = stores_env  # the memory job reads its stores from the environment
-    who = seed(erase_client, r, pg, settings, tmp_path)
+    who = seed(erase_client, r, sr, pg, settings, tmp_path)
 
     async def cut_then_write_then_resume() -> dict[str, int]:
         main = async_redis_client(settings.redis_url or "")
@@ -218,7 +221,7 @@ def test_an_erase_cut_half_way_refuses_every_late_writer_and_finishes_when_run_a
     removed = asyncio.run(cut_then_write_then_resume())
     assert removed["memories"] >= 1 and removed["documents"] == 1
     assert late_memory.write(who.user, None, [Fact("note", f"likes {who.marker}")]) == Stored()
-    clients = [r] if sr.connection_pool == r.connection_pool else [r, sr]
+    clients = [r, sr] if settings.session_redis_url else [r]
     assert redis_traces(clients, who.user, who.marker) == []
     assert pg_traces(pg, who.user, who.marker) == []
     res = erase_client.post(f"/v1/sessions/{who.sids[0]}/messages", headers=who.headers,

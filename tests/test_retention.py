@@ -105,3 +105,25 @@ async def test_the_sweep_finishes_an_erase_whose_process_died_and_trims_old_fenc
     async with session_store.pg.connection() as conn:
         assert await retention.trim_erased(conn) >= 1
     assert await session_store.create(user)  # 30 days on, the id may be used afresh
+
+
+async def test_a_cache_entry_stored_after_an_erase_by_a_turn_past_the_fence_is_swept(
+    session_store: Sessions, settings: Settings, r: redis.Redis,
+) -> None:
+    user = f"hal-{uuid.uuid4().hex[:8]}"
+    main = async_redis_client(settings.redis_url or "")
+    try:
+        eraser = Eraser(main, session_store, settings.redis_url or "")
+        await eraser.erase(user)
+        # What a kb_search that was running across the whole erase stores at its end.
+        late = f"cache:kb_search:{uuid.uuid4().hex}"
+        r.hset(late, mapping={"tool": "kb_search", "scope": "global", "query": "hal's words",
+                              "creator": user_digest(user), "created_at": 0})
+        other = f"cache:kb_search:{uuid.uuid4().hex}"
+        r.hset(other, mapping={"tool": "kb_search", "scope": "global", "query": "not hal's",
+                               "creator": user_digest(user + "x"), "created_at": 0})
+        assert await retention.late_cache_entries(eraser) >= 1
+    finally:
+        await main.aclose()
+    assert not r.exists(late) and r.exists(other)
+    r.delete(other)

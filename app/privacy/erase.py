@@ -11,8 +11,13 @@
                  created (`creator` TAG), their audit rows, audit inputs naming the user
                  (`cache-audit:<token>`, one SCAN)
     limits       ratelimit:{<uid>}, ratelimit:{<uid>}:sessions and streams:{<uid>}
-    finish       tombstones keep the session ids but name the user by digest; the
+    finish       entries stored meanwhile by a turn already past the fence, once more;
+                 tombstones keep the session ids but name the user by digest; the
                  erased_users row forgets the id and records the finish
+
+A turn's tool call running across the whole erase may still store a cache entry
+after it (within TOOL_TIMEOUT_SECONDS); the privacy sweep deletes such entries of
+the users erased in the last day (`late_cache_entries`, by creator digest).
 
 A step that fails raises; running `erase` again starts over from the fence, and
 every step finds only what is left. A process that dies half way leaves the
@@ -96,7 +101,12 @@ class Eraser:
 
     async def _cache(self, user: str, counts: Counter[str]) -> None:
         scope = escape_tag(f"user:{user}")
-        query = f"(@scope:{{{scope}}}) | (@creator:{{{user_digest(user)}}})"
+        counts["cache_entries"] += await self.cache_entries(
+            f"(@scope:{{{scope}}}) | (@creator:{{{user_digest(user)}}})")
+        counts["audit_jobs"] += await asyncio.to_thread(self._drop_audit_jobs, user)
+
+    async def cache_entries(self, query: str) -> int:
+        """Delete the cache entries `query` finds, and their audit rows; how many."""
         entries = [key for key, _ in await self._search(keys.INDEX_CACHE, query, "scope")]
         if entries:
             async with self.sessions.pg.connection() as conn:
@@ -104,8 +114,12 @@ class Eraser:
                                    (entries,))
             for i in range(0, len(entries), PAGE):
                 await self.redis.delete(*entries[i:i + PAGE])
-        counts["cache_entries"] += len(entries)
-        counts["audit_jobs"] += await asyncio.to_thread(self._drop_audit_jobs, user)
+        return len(entries)
+
+    async def late_cache_entries(self, digest: str) -> int:
+        """Entries a turn already past the fence stored after the erase's cache step
+        (its tool call was running): found by creator alone, the id being gone."""
+        return await self.cache_entries(f"@creator:{{{keys.check_hex(digest)}}}")
 
     def _drop_audit_jobs(self, user: str) -> int:
         """Audit inputs waiting for their job (`cache-audit:<token>`, app.cache.audit_queue)
@@ -128,6 +142,7 @@ class Eraser:
 
     async def _finish(self, user: str, counts: Counter[str]) -> None:
         digest = user_digest(user)
+        counts["cache_entries"] += await self.late_cache_entries(digest)
         async with self.sessions.pg.connection() as conn:
             # The tombstones stay (no late write may bring a session back); the id goes.
             await conn.execute("UPDATE deleted_sessions SET user_id = %s WHERE user_id = %s",

@@ -8,9 +8,10 @@
   if that is longer. A late persist can only come from a turn still streaming
   (minutes) or from a live Redis copy, and a delete removes the copy and keeps the
   Redis fence for SESSION_TTL_SECONDS; past both, nothing can resurrect the session.
-- Erased users: an erase left unfinished for RESUME_AFTER_SECONDS (its process
-  died) is run again; a finished one's row goes after ERASED_DAYS, when the
-  Redis fence expires too.
+- Erased users: a cache entry a turn already past the fence stored after a
+  recent erase (within the last day) is deleted by its creator digest; an erase
+  left unfinished for RESUME_AFTER_SECONDS (its process died) is run again; a
+  finished one's row goes after ERASED_DAYS, when the Redis fence expires too.
 """
 
 from __future__ import annotations
@@ -89,10 +90,20 @@ async def resume_erasures(eraser: Eraser, *, after_seconds: float = RESUME_AFTER
     return len(users)
 
 
+async def late_cache_entries(eraser: Eraser) -> int:
+    """Cache entries stored after a recent erase by a turn that was past its fence."""
+    async with eraser.sessions.pg.connection() as conn:
+        cur = await conn.execute(
+            "SELECT user_digest FROM erased_users WHERE finished_at > now() - interval '1 day'")
+        digests = [str(row[0]) for row in await cur.fetchall()]
+    return sum([await eraser.late_cache_entries(d) for d in digests])
+
+
 async def sweep(eraser: Eraser, retention_days: int, session_ttl_seconds: int) -> dict[str, int]:
     """One privacy sweep: resumed erasures, expired history, trimmed tombstones and fences."""
     counts: Counter[str] = Counter()
     counts["erasures_resumed"] = await resume_erasures(eraser)
+    counts["late_cache_entries"] = await late_cache_entries(eraser)
     counts["sessions_expired"] = await expire_history(eraser.sessions, retention_days)
     async with eraser.sessions.pg.connection() as conn:
         counts["tombstones_trimmed"] = await trim_tombstones(

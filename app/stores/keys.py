@@ -107,6 +107,11 @@ def _hex(value: str) -> str:
     return value
 
 
+def check_hex(value: str) -> str:
+    """A hex digest (1-64 lowercase hex digits) before it becomes part of a key or query."""
+    return _hex(value)
+
+
 def session(sid: str) -> str:
     return f"session:{{{check_session_id(sid)}}}"
 
