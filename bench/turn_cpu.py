@@ -251,13 +251,15 @@ def against(args: argparse.Namespace) -> None:
     other = Path(args.against).resolve()
     env = {"OFFLINE_TOKEN_DELAY_MS": str(args.pace_ms),
            "STREAM_COALESCE_MS": str(args.coalesce_ms[0])}
-    labels = ["this checkout" + (", tracing on (OTLP sink)" if args.otlp else ""), str(other)]
+    labels = ["this checkout" + (f", tracing on (OTLP sink, {args.otlp_ratio:g} of turns "
+                                 "sampled)" if args.otlp else ""), str(other)]
     totals = [[0.0, 0, 0] for _ in labels]
     with stores() as settings, contextlib.ExitStack() as stack:
         traced = {}
         if args.otlp:
             traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": stack.enter_context(otlp_sink()),
-                      "OTEL_TRACES_SAMPLER": "parentbased_always_on"}
+                      "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                      "OTEL_TRACES_SAMPLER_ARG": str(args.otlp_ratio)}
         bases = [stack.enter_context(servers(settings, cwd=cwd, **env, **extra))[0]
                  for cwd, extra in ((None, traced), (other, {}))]
         stack.enter_context(workers(settings, **env))
@@ -303,6 +305,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="rounds of --against")
     p.add_argument("--otlp", action="store_true",
                    help="with --against: this checkout's app traces to a local OTLP sink")
+    p.add_argument("--otlp-ratio", type=float, default=1.0,
+                   help="with --otlp: the share of turns sampled (OTEL_TRACES_SAMPLER_ARG)")
     args = p.parse_args()
     if args.against:
         against(args)
