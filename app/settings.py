@@ -149,6 +149,7 @@ class Settings:
     stream_coalesce_ms: int = 25
     shutdown_grace_seconds: float = 5.0
     worker_class: str = "simple"
+    worker_metrics_port: int = 0  # 0: the worker serves no /metrics of its own
     tool_timeout_seconds: float = 10.0
     retrieval_cache_audit_rate: float = 0.05
     cache_audit_min_overlap: float = 0.5
@@ -210,6 +211,7 @@ class Settings:
             stream_coalesce_ms=_int(e, "STREAM_COALESCE_MS", 25),
             shutdown_grace_seconds=_float(e, "SHUTDOWN_GRACE_SECONDS", 5.0, lo=0.0, hi=300.0),
             worker_class=_choice(e, "WORKER_CLASS", WORKER_CLASSES),
+            worker_metrics_port=_int(e, "WORKER_METRICS_PORT", 0),
             tool_timeout_seconds=_float(e, "TOOL_TIMEOUT_SECONDS", 10.0, lo=0.1, hi=300.0),
             retrieval_cache_audit_rate=_float(
                 e, "RETRIEVAL_CACHE_AUDIT_RATE", 0.05, lo=0.0, hi=1.0

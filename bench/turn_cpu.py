@@ -283,7 +283,8 @@ def side_by_side(args: argparse.Namespace) -> None:
     (`--against`), or this checkout's twice, one per `--protocol`."""
     if args.against:
         other = Path(args.against).resolve()
-        mine = "this checkout" + (", tracing on (OTLP sink)" if args.otlp else "")
+        mine = "this checkout" + (f", tracing on (OTLP sink, {args.otlp_ratio:g} of turns "
+                                  "sampled)" if args.otlp else "")
         lanes = [(mine, None, args.protocol[0]),
                  (str(other), other, args.protocol[0])]
     else:
@@ -296,7 +297,8 @@ def side_by_side(args: argparse.Namespace) -> None:
         traced = {}
         if args.otlp:  # the first lane only
             traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": stack.enter_context(otlp_sink()),
-                      "OTEL_TRACES_SAMPLER": "parentbased_always_on"}
+                      "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                      "OTEL_TRACES_SAMPLER_ARG": str(args.otlp_ratio)}
         bases = [stack.enter_context(servers(settings, cwd=cwd, **env,
                                              **(traced if i == 0 else {})))[0]
                  for i, (_, cwd, _) in enumerate(lanes)]
@@ -353,6 +355,8 @@ def main() -> None:
                    help="with --against: long-term memories per chat user, near its questions")
     p.add_argument("--otlp", action="store_true",
                    help="side by side: the first app traces to a local OTLP sink")
+    p.add_argument("--otlp-ratio", type=float, default=1.0,
+                   help="with --otlp: the share of turns sampled (OTEL_TRACES_SAMPLER_ARG)")
     args = p.parse_args()
     if args.against or len(args.protocol) > 1:
         side_by_side(args)

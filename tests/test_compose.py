@@ -171,3 +171,11 @@ def test_the_observability_profile_adds_jaeger_and_tracing_is_off_without_an_end
     from app.ops import tracing
 
     assert not tracing.wanted(plain["app"]["environment"])
+
+
+def test_the_worker_serves_its_own_metrics_under_compose(project_root: Path) -> None:
+    """The app's /metrics sums only processes sharing its PROMETHEUS_MULTIPROC_DIR: a
+    worker in another container serves its own, on WORKER_METRICS_PORT."""
+    worker = _services(project_root)["worker"]
+    port = worker["environment"]["WORKER_METRICS_PORT"]
+    assert int(port) > 0 and port in [str(p) for p in worker["expose"]]

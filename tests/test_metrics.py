@@ -140,3 +140,36 @@ def test_with_a_multiprocess_dir_the_scrape_sums_every_process(tmp_path: Path) -
     assert sample(out, "backbone_turns_total", outcome="done") == 3
     assert sample(out, "backbone_events_sent_total", event="message.done") == 3
     assert sample(out, "backbone_persist_lag_seconds") == 0
+
+
+def test_a_worker_with_a_metrics_port_serves_its_own_metrics(settings: Settings) -> None:
+    """What compose runs: the worker in its own container, its /metrics on its own port."""
+    import signal
+
+    import httpx
+
+    from app.stack.embedded import free_port
+
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": settings.redis_url or "",
+           "DATABASE_URL": settings.database_url or "", "WORKER_METRICS_PORT": str(port),
+           "LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    body: list[str] = []
+
+    def served() -> bool:
+        try:
+            res = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
+        except httpx.HTTPError:
+            return False
+        body.append(res.text)
+        return res.status_code == 200
+
+    try:
+        wait_until(served, "the worker's /metrics", timeout=90)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    names = {f.name for f in text_string_to_metric_families(body[-1])}
+    assert {"backbone_memory_job_seconds", "backbone_memory_delta_messages"} <= names

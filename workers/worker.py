@@ -59,6 +59,7 @@ from rq.scheduler import RQScheduler
 from rq.worker import WorkerStatus
 
 from app.memory.queue import DISPATCH_BATCH, dispatch_all, dispatch_due
+from app.ops import metrics
 from app.settings import Settings
 from app.stores import keys
 from app.stores.clients import redis_client
@@ -343,6 +344,9 @@ def run_worker(settings: Settings, *, burst: bool = False, dims: int | None = No
         prepare(settings, dims)
         # Loaded once here: jobs run in this process (simple) or in forks of it (fork).
         warm(settings)
+        if settings.worker_metrics_port and not burst:
+            # Its own /metrics, for a worker the app's /metrics cannot read (compose).
+            metrics.serve_own(settings.worker_metrics_port)
         if burst:
             dispatch_all(conn)
         else:
@@ -351,7 +355,9 @@ def run_worker(settings: Settings, *, burst: bool = False, dims: int | None = No
         worker_class = WORKER_CLASSES[settings.worker_class]
         for generation in range(1_000_000):
             _stop_on_signals(stop)
-            if not wait_for_redis(conn, stop):
+            # A signal that came while the model loaded: rq's own handlers, installed
+            # by work(), would never hear of it.
+            if stop.is_set() or not wait_for_redis(conn, stop):
                 return worked
             name = f"backbone-{socket.gethostname()}-{os.getpid()}-{generation}"
             worker = (_SimpleWorker(qs, connection=conn, name=name,

@@ -36,6 +36,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -228,13 +229,23 @@ class _SharedCollector:
         yield due
 
 
+def _own_registry() -> CollectorRegistry:
+    if os.environ.get(MULTIPROC_ENV):
+        own = CollectorRegistry()
+        MultiProcessCollector(own)  # type: ignore[no-untyped-call]
+        return own
+    return REGISTRY  # this process only, with its process and platform metrics
+
+
+def serve_own(port: int, addr: str = "0.0.0.0") -> Any:
+    """Serve this process's metrics (every process's with PROMETHEUS_MULTIPROC_DIR) on
+    `port` from a daemon thread: the worker's WORKER_METRICS_PORT. Returns the server."""
+    server, _thread = start_http_server(port, addr=addr, registry=_own_registry())
+    return server
+
+
 def render(state: SharedState) -> tuple[bytes, str]:
     """The exposition text: this process's (or every process's) metrics plus `state`."""
     shared = CollectorRegistry(auto_describe=True)
     shared.register(_SharedCollector(state))
-    if os.environ.get(MULTIPROC_ENV):
-        own = CollectorRegistry()
-        MultiProcessCollector(own)  # type: ignore[no-untyped-call]
-    else:
-        own = REGISTRY  # this process only, with its process and platform metrics
-    return generate_latest(own) + generate_latest(shared), CONTENT_TYPE_LATEST
+    return generate_latest(_own_registry()) + generate_latest(shared), CONTENT_TYPE_LATEST

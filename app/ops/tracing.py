@@ -82,7 +82,7 @@ def setup(service: str, *, processor: SpanProcessor | None = None,
     resource = Resource.create(
         {} if environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: service})
     # The sampler the OTEL_TRACES_SAMPLER* variables ask for, minus orphan client spans.
-    sampler = _no_orphan_clients(TracerProvider().sampler)
+    sampler = _no_orphan_clients(TracerProvider(shutdown_on_exit=False).sampler)
     provider = TracerProvider(resource=resource, sampler=sampler)
     if processor is None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
