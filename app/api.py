@@ -9,13 +9,15 @@ rendered once, here, as `{"error": {"code", "message"}}` with their status.
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -28,20 +30,40 @@ from app.cache import routes as cache_routes
 from app.cache.audit_queue import audit_enqueuer
 from app.cache.semantic import SemanticCache
 from app.chat import routes as chat_routes
+from app.chat.stream_slots import StreamSlots
 from app.chat.tool_router import ToolRouter
 from app.chat.turn import TurnDeps
 from app.embeddings import shared_embedder
-from app.errors import BackboneError, RateLimited, store_errors, translate
+from app.errors import (
+    BackboneError,
+    Forbidden,
+    RateLimited,
+    Unauthorized,
+    store_errors,
+    translate,
+)
+from app.identity import Authenticator
 from app.llm import make_provider
+from app.mcp import server as mcp_server
 from app.memory import routes as memory_routes
 from app.memory.queue import AfterTurnMark
 from app.memory.recall import make_recall
+from app.memory.service import MemoryService
+from app.memory.usage import UsageMarks
+from app.openai import conversations as openai_conversations
+from app.openai import responses as openai_responses
 from app.ops import logs, metrics, tracing
+from app.privacy import routes as privacy_routes
 from app.sessions import routes as session_routes
 from app.sessions.store import Sessions
 from app.settings import Settings
 from app.state import AppState, app_state
-from app.stores.clients import async_redis_client, async_session_redis_client, redis_client
+from app.stores.clients import (
+    async_redis_client,
+    async_session_reader_client,
+    async_session_redis_client,
+    redis_client,
+)
 from app.tools import make_tools
 
 log = logging.getLogger("backbone.api")
@@ -83,11 +105,35 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     )
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_scraper(request: Request, token: str | None) -> None:
+    """With METRICS_TOKEN set, only `Authorization: Bearer <it>` (what Prometheus'
+    `authorization` scrape setting sends) may read /metrics (401 otherwise); without
+    it, only a caller on this machine's loopback (403 otherwise)."""
+    if token is None:
+        host = request.client.host if request.client else ""
+        if not _loopback(host):
+            raise Forbidden("/metrics answers loopback callers only; set METRICS_TOKEN "
+                            "to scrape it from elsewhere", code="metrics_forbidden")
+        return
+    sent = request.headers.get("authorization", "")
+    if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+        raise Unauthorized("/metrics needs Authorization: Bearer <METRICS_TOKEN>")
+
+
 async def metrics_endpoint(request: Request) -> Response:
     """`GET /metrics`: Prometheus text; see app.ops.metrics and docs/operations.md."""
     state = app_state(request)
+    check_scraper(request, state.settings.metrics_token)
     await cache_routes.flush_counts(state)
-    shared = await metrics.read_shared(state.redis, state.sessions.redis)
+    shared = await metrics.read_shared(state.redis, state.sessions.redis,
+                                       tools=state.turn_deps.router.tools)
     body, content_type = metrics.render(shared)
     return Response(body, media_type=content_type)
 
@@ -102,6 +148,9 @@ def routes() -> list[Route]:
         *chat_routes.routes,
         *memory_routes.routes,
         *cache_routes.routes,
+        *openai_conversations.routes,
+        *openai_responses.routes,
+        *privacy_routes.routes,
     ]
 
 
@@ -146,12 +195,32 @@ def create_app(settings: Settings) -> Starlette:
             make_tools(settings, redis, embedder), embedder, settings.tool_timeout_seconds,
             cache=cache,
         )
+        usage = UsageMarks(pg)  # recall's use marks, written in batches (MEMORY_MAX_PER_USER)
+        marking = asyncio.create_task(usage.run())
         deps = TurnDeps(sessions, make_provider(settings), router,
-                        recall=make_recall(redis, embedder), after_turn=[AfterTurnMark(redis)])
-        state = AppState(settings, redis, pg, embedder, sessions, deps)
+                        recall=make_recall(redis, embedder, marks=usage),
+                        after_turn=[AfterTurnMark(redis)])
+        streams = StreamSlots(session_redis, async_session_reader_client(settings),
+                              per_user=settings.max_streams_per_user,
+                              per_node=settings.max_streams_per_node)
+        auth = Authenticator(settings)
+        # The identity provider's keys: /readyz says 503 until they are fetched once.
+        auth_start = asyncio.create_task(auth.start())
+        # MemoryStore is sync (the workers'): the memory service runs it in threads on
+        # these, a few connections beside the async pool.
+        store_pg: ConnectionPool[Any] = ConnectionPool(
+            settings.database_url or "", min_size=1, max_size=4, open=False,
+            kwargs={"autocommit": True},
+        )
+        store_pg.open(wait=False)
+        store_redis = redis_client(settings.redis_url or "")
+        memories = MemoryService(redis, pg, store_redis, store_pg, embedder)
+        state = AppState(settings, redis, pg, embedder, sessions, deps, streams, auth,
+                         memories)
         forced = False
         try:
-            yield {"backbone": state}
+            async with mcp.session_manager.run():
+                yield {"backbone": state}
         except asyncio.CancelledError:
             # A forced quit (a second Ctrl-C): uvicorn skips the lifespan shutdown and
             # asyncio cancels every task, turns and pool workers included. Close what
@@ -160,6 +229,7 @@ def create_app(settings: Settings) -> Starlette:
             log.warning("forced quit: turns in flight were cut without their grace")
         finally:
             warming.cancel()
+            auth_start.cancel()
             if forced:
                 if state.turns:
                     await asyncio.wait(set(state.turns), timeout=FORCED_PERSIST_SECONDS)
@@ -167,6 +237,13 @@ def create_app(settings: Settings) -> Starlette:
                 await _stop_turns(state.turns, settings.shutdown_grace_seconds)
                 await cache.drain()
             audit_conn.close()
+            await streams.aclose()
+            marking.cancel()  # its last flush runs as it stops, before the pool closes
+            await asyncio.gather(marking, return_exceptions=True)
+            store_redis.close()
+            # Sync, not awaited: a forced quit may cancel an await here; closing idle
+            # connections takes milliseconds, and the wait for its workers is bounded.
+            store_pg.close(timeout=1.0)
             try:
                 await pg.close()
             except asyncio.CancelledError:
@@ -178,10 +255,13 @@ def create_app(settings: Settings) -> Starlette:
             await redis.aclose()
 
     # Never log these, whatever a message or traceback holds (app.ops.logs).
-    logs.redact(settings.auth_secret, urlsplit(settings.redis_url).password,
+    logs.redact(settings.auth_secret, settings.metrics_token, urlsplit(settings.redis_url).password,
                 urlsplit(settings.database_url).password)
+    mcp, mcp_app = mcp_server.build(settings)
     return Starlette(
-        routes=routes(),
+        # The MCP server (app.mcp, its own bearer gate): its router answers this one path,
+        # every method.
+        routes=[*routes(), Route("/mcp", mcp_app)],
         # The OpenTelemetry ASGI middleware first, when tracing is on (app.ops.tracing).
         middleware=[*tracing.asgi_middleware(), Middleware(logs.RequestIds)],
         lifespan=lifespan,

@@ -21,6 +21,10 @@ from app.stores.keys import USER_ID
 
 ALGORITHM = "HS256"
 DEFAULT_TTL_SECONDS = 30 * 86400
+# A stream token opens one session's event streams, and nothing else, for as long as
+# a turn's events are kept (app.chat.event_log.TTL_SECONDS).
+STREAM_SCOPE = "session-events"
+STREAM_TOKEN_SECONDS = 600
 
 
 def with_secret(settings: Settings) -> Settings:
@@ -36,11 +40,14 @@ def with_secret(settings: Settings) -> Settings:
     return replace(settings, auth_secret=path.read_text().strip())
 
 
-def issue_token(secret: str, user: str, ttl_seconds: int = DEFAULT_TTL_SECONDS) -> str:
+def issue_token(secret: str, user: str, ttl_seconds: int = DEFAULT_TTL_SECONDS,
+                claims: dict[str, str] | None = None) -> str:
+    """An HS256 token for `user`; `claims` adds more (a tenant claim, say)."""
     if not USER_ID.fullmatch(user):
         raise ValueError("user ids are 1-64 of A-Z a-z 0-9 _ . @ -")
     now = int(time.time())
-    return jwt.encode({"sub": user, "iat": now, "exp": now + ttl_seconds}, secret, ALGORITHM)
+    body = {**(claims or {}), "sub": user, "iat": now, "exp": now + ttl_seconds}
+    return jwt.encode(body, secret, ALGORITHM)
 
 
 def verify_token(secret: str, token: str) -> str:
@@ -53,16 +60,47 @@ def verify_token(secret: str, token: str) -> str:
         raise Unauthorized("the token has expired") from None
     except jwt.PyJWTError as e:
         raise Unauthorized(f"invalid token: {e}") from None
+    if "scope" in claims:  # a stream token: useless as a bearer token
+        raise Unauthorized("a stream token only opens its session's event stream "
+                           "(GET /v1/sessions/{sid}/events?token=...)")
     user = claims.get("sub")
     if not isinstance(user, str) or not USER_ID.fullmatch(user):
         raise Unauthorized("the token's subject is not a valid user id")
     return user
 
 
-def authenticated_user(request: Request, secret: str) -> str:
-    """The user id of a request's `Authorization: Bearer <token>`; 401 otherwise."""
+def issue_stream_token(secret: str, user: str, sid: str,
+                       ttl_seconds: int = STREAM_TOKEN_SECONDS) -> str:
+    """A short-lived token for one user's one session's event streams: what a browser's
+    EventSource, which cannot send headers, puts in the URL to resume a turn."""
+    now = int(time.time())
+    return jwt.encode({"sub": user, "sid": sid, "scope": STREAM_SCOPE, "iat": now,
+                       "exp": now + ttl_seconds}, secret, ALGORITHM)
+
+
+def verify_stream_token(secret: str, token: str, sid: str) -> str:
+    """The user of a stream token for this session; 401 for anything else (a bearer
+    token, another session's stream token, an expired or forged one)."""
+    try:
+        claims = jwt.decode(token, secret, algorithms=[ALGORITHM],
+                            options={"require": ["sub", "exp", "sid", "scope"]})
+    except jwt.ExpiredSignatureError:
+        raise Unauthorized("the stream token has expired") from None
+    except jwt.PyJWTError as e:
+        raise Unauthorized(f"invalid stream token: {e}") from None
+    user = claims.get("sub")
+    if claims.get("scope") != STREAM_SCOPE or claims.get("sid") != sid:
+        raise Unauthorized("this stream token is for another session's events")
+    if not isinstance(user, str) or not USER_ID.fullmatch(user):
+        raise Unauthorized("the token's subject is not a valid user id")
+    return user
+
+
+def bearer_token(request: Request) -> str:
+    """The token of a request's `Authorization: Bearer <token>`; 401 without one.
+    `app.identity.Authenticator` verifies it."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("send Authorization: Bearer <token> (make one with `backbone token`)")
-    return verify_token(secret, token.strip())
+    return token.strip()

@@ -11,6 +11,7 @@
     backbone cache stats|clear [--tool T]
     backbone keys [--json]      count, TTL range, memory per key family of the live Redis
     backbone token --user NAME  a bearer token signed with AUTH_SECRET (or .data/auth-secret)
+    backbone erase --user NAME  erase everything held about a user (as DELETE /v1/me)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from app.stack import running as running_stack
 from app.stack.bootstrap import eviction_warning, prepare
 from app.stack.cluster import EmbeddedCluster
 from app.stack.embedded import EmbeddedStack, check_port_free, running_urls
-from app.stores import indexes, migrations
+from app.stores import indexes, keys, migrations
 from app.stores.clients import check_modules, pg_connect, redis_client
 
 Command = Callable[[Settings, argparse.Namespace], int]
@@ -194,7 +195,9 @@ def _print_banner(s: Settings, created: list[str], applied: list[str],
         lines.append(f"  sessions     {cluster.describe()}")
         lines.append(f"               redis-cli -c -p {cluster.ports[0]}    (CLUSTER NODES)")
     lines.append(f"  rq dashboard http://127.0.0.1:{board_port}/   (queues, workers, jobs)")
-    lines.append(f"  metrics      {base}/metrics   (Prometheus; app and worker together)")
+    who = ("with Authorization: Bearer $METRICS_TOKEN" if s.metrics_token
+           else "from this machine only; set METRICS_TOKEN to scrape from elsewhere")
+    lines.append(f"  metrics      {base}/metrics   (Prometheus, app and worker together; {who})")
     token = issue_token(s.auth_secret or "", LOCAL_USER)
     lines.append(f"  chat page    {base}/#token={token}")
     lines.append(f"  token        {token}")
@@ -406,9 +409,25 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_erase(settings: Settings, args: argparse.Namespace) -> int:
+    """Erase everything held about one user (as `DELETE /v1/me`); safe to run again."""
+    import asyncio
+
+    from app.privacy.erase import erase_user
+
+    removed = asyncio.run(erase_user(_running(settings), keys.check_user_id(args.user)))
+    print(json.dumps({"user": args.user, "status": "erased", "removed": removed}, indent=2))
+    return 0
+
+
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     secret = with_secret(settings).auth_secret or ""
-    print(issue_token(secret, args.user, ttl_seconds=args.days * 86400))
+    claims = None
+    if args.tenant is not None:
+        if not settings.auth_tenant_claim:
+            raise BackboneError("--tenant needs AUTH_TENANT_CLAIM (the claim to put it in)")
+        claims = {settings.auth_tenant_claim: keys.check_user_id(args.tenant)}
+    print(issue_token(secret, args.user, ttl_seconds=args.days * 86400, claims=claims))
     return 0
 
 
@@ -445,7 +464,11 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("token", help="print a bearer token for a user")
     t.add_argument("--user", required=True)
     t.add_argument("--days", type=int, default=30, help="validity (default 30)")
+    t.add_argument("--tenant", help="the tenant id, in the AUTH_TENANT_CLAIM claim")
     t.set_defaults(fn=cmd_token)
+    e = sub.add_parser("erase", help="erase everything held about a user (idempotent)")
+    e.add_argument("--user", required=True)
+    e.set_defaults(fn=cmd_erase)
     i = sub.add_parser("index", help="manage the RediSearch indexes")
     i.add_argument("action", choices=["create", "info", "drop"])
     i.add_argument("--with-documents", action="store_true",

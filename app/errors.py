@@ -8,14 +8,19 @@
     │   ├── Forbidden              403 forbidden
     │   ├── NotFound               404 not_found
     │   ├── Conflict               409 conflict
+    │   │   └── DuplicateMemory    409 duplicate_memory (+ the id of the memory it repeats)
+    │   ├── Gone                   410 user_erased: the caller's data was erased
     │   ├── PayloadTooLarge        413 payload_too_large
     │   ├── Unprocessable          422 invalid_body
     │   └── RateLimited            429 rate_limited
+    │       └── TooManyStreams     429 too_many_streams: the user's or node's open streams
     └── DependencyError            a store or service failed; 503
         ├── RedisUnavailable       redis_unavailable
         ├── MissingModules         Redis lacks the search or JSON module (start-up)
         ├── DatabaseUnavailable    database_unavailable
         ├── ServerStopping         server_stopping: this node stopped the turn (shutdown)
+        ├── IdentityUnavailable    identity_unavailable: the identity provider's keys (JWKS)
+        │                          were never fetched
         └── EmbeddedStartError     the embedded Redis or PostgreSQL did not start
 
 Route bodies raise these and never catch; `app.api` renders them as
@@ -35,9 +40,12 @@ class BackboneError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
+        self.param = param  # the request field at fault, when one is (the OpenAI face shows it)
         if code is not None:
             self.code = code  # type: ignore[misc]
 
@@ -78,6 +86,26 @@ class Conflict(ClientError):
     code = "conflict"
 
 
+class Gone(ClientError):
+    status = 410
+    code = "gone"
+
+
+class DuplicateMemory(Conflict):
+    """An edit would make a memory say what another of the user's memories says."""
+
+    code = "duplicate_memory"
+
+    def __init__(self, existing_id: str) -> None:
+        super().__init__(f"memory {existing_id} already says this")
+        self.existing_id = existing_id
+
+    def to_body(self) -> dict[str, dict[str, str]]:
+        body = super().to_body()
+        body["error"]["id"] = self.existing_id
+        return body
+
+
 class PayloadTooLarge(ClientError):
     status = 413
     code = "payload_too_large"
@@ -95,6 +123,16 @@ class RateLimited(ClientError):
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class TooManyStreams(RateLimited):
+    """Too many open event streams, the user's (MAX_STREAMS_PER_USER) or this node's
+    (MAX_STREAMS_PER_NODE); refused before any other Redis work."""
+
+    code = "too_many_streams"
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message, retry_after=retry_after)
 
 
 class DependencyError(BackboneError):
@@ -116,6 +154,10 @@ class DatabaseUnavailable(DependencyError):
 
 class ServerStopping(DependencyError):
     code = "server_stopping"
+
+
+class IdentityUnavailable(DependencyError):
+    code = "identity_unavailable"
 
 
 class EmbeddedStartError(DependencyError):

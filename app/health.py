@@ -3,7 +3,9 @@
 `/readyz` answers 200 only when Redis answers, has the search and JSON modules
 and every index, PostgreSQL answers with no migration pending, and the
 embedding model is loaded and has run once (`model`: the app warms it at
-start, so the first turn does not wait for it); otherwise 503 with the same
+start, so the first turn does not wait for it), and with AUTH_JWKS_URL the
+identity provider's keys were fetched at least once (`identity`; later a
+failing fetch keeps the cached keys serving and readiness unchanged); otherwise 503 with the same
 JSON, so a load balancer drops the node until it recovers.
 """
 
@@ -59,10 +61,11 @@ async def readyz(request: Request) -> JSONResponse:
         _guarded(_redis_checks(state), {"redis": False, "redis_modules": False, "indexes": False}),
         _guarded(_postgres_checks(state), {"postgres": False, "migrations": False}),
     )
-    checks = {**rc, **pc, "model": state.embedder.ready}
+    checks = {**rc, **pc, "model": state.embedder.ready, "identity": state.auth.ready}
     body: dict[str, Any] = {"ready": all(checks.values()), "checks": checks}
     merr = state.embedder.warm_error
-    errors = {k: v for k, v in (("redis", rerr), ("postgres", perr), ("model", merr)) if v}
+    errors = {k: v for k, v in (("redis", rerr), ("postgres", perr), ("model", merr),
+                                ("identity", state.auth.error)) if v}
     if errors:
         body["errors"] = errors
     return JSONResponse(body, status_code=200 if body["ready"] else 503)

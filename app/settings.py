@@ -77,6 +77,28 @@ def embedding_backend(env: Mapping[str, str] | None = None) -> str:
     return value
 
 
+# What an identity provider's JWKS may sign with: never HS* (a public key is no secret)
+# nor `none`.
+ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                         "ES256", "ES384", "ES512", "EdDSA")
+
+
+def _algorithms(raw: str) -> tuple[str, ...]:
+    algs = tuple(a.strip() for a in raw.split(",") if a.strip())
+    bad = [a for a in algs if a not in ASYMMETRIC_ALGORITHMS]
+    if bad or not algs:
+        raise SettingsError(f"AUTH_ALGORITHMS takes asymmetric algorithms only "
+                            f"{ASYMMETRIC_ALGORITHMS}, got {raw!r}")
+    return algs
+
+
+def _claim(name: str, value: str | None) -> str | None:
+    if value is not None and not value.replace("_", "").replace(".", "").replace(
+            "-", "").replace(":", "").replace("/", "").isalnum():
+        raise SettingsError(f"{name} must be a claim name, got {value!r}")
+    return value
+
+
 def _session_cluster(env: Mapping[str, str], cluster: bool) -> bool:
     if cluster and _str(env, "SESSION_REDIS_URL") is None:
         raise SettingsError("SESSION_REDIS_CLUSTER=1 needs SESSION_REDIS_URL (a cluster node)")
@@ -101,9 +123,21 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     auth_secret: str | None = None
+    # An identity provider (app.identity): with AUTH_JWKS_URL set, tokens are verified
+    # against its keys instead of AUTH_SECRET.
+    auth_jwks_url: str | None = None
+    auth_issuer: str | None = None
+    auth_audience: str | None = None
+    auth_algorithms: tuple[str, ...] = ("RS256", "ES256")
+    auth_user_claim: str = "sub"
+    auth_tenant_claim: str | None = None
+    # Sessions untouched this long are removed by the privacy sweep; 0: kept.
+    history_retention_days: int = 0
     session_ttl_seconds: int = 86400
     memory_lock_ttl_seconds: int = 300
     memory_ttl_seconds: int = 30 * 86400
+    memory_max_facts_per_job: int = 20
+    memory_max_per_user: int = 2000
     embedding_model: str | None = None
     embedding_backend: str = "onnx"
     llm_base_url: str | None = None
@@ -125,6 +159,13 @@ class Settings:
     rate_limit_messages: int = 30
     rate_limit_window_seconds: int = 60
     rate_limit_sessions: int = 10
+    # Open event streams (a live turn's POST or a resume) one user may hold at once,
+    # and one node; the node's limit also sizes its pool of blocking readers.
+    max_streams_per_user: int = 8
+    max_streams_per_node: int = 256
+    # /metrics: a bearer token; None: answered to loopback callers only.
+    metrics_token: str | None = None
+    cache_audit_retention_days: int = 30
     log_level: str = "INFO"
     log_format: str = "text"  # or "json": one object per record (app.ops.logs)
 
@@ -147,9 +188,18 @@ class Settings:
             host=_str(e, "HOST", "127.0.0.1") or "127.0.0.1",
             port=_int(e, "PORT", 8000, minimum=1),
             auth_secret=_str(e, "AUTH_SECRET"),
+            auth_jwks_url=_str(e, "AUTH_JWKS_URL"),
+            auth_issuer=_str(e, "AUTH_ISSUER"),
+            auth_audience=_str(e, "AUTH_AUDIENCE"),
+            auth_algorithms=_algorithms(_str(e, "AUTH_ALGORITHMS", "RS256,ES256") or ""),
+            auth_user_claim=_claim("AUTH_USER_CLAIM", _str(e, "AUTH_USER_CLAIM", "sub")) or "sub",
+            auth_tenant_claim=_claim("AUTH_TENANT_CLAIM", _str(e, "AUTH_TENANT_CLAIM")),
+            history_retention_days=_int(e, "HISTORY_RETENTION_DAYS", 0),
             session_ttl_seconds=_int(e, "SESSION_TTL_SECONDS", 86400, minimum=60),
             memory_lock_ttl_seconds=_int(e, "MEMORY_LOCK_TTL_SECONDS", 300, minimum=1),
             memory_ttl_seconds=_int(e, "MEMORY_TTL_SECONDS", 30 * 86400, minimum=60),
+            memory_max_facts_per_job=_int(e, "MEMORY_MAX_FACTS_PER_JOB", 20, minimum=1),
+            memory_max_per_user=_int(e, "MEMORY_MAX_PER_USER", 2000, minimum=1),
             embedding_model=_str(e, "EMBEDDING_MODEL"),
             embedding_backend=embedding_backend(e),
             llm_base_url=_str(e, "LLM_BASE_URL"),
@@ -174,6 +224,10 @@ class Settings:
             rate_limit_messages=_int(e, "RATE_LIMIT_MESSAGES", 30, minimum=1),
             rate_limit_window_seconds=_int(e, "RATE_LIMIT_WINDOW_SECONDS", 60, minimum=1),
             rate_limit_sessions=_int(e, "RATE_LIMIT_SESSIONS", 10, minimum=1),
+            max_streams_per_user=_int(e, "MAX_STREAMS_PER_USER", 8, minimum=1),
+            max_streams_per_node=_int(e, "MAX_STREAMS_PER_NODE", 256, minimum=1),
+            metrics_token=_str(e, "METRICS_TOKEN"),
+            cache_audit_retention_days=_int(e, "CACHE_AUDIT_RETENTION_DAYS", 30, minimum=1),
             log_level=(_str(e, "LOG_LEVEL", "INFO") or "INFO").upper(),
             log_format=_choice(e, "LOG_FORMAT", ("text", "json")),
         )

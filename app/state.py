@@ -13,8 +13,12 @@ import redis.asyncio as aredis
 from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
 
+from app.cache.stats import Memo
+from app.chat.stream_slots import StreamSlots
 from app.chat.turn import TurnDeps
 from app.embeddings import Embedder
+from app.identity import Authenticator
+from app.memory.service import MemoryService
 from app.sessions.store import Sessions
 from app.settings import Settings
 
@@ -27,7 +31,11 @@ class AppState:
     embedder: Embedder
     sessions: Sessions
     turn_deps: TurnDeps
+    streams: StreamSlots  # open-stream limits and the blocking readers' pool
+    auth: Authenticator
+    memories: MemoryService
     turns: set[asyncio.Task[None]] = field(default_factory=set)  # turns still running
+    cache_report: Memo = field(default_factory=Memo)  # /v1/cache/stats, once a second
 
 
 def app_state(request: Request) -> AppState:

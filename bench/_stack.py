@@ -131,27 +131,49 @@ async def post_turn(
     client: httpx.AsyncClient, base: str, sid: str, headers: dict[str, str], content: str
 ) -> TurnOutcome:
     """One chat turn over SSE, read to its end."""
+    return await _read_turn(client, f"{base}/v1/sessions/{sid}/messages", headers,
+                            {"content": content}, "message.done")
+
+
+async def post_response(
+    client: httpx.AsyncClient, base: str, sid: str, headers: dict[str, str], content: str
+) -> TurnOutcome:
+    """The same turn through the OpenAI-compatible face: `POST /v1/responses` streamed in
+    the session's conversation, read to `response.completed` (its response is `done`)."""
+    body = {"model": "bench", "conversation": f"conv_{sid}", "input": content, "stream": True}
+    return await _read_turn(client, f"{base}/v1/responses", headers, body, "response.completed",
+                            preamble=("response.created", "response.in_progress"),
+                            done_key="response")
+
+
+async def _read_turn(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict[str, object],
+    last: str, *, preamble: tuple[str, ...] = (), done_key: str | None = None,
+) -> TurnOutcome:
+    """POST, read the SSE stream to its `last` event (its data, or its `done_key`, is
+    `done`); the first event is the first one not in `preamble` (what the server sends
+    before the turn has done anything)."""
     out = TurnOutcome()
     started = time.perf_counter()
     event = ""
     try:
-        async with client.stream("POST", f"{base}/v1/sessions/{sid}/messages",
-                                 headers=headers, json={"content": content}) as res:
+        async with client.stream("POST", url, headers=headers, json=body) as res:
             if res.status_code != 200:
                 out.error = f"HTTP {res.status_code}"
                 return out
             async for line in res.aiter_lines():
                 if line.startswith("event:"):
                     event = line[6:].strip()
-                    if out.ttfe_ms is None:
+                    if out.ttfe_ms is None and event not in preamble:
                         out.ttfe_ms = (time.perf_counter() - started) * 1000
-                elif line.startswith("data:") and event == "message.done":
-                    out.done = json.loads(line[5:])
+                elif line.startswith("data:") and event == last:
+                    data = json.loads(line[5:])
+                    out.done = data[done_key] if done_key else data
                 elif line.startswith("data:") and event == "error":
                     out.error = str(json.loads(line[5:])["code"])
     except httpx.HTTPError as e:
         out.error = type(e).__name__
     out.total_ms = (time.perf_counter() - started) * 1000
     if out.done is None and out.error is None:
-        out.error = "stream ended without message.done"
+        out.error = f"stream ended without {last}"
     return out

@@ -42,7 +42,7 @@ from redisvl.index import SearchIndex
 from redisvl.schema import IndexSchema
 
 from app.cache.knn import knn_command, knn_filter
-from app.cache.semantic import SemanticCache
+from app.cache.semantic import SemanticCache, args_digest
 from app.embeddings import Vector, shared_embedder
 from app.llm.base import ToolSpec
 from app.settings import Settings
@@ -58,6 +58,7 @@ HNSW, FLAT = "idx:bcache", "idx:bcache-flat"
 RVL = "rvlbench"
 TOOL = "bench_tool"
 MODEL = shared_embedder().model_id  # the cache filters every KNN on its model
+DIGEST = args_digest({})  # and on its other arguments: none for a query-only tool
 BATCH = 1000
 FLAT_ATTRS = ("dims", "distance_metric", "datatype")  # what a FLAT field keeps of HNSW's
 SMALL_SCOPE = 10  # entries in the user-like scope, apart from the bulk ones
@@ -105,7 +106,7 @@ def load(client: redis.Redis, vectors: np.ndarray[Any, Any], start: int) -> None
             pipe.hset(f"{PREFIX}{j}", mapping={
                 "tool": TOOL, "scope": "global", "query": f"synthetic question {j}",
                 "created_at": j, "embedding": blob, "result": '{"content":"x","items":[]}',
-                "tool_ms": 1.0, "model": MODEL,
+                "tool_ms": 1.0, "model": MODEL, "args_digest": DIGEST,
             })  # fmt: skip
             pipe.hset(f"{RVL}:{j}", mapping={
                 "entry_id": str(j), "prompt": f"synthetic question {j}", "response": "x",
@@ -129,7 +130,7 @@ def store_small_scope(client: redis.Redis, vectors: np.ndarray[Any, Any]) -> Non
         pipe.hset(f"{PREFIX}small:{j}", mapping={
             "tool": TOOL, "scope": "user:small", "query": f"small scope question {j}",
             "created_at": j, "embedding": v.tobytes(), "result": '{"content":"x","items":[]}',
-            "tool_ms": 1.0, "model": MODEL,
+            "tool_ms": 1.0, "model": MODEL, "args_digest": DIGEST,
         })  # fmt: skip
     pipe.execute()
 
@@ -139,7 +140,8 @@ def knn_top1(
 ) -> tuple[str, float]:
     """The production query (`knn_command`), timed: with the plan for `counts` (entries the
     filter selects, entries indexed) or, for None, RediSearch's own."""
-    command = knn_command(HNSW, TOOL, scope, v, *(counts or (None, None)), model=MODEL)
+    command = knn_command(HNSW, TOOL, scope, v, *(counts or (None, None)), model=MODEL,
+                          args_digest=DIGEST)
     t0 = time.perf_counter()
     reply = client.execute_command(*command)  # type: ignore[no-untyped-call]
     elapsed = (time.perf_counter() - t0) * 1000
@@ -148,8 +150,9 @@ def knn_top1(
 
 
 def exact_top1(client: redis.Redis, scope: str, v: np.ndarray[Any, Any]) -> str:
+    where = knn_filter(TOOL, scope, MODEL, DIGEST)
     reply = client.execute_command(
-        "FT.SEARCH", FLAT, f"{knn_filter(TOOL, scope, MODEL)}=>[KNN 1 @embedding $vec AS distance]",
+        "FT.SEARCH", FLAT, f"{where}=>[KNN 1 @embedding $vec AS distance]",
         "PARAMS", 2, "vec", v.tobytes(), "SORTBY", "distance", "ASC",
         "RETURN", 1, "distance", "LIMIT", 0, 1, "DIALECT", 2,
     )  # type: ignore[no-untyped-call]  # fmt: skip
@@ -355,7 +358,7 @@ def main() -> None:
                 *(ms(lk.whole[c]) for c in CONTENDERS),
             ))  # fmt: skip
             counts = []  # what QueryCounts costs Redis once a minute per process
-            for query in (knn_filter(TOOL, "global", MODEL), "*"):
+            for query in (knn_filter(TOOL, "global", MODEL, DIGEST), "*"):
                 before = server_usec(client)
                 client.execute_command("FT.SEARCH", HNSW, query, "LIMIT", 0, 0, "DIALECT", 2)  # type: ignore[no-untyped-call]
                 counts.append((server_usec(client) - before) / 1000)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/turn_cpu.py [--turns 200] [--concurrency 20] [--pace-ms 10]
                                        [--backends onnx torch] [--worker-classes fork simple]
-                                       [--coalesce-ms 0 25]
+                                       [--coalesce-ms 0 25] [--protocol native responses]
 
 One stack (stores from REDIS_URL / DATABASE_URL or embedded); for each
 configuration (every combination of embedding backend, WORKER_CLASS and
@@ -20,10 +20,22 @@ With WORKER_CLASS=simple there are no work horses: the jobs' CPU is the worker's
 `--against DIR` measures instead the app's CPU per turn of this checkout and of
 the checkout in DIR (`git worktree add /tmp/base <commit>`), both servers on the
 same stores and driven at the same time by the same load, so a shared machine's
-noise falls on both alike; `--rounds` repeats it. `--otlp` turns tracing on in
-this checkout's app only (OTEL_EXPORTER_OTLP_ENDPOINT at an OTLP/HTTP sink in
-this process that reads and acknowledges every export, every turn sampled);
-`--against .` then gives tracing on against off in one checkout.
+noise falls on both alike; `--rounds` repeats it. `--memories N` gives each chat's
+user N long-term memories close to its questions before each round (written
+straight to the stores, outside the measurement), so every turn's recall finds
+and puts memories into its prompt (and, where the checkout marks their use,
+marks them).
+
+`--protocol native responses` does the same with two apps of this checkout,
+one driven through the native route (`POST /v1/sessions/{sid}/messages`), the
+other through the OpenAI-compatible face (`POST /v1/responses`, streamed, in
+the session's conversation): the same turns, the cost of the projection. With
+one protocol (the default, native) the configurations above are driven with it.
+
+`--otlp` turns tracing on in this checkout's app only (OTEL_EXPORTER_OTLP_ENDPOINT
+at an OTLP/HTTP sink in this process that reads and acknowledges every export,
+every turn sampled); `--otlp --against .` then gives tracing on against off in
+one checkout.
 """
 
 from __future__ import annotations
@@ -48,7 +60,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._redis import percentile
-from bench._stack import post_turn, servers, stores, token, workers
+from bench._stack import post_response, post_turn, servers, stores, token, workers
 from bench.sse_load import QUESTIONS
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -133,13 +145,14 @@ class Run:
 
 
 async def chat(client: httpx.AsyncClient, base: str, name: str, i: int, turns: int,
-               run: Run) -> None:
+               run: Run, protocol: str = "native") -> None:
     h = {"Authorization": f"Bearer {token(name)}"}
     sid = (await client.post(f"{base}/v1/sessions", headers=h)).json()["id"]
+    post = post_response if protocol == "responses" else post_turn
     for t in range(turns):
         # Unique text, so every turn embeds its question (no memo or exact-text reuse).
         q = f"{QUESTIONS[(i + t) % len(QUESTIONS)]} Asked by {name}, turn {t}."
-        out = await post_turn(client, base, sid, h, q)
+        out = await post(client, base, sid, h, q)
         if out.error is not None:
             run.errors.append(out.error)
             continue
@@ -148,12 +161,13 @@ async def chat(client: httpx.AsyncClient, base: str, name: str, i: int, turns: i
         run.turns += 1
 
 
-async def drive(base: str, run: Run, turns: int, concurrency: int, tag: str) -> None:
+async def drive(base: str, run: Run, turns: int, concurrency: int, tag: str,
+                protocol: str = "native") -> None:
     per_chat = [turns // concurrency + (1 if i < turns % concurrency else 0)
                 for i in range(concurrency)]
     limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-        await asyncio.gather(*(chat(client, base, f"{tag}-{i}", i, n, run)
+        await asyncio.gather(*(chat(client, base, f"{tag}-{i}", i, n, run, protocol)
                                for i, n in enumerate(per_chat) if n))
 
 
@@ -186,7 +200,9 @@ def measure(settings_redis: str, settings_pg: str, port: str, backend: str,
             args: argparse.Namespace, base: str) -> Run:
     run = Run(backend)
     asyncio.run(first_turn(base, run))
-    asyncio.run(drive(base, Run(backend), 2 * args.concurrency, args.concurrency, "warm"))
+    protocol = args.protocol[0]
+    asyncio.run(drive(base, Run(backend), 2 * args.concurrency, args.concurrency, "warm",
+                      protocol))
     probes: dict[str, Callable[[], float]] = {}
     apps = _env_pid("PORT", port, "app.cli", "serve")
     worker_pids = _env_pid("REDIS_URL", settings_redis, "app.cli", "worker")
@@ -209,13 +225,29 @@ def measure(settings_redis: str, settings_pg: str, port: str, backend: str,
     assert apps and worker_pids, (apps, worker_pids)
     before = {k: f() for k, f in probes.items()}
     started = time.perf_counter()
-    asyncio.run(drive(base, run, args.turns, args.concurrency, f"load-{port}"))
+    asyncio.run(drive(base, run, args.turns, args.concurrency, f"load-{port}", protocol))
     run.wall = time.perf_counter() - started
     drain(settings_redis)  # the jobs of these turns count here, not in the next configuration
     after = {k: f() for k, f in probes.items()}
     for k in ROWS:
         run.cpu[k] = (after[k] - before[k]) if k in probes else None
     return run
+
+
+def seed_memories(settings_redis: str, settings_pg: str, users: list[str], n: int) -> None:
+    """`n` memories per user, each close to one of the bench's questions."""
+    from app.embeddings import shared_embedder
+    from app.memory.facts import Fact
+    from app.memory.store import MemoryStore
+
+    facts = [Fact("note", f"wants to know: {QUESTIONS[k % len(QUESTIONS)]} (#{k})")
+             for k in range(n)]
+    conn = redis.Redis.from_url(settings_redis)
+    with psycopg.connect(settings_pg, autocommit=True) as pg:
+        store = MemoryStore(conn, pg, shared_embedder())
+        for user in users:
+            store.write(user, None, facts)
+    conn.close()
 
 
 class _Sink(http.server.BaseHTTPRequestHandler):
@@ -246,34 +278,46 @@ def otlp_sink() -> Iterator[str]:
         server.server_close()
 
 
-def against(args: argparse.Namespace) -> None:
-    """This checkout's app and DIR's, side by side under the same load at the same time."""
-    other = Path(args.against).resolve()
+def side_by_side(args: argparse.Namespace) -> None:
+    """Two apps under the same load at the same time: this checkout's and DIR's
+    (`--against`), or this checkout's twice, one per `--protocol`."""
+    if args.against:
+        other = Path(args.against).resolve()
+        mine = "this checkout" + (f", tracing on (OTLP sink, {args.otlp_ratio:g} of turns "
+                                  "sampled)" if args.otlp else "")
+        lanes = [(mine, None, args.protocol[0]),
+                 (str(other), other, args.protocol[0])]
+    else:
+        lanes = [(f"{p} ({'POST /v1/responses' if p == 'responses' else 'POST .../messages'})",
+                  None, p) for p in args.protocol]
     env = {"OFFLINE_TOKEN_DELAY_MS": str(args.pace_ms),
            "STREAM_COALESCE_MS": str(args.coalesce_ms[0])}
-    labels = ["this checkout" + (f", tracing on (OTLP sink, {args.otlp_ratio:g} of turns "
-                                 "sampled)" if args.otlp else ""), str(other)]
-    totals = [[0.0, 0, 0] for _ in labels]
+    totals = [[0.0, 0, 0] for _ in lanes]
     with stores() as settings, contextlib.ExitStack() as stack:
         traced = {}
-        if args.otlp:
+        if args.otlp:  # the first lane only
             traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": stack.enter_context(otlp_sink()),
                       "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
                       "OTEL_TRACES_SAMPLER_ARG": str(args.otlp_ratio)}
-        bases = [stack.enter_context(servers(settings, cwd=cwd, **env, **extra))[0]
-                 for cwd, extra in ((None, traced), (other, {}))]
+        bases = [stack.enter_context(servers(settings, cwd=cwd, **env,
+                                             **(traced if i == 0 else {})))[0]
+                 for i, (_, cwd, _) in enumerate(lanes)]
         stack.enter_context(workers(settings, **env))
         apps = [_env_pid("PORT", b.rsplit(":", 1)[1], "app.cli", "serve")[0] for b in bases]
-        for base in bases:
+        for base, (_, _, protocol) in zip(bases, lanes, strict=True):
             asyncio.run(drive(base, Run("warm"), 2 * args.concurrency, args.concurrency,
-                              f"warm-{base[-5:]}"))
+                              f"warm-{base[-5:]}", protocol))
         for rnd in range(args.rounds):
-            runs = [Run(label) for label in labels]
+            runs = [Run(label) for label, _, _ in lanes]
+            if args.memories:
+                seed_memories(settings.redis_url or "", settings.database_url or "",
+                              [f"vs{rnd}-{i}-{b[-5:]}-{j}" for i, b in enumerate(bases)
+                               for j in range(args.concurrency)], args.memories)
             before = [cpu_seconds(a) for a in apps]
 
             async def both(rnd: int = rnd, runs: list[Run] = runs) -> None:
                 await asyncio.gather(*(drive(b, runs[i], args.turns, args.concurrency,
-                                             f"vs{rnd}-{i}-{b[-5:]}")
+                                             f"vs{rnd}-{i}-{b[-5:]}", lanes[i][2])
                                        for i, b in enumerate(bases)))
 
             asyncio.run(both())
@@ -283,10 +327,11 @@ def against(args: argparse.Namespace) -> None:
                 totals[i][2] += len(runs[i].errors)
     print(f"{args.rounds} x {args.turns} turns each, {args.concurrency} concurrent chats per "
           f"app, both apps at once, offline provider at {args.pace_ms} ms/token, coalesce "
-          f"{args.coalesce_ms[0]} ms, load average {os.getloadavg()[0]:.1f} at the end\n")
+          f"{args.coalesce_ms[0]} ms, {args.memories} memories per user, load average "
+          f"{os.getloadavg()[0]:.1f} at the end\n")
     print("| app | turns | errors | app CPU ms per turn |")
     print("|---|---:|---:|---:|")
-    for label, (cpu, turns, errors) in zip(labels, totals, strict=True):
+    for (label, _, _), (cpu, turns, errors) in zip(lanes, totals, strict=True):
         print(f"| {label} | {turns} | {errors} | {cpu * 1000 / max(turns, 1):.1f} |")
     if args.otlp:
         print(f"\nOTLP sink: {_Sink.exports[0]} exports, {_Sink.exports[1] / 1e6:.1f} MB")
@@ -302,14 +347,19 @@ def main() -> None:
                    choices=["fork", "simple"])
     p.add_argument("--coalesce-ms", nargs="+", type=int, default=[25])
     p.add_argument("--against", help="another checkout's folder: its app side by side")
-    p.add_argument("--rounds", type=int, default=2, help="rounds of --against")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds of --against or of two protocols")
+    p.add_argument("--protocol", nargs="+", default=["native"], choices=["native", "responses"],
+                   help="the face that drives the turns; two: side by side")
+    p.add_argument("--memories", type=int, default=0,
+                   help="with --against: long-term memories per chat user, near its questions")
     p.add_argument("--otlp", action="store_true",
-                   help="with --against: this checkout's app traces to a local OTLP sink")
+                   help="side by side: the first app traces to a local OTLP sink")
     p.add_argument("--otlp-ratio", type=float, default=1.0,
                    help="with --otlp: the share of turns sampled (OTEL_TRACES_SAMPLER_ARG)")
     args = p.parse_args()
-    if args.against:
-        against(args)
+    if args.against or len(args.protocol) > 1:
+        side_by_side(args)
         return
     runs = []
     configs = list(itertools.product(args.backends, args.worker_classes, args.coalesce_ms))

@@ -196,3 +196,14 @@ def client(settings: Settings) -> Iterator[TestClient]:
 def pg(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture
+def sdk(settings: Settings) -> Iterator[Any]:
+    """`sdk(base, user)`: the official openai SDK aimed at a server, as that user
+    (tests/openai_support.py); every client is closed after the test."""
+    from openai_support import Clients
+
+    clients = Clients(settings)
+    yield clients
+    clients.close()

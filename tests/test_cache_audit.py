@@ -6,13 +6,18 @@ tool through that one seam, so a second run can return other ids.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import logging
+import zlib
 from typing import Any
 
 import psycopg
 import pytest
 import redis
 from rq import Queue, SimpleWorker
+from rq.job import Job
 from test_semantic_cache import CountingTool, ask
 
 from app.cache.audit_queue import audit_enqueuer
@@ -37,7 +42,7 @@ def _audit_one(
     tool.version = new_version
     monkeypatch.setattr(audit, "make_tools", lambda *_: {tool.spec.name: tool})
     q = Queue("audit", connection=r)
-    jobs = [j for j in q.jobs if j.kwargs.get("tool") == tool.spec.name]
+    jobs = [j for j in q.jobs if _payload(r, j).get("tool") == tool.spec.name]
     assert len(jobs) == 1
     SimpleWorker([q], connection=r).work(burst=True)
     jobs[0].refresh()  # type: ignore[no-untyped-call]
@@ -45,6 +50,12 @@ def _audit_one(
     outcome = jobs[0].return_value()
     assert isinstance(outcome, dict)
     return outcome
+
+
+def _payload(r: redis.Redis, job: Job) -> dict[str, Any]:
+    """The input an audit job's one argument names (empty once read or expired)."""
+    raw = r.get(job.args[0]) if job.args and isinstance(job.args[0], str) else None
+    return json.loads(raw) if raw else {}
 
 
 def _rows(settings: Settings, key: str) -> list[tuple[Any, ...]]:
@@ -97,9 +108,73 @@ def test_an_audit_of_an_entry_that_is_gone_does_nothing(
     stores_env: Settings, r: redis.Redis, user: str
 ) -> None:
     key = keys.cache_entry("kb_search", "ab" * 32)
-    got = audit.audit_cache_entry(key, "kb_search", {"query": "x"}, user, 0.01)
+    entry = keys.cache_audit()
+    r.set(entry, json.dumps({"entry_key": key, "tool": "kb_search", "arguments": {"query": "x"},
+                             "user_id": user, "distance": 0.01}), ex=60)
+    got = audit.audit_cache_entry(entry)
     assert got == {"status": "gone", "entry_key": key}
     assert _rows(stores_env, key) == []
+    assert r.exists(entry) == 0
+
+
+PRIVATE = ["Where did I bury the zanzibar-7731 key?",
+           "Where did I bury the zanzibar-7731 key again?"]
+
+
+def _rq_blobs(r: redis.Redis) -> list[bytes]:
+    """What rq keeps about jobs: every field of every `rq:job:*` hash (the pickled call
+    decompressed too) and every entry of the `rq:results:*` streams."""
+    out: list[bytes] = []
+    for key in r.scan_iter("rq:job:*", count=1000):
+        if r.type(key) != b"hash":
+            continue
+        for field, value in r.hgetall(key).items():
+            out.append(value)
+            if field == b"data":
+                with contextlib.suppress(zlib.error):
+                    out.append(zlib.decompress(value))
+    for key in r.scan_iter("rq:results:*", count=1000):
+        for _, fields in r.xrange(key):
+            out.extend(fields.values())
+    return out
+
+
+def test_audit_jobs_carry_only_an_opaque_key_and_rq_keeps_no_user_text(
+    stores_env: Settings, r: redis.Redis, user: str, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # rq keeps a job's arguments for a day, logs them and shows them in the dashboard.
+    caplog.set_level(logging.INFO)
+    tool = CountingTool()
+    always = dataclasses.replace(stores_env, retrieval_cache_audit_rate=1.0)
+    routed = ask(always, tool, [(user, q) for q in PRIVATE], audit_enqueuer(r))
+    assert [x.cached for x in routed] == [False, True]
+    q = Queue("audit", connection=r)
+    [job] = [j for j in q.jobs if _payload(r, j).get("tool") == tool.spec.name]
+    (entry,) = job.args
+    assert keys.AUDIT_ENTRY.fullmatch(entry) and job.kwargs == {}
+    assert _payload(r, job)["user_id"] == user and 0 < r.ttl(entry) <= 3600
+    monkeypatch.setattr(audit, "make_tools", lambda *_: {tool.spec.name: tool})
+    SimpleWorker([q], connection=r).work(burst=True)
+    job.refresh()  # type: ignore[no-untyped-call]
+    outcome = job.return_value()
+    assert job.is_finished and isinstance(outcome, dict) and outcome["status"] == "audited"
+    assert r.exists(entry) == 0  # read and deleted by the job
+    blobs = _rq_blobs(r)
+    assert any(job.id.encode() in b or entry.encode() in b for b in blobs)  # it does look
+    for blob in blobs:
+        assert user.encode() not in blob and b"zanzibar" not in blob
+    assert user not in caplog.text and "zanzibar" not in caplog.text
+    # A second run of the same job (a retry): its input is gone, nothing is redone.
+    assert audit.audit_cache_entry(entry) == {"status": "expired"}
+    r.delete(outcome["entry_key"])
+    _cleanup(r, tool.spec.name)
+
+
+def test_an_audit_job_refuses_an_argument_that_is_not_an_audit_entry_key() -> None:
+    for bad in ("cache:kb_search:" + "ab" * 32, "cache-audit:*", "session:{x}", ""):
+        with pytest.raises(ValueError):
+            audit.audit_cache_entry(bad)
 
 
 def test_overlap_compares_item_ids_and_falls_back_to_words_for_plain_text() -> None:

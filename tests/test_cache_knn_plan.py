@@ -29,7 +29,7 @@ from app.cache.knn import (
     knn_filter,
     knn_plan,
 )
-from app.cache.semantic import SemanticCache
+from app.cache.semantic import SemanticCache, args_digest
 from app.embeddings import shared_embedder
 from app.settings import Settings
 from app.stores import indexes
@@ -69,6 +69,7 @@ class Crowd:
 
 
 MODEL = shared_embedder().model_id  # what the cache's KNN filters on
+QUERY_ONLY = args_digest({})  # and the digest of a query-only call's other arguments
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def crowd(settings: Settings) -> Iterator[Crowd]:
             "tool": out.tool, "scope": LONELY if i == ENTRIES - 1 else CROWD,
             "query": f"question {i}", "created_at": i, "embedding": v.tobytes(),
             "result": '{"content": "c", "items": []}', "tool_ms": 1.0,
-            "model": MODEL,
+            "model": MODEL, "args_digest": QUERY_ONLY,
         })  # fmt: skip
     pipe.execute()
     try:
@@ -199,7 +200,8 @@ def test_a_lookup_in_the_lonely_scope_judges_its_own_entry_before_and_after_the_
                 found = await cache.probe(crowd.owner, {"query": "q"}, "q", crowd.vectors[0], ctx)
                 keys.append(found.key if found is not None else None)
                 await cache.drain()
-            plan = knn_plan(cache.counts.count(knn_filter(crowd.tool, LONELY, MODEL)), ENTRIES)
+            plan = knn_plan(cache.counts.count(knn_filter(crowd.tool, LONELY, MODEL, QUERY_ONLY)),
+                             ENTRIES)
             assert plan == "HYBRID_POLICY ADHOC_BF"
             return keys
         finally:

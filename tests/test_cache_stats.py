@@ -37,21 +37,25 @@ def test_a_tool_no_audit_has_moved_reports_its_policy_threshold(
 ) -> None:
     tool = f"t_{uuid.uuid4().hex[:12]}"
     r.hset(keys.cache_stats(tool), mapping={"lookups": 3, "misses": 3})
+    r.sadd(keys.CACHE_TOOLS, tool)  # as every counter write does
     try:
         row = report(settings, {tool: CachePolicy(0.15, 60, "user")})[tool]
         assert row["threshold"] == 0.15 and row["audits"] == 0
         assert report(settings, {})[tool]["threshold"] is None  # no policy, no audit
     finally:
         r.delete(keys.cache_stats(tool))
+        r.srem(keys.CACHE_TOOLS, tool)
 
 
 def test_an_audited_threshold_wins_over_the_policy(settings: Settings, r: redis.Redis) -> None:
     tool = f"t_{uuid.uuid4().hex[:12]}"
     r.hset(threshold_key(tool), "max_distance", "0.0812")  # the other fields default
+    r.sadd(keys.CACHE_TOOLS, tool)  # as the audit that moved it does
     try:
         assert report(settings, {tool: CachePolicy(0.15, 60, "user")})[tool]["threshold"] == 0.0812
     finally:
         r.delete(threshold_key(tool))
+        r.srem(keys.CACHE_TOOLS, tool)
 
 
 def test_the_shipped_tools_policies_are_the_default() -> None:

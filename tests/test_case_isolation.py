@@ -143,9 +143,10 @@ def test_every_id_tag_of_the_production_indexes_is_case_sensitive(r: redis.Redis
             if flat[flat.index("type") + 1] == "TAG":
                 tags[f"{name}.{flat[1]}"] = "CASESENSITIVE" in flat
     assert tags == {
-        "cache.tool": True, "cache.scope": True, "cache.model": True,
+        "cache.tool": True, "cache.scope": True, "cache.model": True, "cache.args_digest": True,
+        "cache.creator": True,
         "kb.doc": True, "kb.scope": True, "kb.source": True, "kb.model": True,
-        "memory.user": True, "memory.kind": True, "memory.model": True,
+        "memory.user": True, "memory.kind": True, "memory.model": True, "memory.session": True,
     }  # fmt: skip
 
 

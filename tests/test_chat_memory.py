@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
 
+import psycopg
 import redis
 from fakes import FakeOpenAI, text_reply
 from rq import Queue, SimpleWorker
@@ -62,6 +63,12 @@ def test_a_fact_told_in_one_session_is_recalled_into_the_context_of_another(
         _say(c, second, h, "Can you suggest a snack with peanuts?")
     system = fake.requests[-1]["messages"][0]["content"]
     assert "allergic to peanuts" in system
+    # The recall marked it used, written in a batch at the latest as the app stopped
+    # (MEMORY_MAX_PER_USER evicts the least recently used first).
+    with psycopg.connect(stores_env.database_url or "") as pg:
+        row = pg.execute("SELECT used_at > created_at FROM memories WHERE user_id = %s",
+                         (user,)).fetchone()
+    assert row == (True,)
 
 
 def test_the_rolling_summary_reaches_the_model_for_a_live_and_for_a_restored_session(

@@ -111,11 +111,18 @@ def snapshot(r: redis.Redis, pg: psycopg.Connection[Any], user: str) -> Snapshot
     }
 
 
-def assert_error_body(res: Any) -> dict[str, str]:
+def assert_error_body(res: Any, *, openai: bool = False) -> dict[str, str]:
+    """The error body of a native route, or with `openai` of the OpenAI-compatible face
+    (`message`, `type`, `param`, `code`; param is null unless a field is at fault)."""
     body = res.json()
     assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"code", "message"}, body
-    assert all(isinstance(v, str) and v for v in body["error"].values()), body
+    error = dict(body["error"])
+    if openai:
+        assert set(error) == {"code", "message", "type", "param"}, body
+        assert error.pop("param") is None or isinstance(body["error"]["param"], str), body
+    else:
+        assert set(error) == {"code", "message"}, body
+    assert all(isinstance(v, str) and v for v in error.values()), body
     return dict(body["error"])
 
 

@@ -43,7 +43,7 @@ def test_readyz_is_200_with_every_check_true_on_prepared_stores(settings: Settin
     body = res.json()
     assert body["ready"] is True
     assert set(body["checks"]) == {
-        "redis", "redis_modules", "indexes", "postgres", "migrations", "model"
+        "redis", "redis_modules", "indexes", "postgres", "migrations", "model", "identity"
     }
     assert all(body["checks"].values())
 

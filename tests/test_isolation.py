@@ -90,10 +90,17 @@ def _endpoints() -> list[tuple[str, str]]:
 
 def _fill(path: str, alice: Alice) -> str:
     """A concrete path naming alice's resource for every parameter."""
-    values = {"sid": alice.sid, "mid": alice.memory_id}
+    # The OpenAI-compatible face names her session as a conversation, her turn as a response.
+    values = {"sid": alice.sid, "mid": alice.memory_id, "cid": f"conv_{alice.sid}",
+              "rid": f"resp_{alice.sid}_0"}
     for name in re.findall(r"{(\w+)(?::\w+)?}", path):
         assert name in values, f"{path}: say which of alice's resources {{{name}}} names"
     return re.sub(r"{(\w+)(?::\w+)?}", lambda m: values[m[1]], path)
+
+
+def _openai(template: str) -> bool:
+    """A route of the OpenAI-compatible face: errors in OpenAI's shape."""
+    return template.startswith(("/v1/conversations", "/v1/responses"))
 
 
 def _send(client: TestClient, method: str, path: str, alice: Alice,
@@ -179,7 +186,7 @@ def _assert_every_v1_route_refuses(
             continue
         res = _send(client, method, _fill(template, alice), alice, headers)
         assert res.status_code == 401, (method, template, res.status_code, res.text[:200])
-        assert assert_error_body(res)["code"] == "unauthorized"
+        assert assert_error_body(res, openai=_openai(template))["code"] == "unauthorized"
         assert SECRET not in res.text and "PLUM-ORCHID" not in res.text
     assert snapshot(rm, pg, alice.user) == before
 
@@ -197,7 +204,7 @@ def test_another_user_is_refused_on_every_route_naming_alices_resources(
     for method, template in named:
         res = _send(client, method, _fill(template, alice), alice, bob)
         assert res.status_code in (403, 404), (method, template, res.status_code, res.text[:200])
-        body = assert_error_body(res)
+        body = assert_error_body(res, openai=_openai(template))
         assert SECRET not in res.text and alice.user not in body["message"]
     assert snapshot(rm, pg, alice.user) == before
     # Alice still has everything.

@@ -6,18 +6,25 @@ kb_search through the real router and cache; each test writes its own made-up do
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis
 from test_case_isolation import kb_cached as ask
 
-from app.cache.semantic import entry_key
-from app.embeddings import shared_embedder
+from app.cache.protocol import CacheHit
+from app.cache.semantic import MEMO_SIZE, SemanticCache, entry_digest, entry_key
+from app.chat.tool_router import Routed, ToolRouter
+from app.embeddings import Vector, shared_embedder
 from app.kb.ingest import delete_paths, doc_id, ingest_paths
+from app.llm.base import ToolCall, ToolSpec
 from app.settings import Settings
 from app.stores import indexes, keys
+from app.stores.clients import async_redis_client
+from app.tools.base import QUERY_PARAMETERS, CachePolicy, ToolContext, ToolResult, query_text_of
 
 
 def doc(name: str, fact: str) -> str:
@@ -162,3 +169,68 @@ def test_start_up_versions_a_scope_whose_chunks_came_before_versions(
     assert indexes.version_unversioned(r) == 0  # once per Redis
     found, = ask(settings, [(user, question)])
     assert "goats" in found.result.content and dict(found.parts)["user"] is False
+
+
+@dataclass
+class GatedRetrieval:
+    """A versioned, user-scoped tool whose run waits for the test to let it answer."""
+
+    gate: asyncio.Event
+    spec: ToolSpec
+    policy: CachePolicy = field(default_factory=lambda: CachePolicy(
+        max_distance=0.3, ttl_seconds=600, scope="user", versioned=True))
+
+    def query_text(self, arguments: dict[str, Any]) -> str:
+        return query_text_of(arguments)
+
+    async def run(
+        self, arguments: dict[str, Any], ctx: ToolContext, query_vector: Vector | None = None
+    ) -> ToolResult:
+        await self.gate.wait()
+        return ToolResult("the passages as they were before the delete")
+
+
+def test_a_result_computed_before_a_delete_is_never_stored_as_current(
+    settings: Settings, r: redis.Redis, user: str,
+) -> None:
+    """A call reads version 3 and runs its tool; meanwhile more calls than the cache
+    remembers go by, the scope's documents change (version 4) and another lookup of the
+    same question reads 4. The first call's result is stored at 3, never served."""
+    scope, question = f"user:{user}", f"Which quay does {uuid.uuid4().hex[:8]} moor at?"
+    r.set(keys.kb_version(scope), 3)
+    embedder = shared_embedder()
+    vector = embedder.embed(question)
+    name = f"gated_{uuid.uuid4().hex[:8]}"
+    ctx = ToolContext(user)
+
+    async def main() -> tuple[Routed, CacheHit | None]:
+        client = async_redis_client(settings.redis_url or "")
+        cache = SemanticCache(client, settings, embedder=embedder)
+        tool = GatedRetrieval(asyncio.Event(), ToolSpec(name, "test retrieval",
+                                                        QUERY_PARAMETERS))
+        router = ToolRouter({tool.spec.name: tool}, embedder, 60.0, cache=cache)
+        try:
+            first = asyncio.create_task(router.run(ToolCall("c1", tool.spec.name,
+                                                            {"query": question}), ctx))
+            while not await client.exists(keys.cache_flight(tool.spec.name, entry_digest(
+                    scope, {"query": question}, question, embedder.model_id))):
+                await asyncio.sleep(0.01)  # the first call now runs its tool
+            for start in range(0, MEMO_SIZE + 64, 256):  # more calls than any memo holds
+                await asyncio.gather(*(
+                    cache.lookup(tool, {"query": f"filler {n}"}, f"filler {n}", vector, ctx)
+                    for n in range(start, start + 256)))
+            r.incr(keys.kb_version(scope))  # a delete in the scope: version 4
+            assert await cache.lookup(tool, {"query": question}, question, vector, ctx) is None
+            tool.gate.set()
+            routed = await first
+            served = await cache.lookup(tool, {"query": question}, question, vector, ctx)
+            await cache.drain()
+            return routed, served
+        finally:
+            await client.aclose()
+
+    routed, served = asyncio.run(main())
+    assert not routed.cached and routed.result.error is None
+    mine = entry_key(name, scope, {"query": question}, question, model=embedder.model_id)
+    assert r.hget(mine, "version") == b"3"  # recorded at the version it was computed on
+    assert served is None  # older than the scope's documents: never served

@@ -19,13 +19,16 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS: list[tuple[str, ...]] = [
     ("app.errors", "app.settings", "app.__init__"),
     # app.cache.decision is pure text logic (no app imports); tools read its fitted bound
-    ("app.stores", "app.embeddings", "app.auth", "app.cache.decision", "app.ops"),
+    ("app.stores", "app.embeddings", "app.auth", "app.identity", "app.cache.decision", "app.ops"),
     ("app.llm", "app.tools", "app.kb"),
-    ("app.sessions", "app.cache", "app.memory"),
+    ("app.sessions", "app.cache", "app.memory", "app.privacy"),
     ("app.chat",),
     # the HTTP edge: every package's routes, and what builds and serves the app
     ("app.sessions.routes", "app.cache.routes", "app.memory.routes", "app.chat.routes",
-     "app.limits", "app.state", "app.health", "app.web", "app.api"),
+     "app.privacy.routes",
+     "app.limits", "app.state", "app.health", "app.web", "app.api",
+     # the OpenAI-compatible face: a projection of the chat routes' turn
+     "app.openai", "app.mcp"),
     ("app.stack", "app.cli"),
 ]
 

@@ -7,17 +7,20 @@ enqueue and the clear costs at most a second look."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 
 import pytest
 import redis
 from rq import Queue
+from rq.job import JobStatus
 from sse import frames
 from starlette.testclient import TestClient
 from waits import wait_until
 
 from app.errors import BadRequest
+from app.memory import queue
 from app.memory.queue import dispatch_all, dispatch_due, enqueue_extraction, job_ids, mark_due
 from app.settings import Settings
 from app.stores import keys, scripts
@@ -140,3 +143,47 @@ def test_a_job_rq_cannot_read_back_is_replaced_and_the_rest_of_its_batch_still_q
     job = q.fetch_job(job_ids(broken)[0])
     assert job is not None and job.func_name == "workers.memory_job.extract_memories"
     assert job.args == (broken,) and job_ids(broken)[0] in q.job_ids
+
+
+def _running(q: Queue, jid: str) -> None:
+    """As if a worker had picked the job up and were still running it."""
+    job = q.fetch_job(jid)
+    assert job is not None
+    q.remove(job)
+    job.set_status(JobStatus.STARTED)
+
+
+def test_a_session_whose_two_jobs_are_both_running_keeps_its_mark_put_off_until_one_ends(
+    r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Neither running job is sure to have read the turn that set the mark: clearing
+    # it would leave that turn's facts to a next turn that may never come.
+    monkeypatch.setattr(queue, "BUSY_PUT_OFF_MS", 300)
+    q = Queue("memory", connection=r)
+    sid = uuid.uuid4().hex
+    first, follow_up = job_ids(sid)
+    for jid in (first, follow_up):
+        assert enqueue_extraction(r, sid)
+        _running(q, jid)
+    r.zadd(keys.MEMORY_DUE, {sid: 1000})
+    before = int(time.time() * 1000)
+    dispatch_due(r)
+    put_off = r.zscore(keys.MEMORY_DUE, sid)
+    assert put_off is not None and put_off >= before + 300
+    dispatch_due(r)  # not due yet: not even looked at
+    assert r.zscore(keys.MEMORY_DUE, sid) == put_off
+    # A turn ending now marks it again: the later time stays (GT), the mark one.
+    r.zadd(keys.MEMORY_DUE, {sid: int(before)}, gt=True)
+    assert r.zscore(keys.MEMORY_DUE, sid) == put_off
+    job = q.fetch_job(first)
+    assert job is not None
+    job.set_status(JobStatus.FINISHED)
+    wait_until(lambda: time.time() * 1000 > put_off, "the mark's time to come")
+    dispatch_due(r)
+    assert r.zscore(keys.MEMORY_DUE, sid) is None
+    queued = q.fetch_job(first)
+    assert queued is not None and queued.get_status() == JobStatus.QUEUED
+    for jid in (first, follow_up):
+        found = q.fetch_job(jid)
+        if found is not None:
+            found.delete()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -14,12 +16,14 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from prometheus_client import REGISTRY
 from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
 from rq.utils import import_attribute
 
 from app.embeddings import shared_embedder
 from app.memory import Fact, RuleExtractor, queue
+from app.memory.facts import cap, rank
 from app.memory.queue import enqueue_after_lock, enqueue_extraction, job_ids
 from app.sessions.messages import Message, build, canonical_json
 from app.settings import Settings
@@ -118,8 +122,8 @@ def test_the_job_mines_the_delta_moves_the_cursor_and_mirrors_it_to_postgres(
     history = turn(sid, 0, 0) + turn(sid, 2, 1)
     append(r, pg, sid, history)
     out = extract_memories(sid)
-    assert out == {"delta": 4, "facts": 2, "inserted": 2, "updated": 0, "unchanged": 0,
-                   "advanced": True, "collapsed": 0}
+    assert out == {"delta": 4, "facts": 2, "dropped": 0, "inserted": 2, "updated": 0,
+                   "unchanged": 0, "evicted": 0, "advanced": True, "collapsed": 0}
     assert memories(pg, user) == [("allergy", "is allergic to peanuts"),
                                   ("location", "lives in Lisbon")]
     assert cursor(r, sid) == history[-1]["hash"]
@@ -364,8 +368,9 @@ def test_the_job_runs_in_process_under_a_simple_worker(
     r: redis.Redis, pg: psycopg.Connection[Any], user: str, stores_env: Settings
 ) -> None:
     sid, q, job = mined_once(r, pg, user)
-    assert job.return_value() == {"delta": 2, "facts": 1, "inserted": 1, "updated": 0,
-                                  "unchanged": 0, "advanced": True, "collapsed": 0}
+    assert job.return_value() == {"delta": 2, "facts": 1, "dropped": 0, "inserted": 1,
+                                  "updated": 0, "unchanged": 0, "evicted": 0, "advanced": True,
+                                  "collapsed": 0}
     assert enqueue_extraction(r, sid)  # a finished job frees its id for the next turn
     SimpleWorker([q], connection=r).work(burst=True)
     # The app names the job by path (it never imports workers): the path must resolve.
@@ -499,3 +504,44 @@ def test_a_job_dequeued_by_a_worker_killed_before_it_started_is_queued_again(
     assert enqueue_extraction(r, sid) is False  # really waiting now: nothing more
     SimpleWorker([q], connection=r).work(burst=True)
     assert cursor(r, sid) == batch[-1]["hash"]
+
+
+def flood_message(chars: int = 15_000) -> str:
+    """The review's message: distinct "I like x. / I live in Y." sentences, `chars` long."""
+    syllables = ["ka", "lo", "mi", "ren", "tu", "vo", "sa", "dri", "pel", "zan", "qui", "bor"]
+    words = ["".join(p) for p in itertools.product(syllables, repeat=3)]
+    random.Random(7).shuffle(words)
+    parts: list[str] = []
+    for i in itertools.count(0, 2):
+        if len(" ".join(parts)) >= chars:
+            break
+        parts += [f"I like {words[i]}.", f"I live in {words[i + 1].title()}."]
+    return " ".join(parts)[:chars]
+
+
+def test_one_message_of_hundreds_of_distinct_facts_becomes_at_most_twenty_memories(
+    r: redis.Redis, pg: psycopg.Connection[Any], user: str, stores_env: Settings
+) -> None:
+    text = flood_message()
+    found = RuleExtractor().extract([{"role": "user", "content": text}], "")
+    assert len(text) == 15_000 and len(found) > 500  # what the review saw stored
+    sid = new_session(r, pg, user)
+    append(r, pg, sid, [build(sid, 0, "user", text), build(sid, 1, "assistant", "Noted.")])
+    dropped = REGISTRY.get_sample_value("backbone_memory_facts_dropped_total") or 0.0
+    out = extract_memories(sid)
+    assert out["facts"] == 20 and out["dropped"] == len(found) - 20 and out["advanced"]
+    stored = memories(pg, user)
+    assert 0 < len(stored) <= 20 and len(r.keys(f"memory:{user}:*")) == len(stored)
+    # The extractor's ranking chose them: places before tastes.
+    assert {kind for kind, _ in stored} == {"location"}
+    assert REGISTRY.get_sample_value("backbone_memory_facts_dropped_total") == dropped + len(
+        found) - 20
+
+
+def test_the_cap_keeps_the_best_ranked_facts_in_the_extractors_order() -> None:
+    facts = [Fact("preference", "likes jazz"), Fact("note", "has a cat"),
+             Fact("allergy", "is allergic to peanuts"), Fact("preference", "likes tea"),
+             Fact("location", "lives in Lisbon")]
+    kept, dropped = cap(facts, 3)
+    assert kept == [facts[2], facts[4], facts[0]] and dropped == 2
+    assert cap(facts, 20) == (rank(facts), 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from psycopg_pool import AsyncConnectionPool
 from starlette.testclient import TestClient
 
 from app.api import create_app
@@ -16,6 +18,7 @@ from app.embeddings import Embedder, shared_embedder
 from app.memory import Fact
 from app.memory.recall import make_recall, recall
 from app.memory.store import MemoryStore, memory_id, nearest
+from app.memory.usage import UsageMarks
 from app.settings import Settings
 from app.stores import keys
 from app.stores.clients import async_redis_client
@@ -161,3 +164,109 @@ def test_memory_routes_refuse_bad_ids_missing_tokens_and_other_users_memories(
     assert stolen.status_code == 404 and stolen.json()["error"]["code"] == "not_found"
     assert client.get("/v1/memories", headers=token_for(intruder)).json() == {"memories": []}
     assert len(rows(pg, user)) == 1
+
+
+def _ids(pg: psycopg.Connection[Any], user: str) -> set[str]:
+    return {i for i, _, _ in rows(pg, user)}
+
+
+def _indexed(r: redis.Redis, embedder: Embedder, user: str) -> set[str]:
+    """The user's memories as idx:memory finds them (the recall copy, not just a hash)."""
+    vector = embedder.embed_many(["anything"])[0]
+    return {n.id for n in nearest(r, vector, user, k=50, model=embedder.model_id)}
+
+
+_CAPPED = [Fact("location", "lives in Lisbon"), Fact("allergy", "is allergic to peanuts"),
+           Fact("work", "works at Acme"), Fact("plan", "plans to visit Kyoto")]
+
+
+@pytest.mark.anyio
+async def test_past_the_per_user_cap_the_least_recently_used_memory_goes_row_and_index_entry(
+    r: redis.Redis, pg: psycopg.Connection[Any], embedder: Embedder, settings: Settings,
+    user: str,
+) -> None:
+    capped = MemoryStore(r, pg, embedder, max_per_user=3)
+    lookalike = user.upper()  # same letters, another user: never evicted for this one
+    MemoryStore(r, pg, embedder).write(lookalike, None, _CAPPED[:3])
+    for fact in _CAPPED[:3]:  # one write each: Lisbon oldest, then peanuts, then Acme
+        capped.write(user, None, [fact])
+    lisbon, peanuts, acme = (memory_id(user, f.kind, f.content) for f in _CAPPED[:3])
+    # A turn recalls Lisbon: it becomes the most recently used, peanuts the least.
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        settings.database_url or "", min_size=1, max_size=1, open=False,
+        kwargs={"autocommit": True})
+    await pool.open()
+    client = async_redis_client(settings.redis_url or "")
+    try:
+        marks = UsageMarks(pool)
+        assert await recall(client, embedder, user, "Where do I live?", 1, marks=marks) == [
+            "location: lives in Lisbon"]
+        assert marks.pending == 1 and await marks.flush() == 1
+    finally:
+        await client.aclose()
+        await pool.close()
+    out = capped.write(user, None, [_CAPPED[3]])
+    kyoto = memory_id(user, "plan", "plans to visit Kyoto")
+    assert (out.inserted, out.evicted) == (1, 1)
+    assert _ids(pg, user) == {lisbon, acme, kyoto}
+    assert not r.exists(keys.memory(user, peanuts))
+    assert _indexed(r, embedder, user) == {lisbon, acme, kyoto}
+    assert len(_ids(pg, lookalike)) == 3 and len(_indexed(r, embedder, lookalike)) == 3
+
+
+def test_an_exact_repeat_counts_as_a_use_and_is_not_the_one_evicted(
+    r: redis.Redis, pg: psycopg.Connection[Any], embedder: Embedder, user: str
+) -> None:
+    capped = MemoryStore(r, pg, embedder, max_per_user=2)
+    capped.write(user, None, [_CAPPED[0]])
+    capped.write(user, None, [_CAPPED[1]])
+    assert capped.write(user, None, [_CAPPED[0]]).unchanged == 1  # said again: used
+    capped.write(user, None, [_CAPPED[2]])
+    assert _ids(pg, user) == {memory_id(user, f.kind, f.content) for f in (_CAPPED[0], _CAPPED[2])}
+
+
+def test_two_writers_of_one_user_racing_past_the_cap_leave_exactly_the_cap(
+    r: redis.Redis, embedder: Embedder, settings: Settings, user: str
+) -> None:
+    facts = [Fact("preference", f"likes {w}") for w in (
+        "sailing", "chess", "opera", "gardening", "pottery", "climbing", "baking", "karaoke")]
+
+    def write(half: list[Fact]) -> None:
+        with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
+            for fact in half:  # one write per fact: the two writers interleave
+                MemoryStore(r, conn, embedder, max_per_user=5).write(user, None, [fact])
+
+    threads = [threading.Thread(target=write, args=(facts[i::2],)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
+        left = _ids(conn, user)
+    assert len(left) == 5
+    assert {k.decode().rsplit(":", 1)[-1] for k in r.keys(f"memory:{user}:*")} == left
+
+
+@pytest.mark.anyio
+async def test_use_marks_touch_only_the_named_users_row_in_one_batch(
+    store: MemoryStore, pg: psycopg.Connection[Any], settings: Settings, user: str
+) -> None:
+    store.write(user, None, [_CAPPED[0]])
+    mid = memory_id(user, _CAPPED[0].kind, _CAPPED[0].content)
+    before = pg.execute("SELECT used_at FROM memories WHERE id = %s", (mid,)).fetchone()
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        settings.database_url or "", min_size=1, max_size=1, open=False,
+        kwargs={"autocommit": True})
+    await pool.open()
+    try:
+        marks = UsageMarks(pool)
+        marks.mark(user.upper(), [mid])  # the id with a lookalike user: not this row
+        marks.mark("u-nobody", ["0" * 32])
+        assert await marks.flush() == 0 and marks.pending == 0
+        marks.mark(user, [mid])
+        marks.mark(user, [mid])  # twice in a batch: one mark
+        assert await marks.flush() == 1
+    finally:
+        await pool.close()
+    after = pg.execute("SELECT used_at FROM memories WHERE id = %s", (mid,)).fetchone()
+    assert before is not None and after is not None and after[0] > before[0]

@@ -54,7 +54,8 @@ def audited(settings: Settings, kb: None) -> Iterator[TestClient]:
     """Every cache hit audited, so one repeated question drives a real audit."""
     fast = dataclasses.replace(settings, offline_token_delay_ms=0,
                                retrieval_cache_audit_rate=1.0)
-    with TestClient(create_app(fast)) as c:
+    # /metrics answers loopback callers when no METRICS_TOKEN is set.
+    with TestClient(create_app(fast), client=("127.0.0.1", 50000)) as c:
         yield c
 
 

@@ -32,6 +32,11 @@ def test_concurrent_starters_apply_each_migration_exactly_once(settings: Setting
         t.start()
     for t in threads:
         t.join()
-    assert sorted(results) == [0] * 5 + [len(migrations.available())]
+    # The lock is taken per migration, so one starter may apply the first few and another
+    # the rest (asserting that one starter applied all of them was flaky): what holds is
+    # that together they applied each exactly once.
+    assert len(results) == 6 and sum(results) == len(migrations.available())
     with pg_connect(url, autocommit=True) as conn:
+        conn.execute("SET search_path TO race_test")
+        assert migrations.applied(conn) == {m.version for m in migrations.available()}
         conn.execute("DROP SCHEMA race_test CASCADE")

@@ -23,10 +23,11 @@ from starlette.testclient import TestClient
 from waits import wait_until
 
 from app.api import create_app
-from app.memory.queue import dispatch_all
+from app.memory.queue import dispatch_all, enqueue_extraction
 from app.settings import Settings
 from app.stack.bootstrap import prepare
 from app.stack.embedded import EmbeddedRedis, free_port
+from app.stores import scripts
 
 Headers = Callable[[str], dict[str, str]]
 ACL = Path(__file__).resolve().parent.parent / "deploy" / "redis" / "users.acl"
@@ -103,6 +104,29 @@ def test_the_app_and_its_jobs_run_as_the_limited_user(
     assert _denied(admin) == [], "the app or a job ran a command the ACL refuses"
 
 
+def test_a_job_that_finds_its_session_locked_schedules_its_follow_up_as_the_limited_user(
+    limited: Settings, admin: redis.Redis
+) -> None:
+    # The locked path reads the lock's PTTL to schedule `-after-lock`: refused, the job
+    # failed and (the dispatcher having cleared the mark) the turn's facts were lost.
+    conn = redis.Redis.from_url(limited.redis_url or "")
+    sid = uuid.uuid4().hex
+    assert scripts.run(conn, scripts.acquire_lock(sid, "a-worker-killed-mid-job", 60_000))
+    lock_ends = time.time() + 60
+    admin.execute_command("ACL", "LOG", "RESET")  # type: ignore[no-untyped-call]
+    assert enqueue_extraction(conn, sid)
+    q = Queue("memory", connection=conn)
+    SimpleWorker([q], connection=conn).work(burst=True)
+    assert q.failed_job_registry.count == 0, "the locked path failed under the ACL"
+    follow_up = q.fetch_job(f"memory-extract-{sid}-after-lock")
+    assert follow_up is not None and follow_up.get_status() == JobStatus.SCHEDULED
+    # Scheduled for when that lock runs out (read with PTTL), plus a second.
+    assert lock_ends - 1 < conn.zscore("rq:scheduled:memory", follow_up.id) <= lock_ends + 2
+    assert _denied(admin) == [], "the locked path ran a command the ACL refuses"
+    follow_up.delete()
+    conn.close()
+
+
 def test_a_real_forking_worker_with_its_scheduler_runs_as_the_limited_user(
     limited: Settings, admin: redis.Redis, project_root: Path
 ) -> None:
@@ -163,6 +187,11 @@ SID = "0" * 32
     ("HGETALL", "cache-stats:kb_search"), ("LLEN", "rq:queue:memory"),
     ("LPOS", "rq:queue:memory", "memory-extract-x"),  # app.memory.queue: is it really waiting
     ("ZADD", "memory-due", "1", SID),  # app.memory.queue.mark_due, after every turn
+    ("ZADD", "memory-due", "XX", "GT", "1", SID),  # dispatch_due puts a busy session off
+    ("ZRANGEBYSCORE", "memory-due", "-inf", "1", "WITHSCORES", "LIMIT", "0", "100"),
+    ("PTTL", f"memory-task-lock:{{{SID}}}"),  # a locked job schedules its follow-up
+    ("SET", f"cache-audit:{SID}", "{}", "EX", "60"),  # app.cache.audit_queue: the audit input
+    ("GETDEL", f"cache-audit:{SID}"),  # workers.audit reads it once
     # ... and with tracing on, the turn's trace context beside the mark
     ("SET", f"memory-due-trace:{{{SID}}}", "{}", "EX", "3600"),
 ])

@@ -182,8 +182,9 @@ def test_without_an_endpoint_no_tracing_is_imported_and_no_client_is_patched(
     project_root: Any,
 ) -> None:
     """redis-py imports a few OpenTelemetry API modules itself when they are installed (for
-    its own metrics, off unless initialised); the tracing SDK, the exporter and the
-    instrumentations stay out, and no client's methods are wrapped."""
+    its own metrics, off unless initialised), and the `mcp` SDK imports the API's
+    `opentelemetry.propagate` (its spans are no-ops without an SDK); the tracing SDK, the
+    exporter and the instrumentations stay out, and no client's methods are wrapped."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     code = (
         "import sys, redis, psycopg, httpx; import app.api, app.cli, workers.worker, "
@@ -191,8 +192,7 @@ def test_without_an_endpoint_no_tracing_is_imported_and_no_client_is_patched(
         "from app.ops import tracing\n"
         "assert not tracing.setup('x') and not tracing.enabled()\n"
         "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry.sdk.trace', "
-        "'opentelemetry.exporter', 'opentelemetry.instrumentation', 'opentelemetry.propagate'"
-        "))))\n"
+        "'opentelemetry.exporter', 'opentelemetry.instrumentation'))))\n"
         "print([f for f in (redis.Redis.execute_command, psycopg.Connection.connect, "
         "httpx.Client.send) if hasattr(f, '__wrapped__')])\n"
     )

@@ -12,8 +12,10 @@ It then, for that tool:
 - deletes the entry when the overlap is below that bound and the entry is
   still the one it audited (a re-store in between is left alone).
 
-The job takes plain values only and is safe to run twice: a second run either
-finds the entry gone (status "gone") or audits it again.
+The job's one argument is the key of its input (`cache-audit:<token>`, read
+and deleted with GETDEL): the caller's query and id never sit in rq's job hash,
+its logs or the dashboard. A second run finds the input gone (status
+"expired"); an entry deleted meanwhile is "gone".
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from app.cache.stats import record_audit
 from app.embeddings import shared_embedder
 from app.ops import tracing
 from app.settings import Settings
+from app.stores import keys
 from app.stores.clients import async_redis_client, redis_client
 from app.tools import make_tools
 from app.tools.base import CachePolicy, ToolContext, ToolResult, split_of
@@ -124,21 +127,25 @@ def _insert_row(
 
 
 @tracing.traced_job("cache.audit")
-def audit_cache_entry(
-    entry_key: str,
-    tool: str,
-    arguments: dict[str, Any],
-    user_id: str,
-    distance: float,
-    tenant_id: str | None = None,
-    part: str | None = None,
-) -> dict[str, Any]:
-    """Audit one served entry; return what was found (status, overlap, invalidated)."""
+def audit_cache_entry(entry: str) -> dict[str, Any]:
+    """Audit one served entry; return what was found (status, overlap, invalidated).
+
+    `entry` is `cache-audit:<token>` (`app.cache.audit_queue`): the input is read
+    and deleted in one GETDEL, so the caller's text lives no longer than the audit
+    needs it. Gone (expired, or a second run): status "expired", nothing done."""
+    if not keys.AUDIT_ENTRY.fullmatch(entry):
+        raise ValueError("not an audit entry key")
     settings = Settings.from_env()
     client = redis_client(settings.redis_url or "")
     try:
-        return _audit(client, settings, entry_key, tool, arguments,
-                      ToolContext(user_id, tenant_id), distance, part)  # fmt: skip
+        raw = client.getdel(entry)
+        if raw is None:
+            return {"status": "expired"}
+        payload = json.loads(raw)
+        return _audit(client, settings, str(payload["entry_key"]), str(payload["tool"]),
+                      dict(payload["arguments"]),
+                      ToolContext(str(payload["user_id"]), payload.get("tenant_id")),
+                      float(payload["distance"]), payload.get("part"))  # fmt: skip
     finally:
         client.close()
 

@@ -7,7 +7,9 @@
 2. read cursor, summary and history; the delta is what follows the message whose
    `hash` is the cursor (found in the Redis history, else its seq is looked up in
    PostgreSQL, which keeps every message after older ones were collapsed);
-3. extract facts from the delta with the summary;
+3. extract facts from the delta with the summary, and keep the
+   MEMORY_MAX_FACTS_PER_JOB best ranked (`app.memory.facts.rank`; the rest are
+   dropped and counted);
 4. `extend_lock` right before writing: 0 means the lock expired and another worker
    may own the session now, so stop without writing anything;
 5. store the facts (idempotent: `app.memory.store`), roll the summary forward and
@@ -44,6 +46,7 @@ from rq.job import Job, get_current_job
 from app.chat import context
 from app.embeddings import Embedder, shared_embedder
 from app.memory import Extractor, make_extractor, update_summary
+from app.memory.facts import cap
 from app.memory.queue import enqueue_after_lock
 from app.memory.store import MemoryStore
 from app.ops import metrics, tracing
@@ -211,10 +214,13 @@ def run_extraction(
             delta = list(history)
         if not delta:
             return {"delta": 0}
-        facts = extractor.extract(delta, summary)
+        # One message of many "I like x." sentences must not become hundreds of memories
+        # (each an embedding, a KNN and an index entry): keep the best ranked.
+        facts, dropped = cap(extractor.extract(delta, summary), settings.memory_max_facts_per_job)
         if not scripts.run(client, scripts.extend_lock(sid, token, ttl_ms)):
             return {"skipped": "lock_lost", "delta": len(delta)}
-        stored = MemoryStore(store_client, pg, embedder).write(owner, sid, facts, delta[-1]["hash"])
+        store = MemoryStore(store_client, pg, embedder, max_per_user=settings.memory_max_per_user)
+        stored = store.write(owner, sid, facts, delta[-1]["hash"])
         new_summary = update_summary(summary, delta, SUMMARY_CHARS)
         code = scripts.run(
             client,
@@ -234,9 +240,11 @@ def run_extraction(
             "collapsed": collapsed,
             "delta": len(delta),
             "facts": len(facts),
+            "dropped": dropped,
             "inserted": stored.inserted,
             "updated": stored.updated,
             "unchanged": stored.unchanged,
+            "evicted": stored.evicted,
             "advanced": code == 1,
         }
     finally:

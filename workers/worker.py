@@ -4,7 +4,10 @@ Queues, in priority order: `persist` (turns left unpersisted), `memory`
 (long-term memory extraction), `audit` (semantic-cache audits). Each worker
 also runs a small ticker that enqueues the persistence sweep every
 SWEEP_INTERVAL_SECONDS; a `SET NX EX` on `persist-sweep-tick` makes sure only
-one worker of many enqueues it per interval. And a dispatcher: the app marks a
+one worker of many enqueues it per interval. The same ticker enqueues the
+hourly retention sweep (workers.retention: old `cache_audits` rows, and the
+privacy sweep of workers.privacy: history retention, tombstones, unfinished
+erasures) on `persist` (`retention-sweep-tick`). And a dispatcher: the app marks a
 session due for memory extraction after each turn (`memory-due`); the
 dispatcher enqueues those sessions' jobs (`app.memory.queue.dispatch_due`),
 one pass every DISPATCH_SECONDS (at once again after a full batch). Several
@@ -57,6 +60,7 @@ from app.ops import metrics
 from app.settings import Settings
 from app.stores import keys
 from app.stores.clients import redis_client
+from workers.retention import RETENTION_SWEEP_SECONDS
 
 QUEUES = ("persist", "memory", "audit")
 # rq's own retry while dequeuing doubles up to this; its default (60 s) would keep
@@ -88,12 +92,25 @@ def enqueue_sweep_if_due(settings: Settings, connection: redis.Redis) -> bool:
     return True
 
 
+def enqueue_retention_if_due(settings: Settings, connection: redis.Redis) -> bool:
+    """Enqueue one retention sweep (workers.retention) per RETENTION_SWEEP_SECONDS
+    over all workers."""
+    if not connection.set(keys.RETENTION_TICK, "1", nx=True, ex=RETENTION_SWEEP_SECONDS):
+        return False
+    queue(settings, "persist", connection).enqueue(
+        "workers.retention.sweep", job_timeout=300, result_ttl=600,
+        failure_ttl=86400,
+    )
+    return True
+
+
 def _ticker(settings: Settings, stop: threading.Event) -> None:
     conn = redis_client(settings.redis_url or "")
     failing = False
     while not stop.wait(min(5, settings.sweep_interval_seconds)):
         try:
             enqueue_sweep_if_due(settings, conn)
+            enqueue_retention_if_due(settings, conn)
             failing = False
         except redis.RedisError as e:
             if not failing:  # once per outage, not every tick

@@ -39,12 +39,18 @@ COUNT_TTL_SECONDS = 60.0
 COUNT_MEMO_SIZE = 4096
 
 @functools.lru_cache(maxsize=COUNT_MEMO_SIZE)  # every lookup builds one; escaping is regexes
-def knn_filter(tool: str, scope: str, model: str | None = None) -> str:
+def knn_filter(
+    tool: str, scope: str, model: str | None = None, args_digest: str | None = None
+) -> str:
     """The KNN's pre-filter: an entry must match every clause (another filter, one more).
-    The cache always passes its model: vectors of two models are never compared."""
+    The cache always passes its model (vectors of two models are never compared) and
+    the digest of the call's other arguments (another argument set's entry is never
+    served)."""
     clauses = [f"@tool:{{{escape_tag(tool)}}}", f"@scope:{{{escape_tag(scope)}}}"]
     if model is not None:
         clauses.append(f"@model:{{{escape_tag(model)}}}")
+    if args_digest is not None:
+        clauses.append(f"@args_digest:{{{escape_tag(args_digest)}}}")
     return f"({' '.join(clauses)})"
 
 
@@ -76,18 +82,20 @@ def knn_plan(selected: int | None, indexed: int | None) -> str:
 def knn_command(
     index: str, tool: str, scope: str, vector: Vector,
     selected: int | None = None, indexed: int | None = None, *, model: str | None = None,
+    args_digest: str | None = None,
 ) -> tuple[Any, ...]:  # fmt: skip
-    """The nearest entry of one tool in one scope (and model): the FT.SEARCH every
-    lookup runs.
+    """The nearest entry of one tool in one scope (and model, and argument set): the
+    FT.SEARCH every lookup runs.
 
     `selected` (entries the filter selects) and `indexed` (entries in the index), as
     counted by `QueryCounts`, pick the plan.
     """
     blob = np.asarray(vector, dtype=np.float32).tobytes()
     plan = knn_plan(selected, indexed)
+    where = knn_filter(tool, scope, model, args_digest)
     return (
         "FT.SEARCH", index,
-        f"{knn_filter(tool, scope, model)}=>[KNN 1 @embedding $vec {plan} AS distance]",
+        f"{where}=>[KNN 1 @embedding $vec {plan} AS distance]",
         "PARAMS", 2, "vec", blob,
         "SORTBY", "distance", "ASC",
         "RETURN", len(KNN_FIELDS), *KNN_FIELDS,

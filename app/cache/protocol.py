@@ -28,6 +28,10 @@ class Flight:
 
     hit: CacheHit | None = None  # the result another caller's run stored while this one waited
     claim: Any = None  # the lock this caller holds while it runs the tool; `Cache.land` drops it
+    # A versioned policy: the scope's kb version read when the call joined, before its
+    # tool runs. `Cache.store` records it with the result (None: unknown, not stored),
+    # so a result computed before an ingest or delete is never stored as current.
+    version: int | None = None
 
 
 class Cache(Protocol):
@@ -40,8 +44,9 @@ class Cache(Protocol):
         self, tool: Tool, arguments: dict[str, Any], query: str, vector: Vector | None,
         ctx: ToolContext, result: ToolResult, tool_ms: float, flight: Flight | None = None,
     ) -> bool:
-        """Store the result; True when `flight`'s claim was released with it (in the
-        same round trip), so `land` is not needed."""
+        """Store the result (for a versioned policy, at `flight.version`); True when
+        `flight`'s claim was released with it (in the same round trip), so `land` is
+        not needed."""
         ...
 
     def needs_vector(self, tool: Tool, arguments: dict[str, Any], query: str) -> bool: ...
@@ -53,7 +58,8 @@ class Cache(Protocol):
         *, wait_seconds: float, lock_seconds: float,
     ) -> Flight:
         """After a miss: lead the call's one run (`claim` set), or wait up to `wait_seconds`
-        for the leader's result (`hit`); neither: run the tool unled."""
+        for the leader's result (`hit`); neither: run the tool unled. Either way without
+        a hit, `version` is what the result will be stored at."""
         ...
 
     async def land(self, flight: Flight) -> None:

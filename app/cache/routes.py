@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -20,9 +22,14 @@ async def flush_counts(state: AppState) -> None:
 
 
 async def stats(request: Request) -> JSONResponse:
-    state, _user = caller(request)
-    await flush_counts(state)
-    return JSONResponse({"tools": await cache_stats(state.redis, state.pg)})
+    """The report, computed at most once a second per node (`app.cache.stats.Memo`)."""
+    state, _user = await caller(request)
+
+    async def report() -> dict[str, Any]:
+        await flush_counts(state)
+        return await cache_stats(state.redis, state.pg)
+
+    return JSONResponse({"tools": await state.cache_report.get(report)})
 
 
 routes = [Route("/v1/cache/stats", stats, methods=["GET"])]

@@ -5,16 +5,17 @@ indexed by `idx:cache`. A lookup tries, in one round trip:
 
 1. the exact entry (same scope, same canonical arguments): served without
    any vector, distance 0;
-2. else the single nearest entry of the same tool *and* the same scope
-   (`KNN 1` behind a TAG pre-filter), served when its distance is within the
+2. else the single nearest entry of the same tool, the same scope *and* the
+   same other arguments (`KNN 1` behind a TAG pre-filter; `args_digest` covers
+   every argument but the query), served when its distance is within the
    tool's current threshold and `cache_decision.decide` agrees on the texts.
 
 Both paths see only entries of the embedding model in use (its id is in the key
 hash and in the KNN filter), so vectors of two models are never compared. For a
 `versioned` policy (kb_search's parts) the same round trip reads
-`kb-version:<scope>`; an entry records the version read before its tool ran,
-and one older than the current is never served: it is a miss, and the lookup
-unlinks it.
+`kb-version:<scope>`; an entry records the version read before its tool ran
+(by `join_flight`, carried to `store` on the call's `Flight`), and one older
+than the current is never served: it is a miss, and the lookup unlinks it.
 
 The scope is part of both the key hash and the KNN filter, so an entry is
 never served outside it: a `user`-scoped result reaches only that user, even
@@ -66,6 +67,7 @@ from app.cache.decision import AdaptiveThreshold, Decision, HitPolicy, canonical
 from app.cache.knn import QueryCounts, knn_command, knn_filter
 from app.cache.protocol import CacheHit, Flight
 from app.embeddings import Embedder, Vector, shared_embedder
+from app.identity import user_digest
 from app.settings import Settings
 from app.stores import keys
 from app.stores.batch import as_dict, batch
@@ -126,6 +128,17 @@ def _dump_arguments(arguments: Mapping[str, Any], query: str) -> str:
     return json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def args_digest(arguments: Mapping[str, Any]) -> str:
+    """The `args_digest` TAG: SHA-256 of the canonical JSON of every argument but the
+    query (1, 1.0 and true are three texts). The KNN filters on it, so a neighbour's
+    result is only ever one computed with the same other arguments."""
+    if arguments.keys() <= {"query"}:
+        return _QUERY_ONLY
+    rest = {k: v for k, v in arguments.items() if k != "query"}
+    return _digest(json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                              default=str))
+
+
 def entry_digest(scope: str, arguments: Mapping[str, Any], query: str, model: str) -> str:
     """The hash both the entry and its single-flight lock are named by."""
     return _digest(f"{scope}\n{model}\n{canonical_arguments(arguments, query)}")
@@ -140,6 +153,9 @@ def entry_key(
     tool: str, scope: str, arguments: Mapping[str, Any], query: str, *, model: str
 ) -> str:
     return keys.cache_entry(tool, entry_digest(scope, arguments, query, model))
+
+
+_QUERY_ONLY = _digest("{}")  # every shipped tool's calls: the query and nothing else
 
 
 def initial_threshold(policy: CachePolicy) -> AdaptiveThreshold:
@@ -171,6 +187,11 @@ def _version(value: Any) -> int:
         return int(_s(value)) if value is not None else -1
     except ValueError:
         return -1
+
+
+def _current(raw: Any) -> int:
+    """A scope's current version as read; no counter yet: nothing was ever ingested there."""
+    return max(_version(raw), 0)
 
 
 @dataclass(frozen=True)
@@ -216,9 +237,6 @@ class SemanticCache:
         self._memo: OrderedDict[str, float] = OrderedDict()  # call -> monotonic expiry
         # Vectors `lookup` had to make itself, handed on to the `store` after the miss.
         self._pending: OrderedDict[str, Vector] = OrderedDict()
-        # entry key -> the oldest kb version a lookup read for it: the version the
-        # `store` after the miss records (the tool ran on data at least that new).
-        self._observed: OrderedDict[str, int] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._counts: Counter[tuple[str, str]] = Counter()  # (tool, field) -> not yet written
         self._thresholds: dict[str, tuple[float, Any]] = {}  # tool -> (read again after, state)
@@ -281,8 +299,9 @@ class SemanticCache:
         name = tool.spec.name
         key = self._key(name, scope, arguments, query)
         version = keys.kb_version(scope) if policy.versioned else None
-        replies = await self._fetch(name, scope, key, vector, version)
-        current = self._observe(key, replies[2]) if version is not None else None
+        digest = args_digest(arguments)
+        replies = await self._fetch(name, scope, key, vector, version, digest)
+        current = _current(replies[2]) if version is not None else None
         found = self._exact(key, replies[0], scope, current)
         if found is not None and found.hit is not None:
             return found
@@ -291,8 +310,8 @@ class SemanticCache:
             self._pending[key] = vector
             while len(self._pending) > 64:  # stores that never came (tool failed)
                 self._pending.popitem(last=False)
-            replies = await self._fetch(name, scope, key, vector, version)
-            current = self._observe(key, replies[2]) if version is not None else None
+            replies = await self._fetch(name, scope, key, vector, version, digest)
+            current = _current(replies[2]) if version is not None else None
         threshold = threshold_state(replies[1], policy)
         near = self._nearest(query, replies[3], threshold, scope, current)
         if near.stale == key:
@@ -326,9 +345,9 @@ class SemanticCache:
             return False
         key = self._key(tool.spec.name, scope, arguments, query)
         vector = self._pending.pop(key, vector)
-        version = self._observed.pop(key, None)
+        version = flight_.version if flight_ is not None and policy.versioned else None
         if policy.versioned and version is None:
-            return False  # no lookup read the version this result was computed on: not safe
+            return False  # the version this result was computed on is unknown: not safe
         fields: dict[str, str | bytes | float] = {
             "tool": tool.spec.name,
             "scope": scope,
@@ -339,6 +358,10 @@ class SemanticCache:
             "result": encode_result(result),
             "tool_ms": tool_ms,
             "args": json.dumps(arguments, sort_keys=True, default=str),
+            "args_digest": args_digest(arguments),
+            # Whose question made the entry (a digest): an erase finds the shared
+            # entries holding the user's words by it (app.privacy.erase).
+            "creator": user_digest(ctx.user_id),
         }
         if version is not None:
             fields["version"] = version
@@ -378,27 +401,28 @@ class SemanticCache:
         version = keys.kb_version(scope) if policy.versioned else None
 
         async def poll() -> tuple[CacheHit | None, bool]:
-            hit, locked, _ = await self._poll(key, scope, lock, version)
+            hit, locked, _, _ = await self._poll(key, scope, lock, version)
             return hit, locked
 
         try:
             # The claim, then a second look at the entry (stored between this caller's
-            # lookup and its claim?), in one round trip.
-            hit, _, held = await self._poll(key, scope, lock, version,
-                                            claim_seconds=lock_seconds)
+            # lookup and its claim?) and the kb version, in one round trip.
+            hit, _, held, now = await self._poll(key, scope, lock, version,
+                                                 claim_seconds=lock_seconds)
             assert held is not None
             if held.leader:
                 if hit is None:
-                    return Flight(claim=held)
+                    return Flight(claim=held, version=now)
                 await flight.release(self.redis, held)
             elif hit is None:
                 hit = await flight.wait(poll, wait_seconds)
         except rexc.RedisError as e:
             log.warning("single flight for %s unavailable, running the tool: %s", name, e)
-            return Flight()
+            return Flight()  # no version: a versioned result is then not stored
         if hit is not None:
             self._count(name, hit, "flight_hits")
-        return Flight(hit=hit)
+            return Flight(hit=hit)
+        return Flight(version=now)  # the wait ran out: this caller runs the tool unled
 
     async def land(self, flight_: Flight) -> None:
         if isinstance(flight_.claim, flight.Claim):
@@ -410,9 +434,10 @@ class SemanticCache:
     async def _poll(
         self, key: str, scope: str, lock: str, version: str | None,
         *, claim_seconds: float | None = None,
-    ) -> tuple[CacheHit | None, bool, flight.Claim | None]:
-        """The entry's hit (if it may be served) and whether the lock is held; with
-        `claim_seconds`, the lock is claimed first, in the same round trip."""
+    ) -> tuple[CacheHit | None, bool, flight.Claim | None, int | None]:
+        """The entry's hit (if it may be served), whether the lock is held, the claim and
+        the current kb version (None: not versioned); with `claim_seconds`, the lock is
+        claimed first, in the same round trip."""
         pipe = self.redis.pipeline(transaction=False)
         token = flight.claim_in(pipe, lock, claim_seconds) if claim_seconds else None
         pipe.hmget(key, list(ENTRY_FIELDS))
@@ -422,12 +447,13 @@ class SemanticCache:
         replies = await pipe.execute()
         held = flight.claimed(lock, token, replies.pop(0)) if token is not None else None
         entry, locked, *current = replies
-        now = max(_version(current[0]), 0) if current else None
+        now = _current(current[0]) if current else None
         found = self._exact(key, entry, scope, now)
-        return (found.hit if found is not None else None), bool(locked), held
+        return (found.hit if found is not None else None), bool(locked), held, now
 
     async def _fetch(
-        self, tool: str, scope: str, key: str, vector: Vector | None, version: str | None
+        self, tool: str, scope: str, key: str, vector: Vector | None, version: str | None,
+        digest: str,
     ) -> list[Any]:
         """[exact entry fields, threshold state, current version or None, KNN reply or
         None], in one round trip. The threshold state is read at most every
@@ -441,7 +467,7 @@ class SemanticCache:
         if version is not None:
             commands.append(("GET", version))
         if vector is not None:
-            commands.append(self._knn(tool, scope, vector))
+            commands.append(self._knn(tool, scope, vector, digest))
         replies = await batch(self.redis, commands)
         for reply in replies[:len(commands) - (vector is not None)]:
             if isinstance(reply, Exception):
@@ -456,17 +482,6 @@ class SemanticCache:
             replies.insert(2, None)
         return replies if vector is not None else [*replies, None]
 
-    def _observe(self, key: str, raw: Any) -> int:
-        """The current version of the entry's scope, remembered (the oldest seen) for the
-        store that follows a miss."""
-        current = max(_version(raw), 0)  # no counter yet: nothing was ever ingested there
-        seen = self._observed.get(key)
-        self._observed[key] = current if seen is None else min(seen, current)
-        self._observed.move_to_end(key)
-        while len(self._observed) > MEMO_SIZE:
-            self._observed.popitem(last=False)
-        return current
-
     def _memo_key(self, tool: Tool, arguments: dict[str, Any], query: str) -> str | None:
         # needs_vector gets no caller, so the memo cannot hold the scope: a repeat by
         # another user of the same question is a memo false positive, which `lookup`
@@ -475,11 +490,11 @@ class SemanticCache:
             return None
         return f"{tool.spec.name}\n{canonical_arguments(arguments, query)}"
 
-    def _knn(self, tool: str, scope: str, vector: Vector) -> tuple[Any, ...]:
+    def _knn(self, tool: str, scope: str, vector: Vector, digest: str) -> tuple[Any, ...]:
         model = self.embedder.model_id
-        selected = self.counts.count(knn_filter(tool, scope, model))
+        selected = self.counts.count(knn_filter(tool, scope, model, digest))
         return knn_command(self.index, tool, scope, vector, selected, self.counts.count("*"),
-                           model=model)
+                           model=model, args_digest=digest)
 
     def _exact(self, key: str, reply: Any, scope: str, current: int | None) -> Probe | None:
         raw, tool_ms, stored_scope, stored_query, stored_version = reply
@@ -566,6 +581,8 @@ class SemanticCache:
             pipe = self.redis.pipeline(transaction=False)
             for (tool, field), n in counts.items():
                 pipe.hincrby(keys.cache_stats(tool), field, n)
+            # The names, so reports read them instead of scanning for `cache-stats:*`.
+            pipe.sadd(keys.CACHE_TOOLS, *{tool for tool, _ in counts})
             await pipe.execute()
         except rexc.RedisError as e:
             log.warning("cache counters not updated (%d increments dropped): %s",

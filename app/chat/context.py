@@ -49,9 +49,11 @@ def recent(history: Sequence[Message], budget: int = CONTEXT_TOKEN_BUDGET) -> li
 
 def build(
     history: Sequence[Message], summary: str | None, memories: Sequence[str],
-    budget: int = CONTEXT_TOKEN_BUDGET,
+    budget: int = CONTEXT_TOKEN_BUDGET, *, instructions: str | None = None,
 ) -> list[dict[str, Any]]:
     system = SYSTEM_PROMPT
+    if instructions:
+        system += f"\n\nInstructions for this answer:\n{instructions}"
     if summary:
         system += f"\n\nSummary of the earlier conversation:\n{summary}"
     if memories:

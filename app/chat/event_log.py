@@ -281,3 +281,10 @@ async def replay(
             yield Event(f"{turn}.{last}", event, fields[b"data"])
             if event in TERMINAL:
                 return
+
+
+async def read_all(redis: aredis.Redis, sid: str, turn: int) -> list[Event]:
+    """The turn's events logged so far, without waiting for more ([] when gone)."""
+    entries: Any = await redis.xrange(keys.events(sid, turn))
+    return [Event(f"{turn}.{entry_id.decode()}", fields[b"event"].decode(), fields[b"data"])
+            for entry_id, fields in entries]

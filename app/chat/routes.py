@@ -7,6 +7,18 @@ plain 4xx JSON error; then it streams `message.delta`, `tool.call`,
 `GET /v1/sessions/{sid}/events` with `Last-Event-ID` (or `?after=<id>`)
 replays the rest of that turn from Redis.
 
+Both are streams: each holds a slot of `state.streams` (app.chat.stream_slots)
+from before its first Redis command to its end, at most MAX_STREAMS_PER_USER per
+user and MAX_STREAMS_PER_NODE per node, else `429 too_many_streams`. A resume's
+blocking reads use the slots' own pool of readers.
+
+The POST's response carries `X-Stream-Token`: a token for this user's events of
+this session only, for STREAM_TOKEN_SECONDS (app.auth). The events route takes
+it as `?token=` in place of the Authorization header, so a browser's own
+EventSource (which sends no headers, but sends Last-Event-ID on its automatic
+reconnect) can resume the turn. Logs never show it (app.ops.logs masks anything
+shaped like a JWT, and the access line has no query).
+
 The turn runs as its own task, not inside the response: a client that
 disconnects only stops reading, and the turn completes, stores and persists
 its messages and keeps logging events, so the client can reconnect to any node
@@ -28,6 +40,7 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import anyio
 from sse_starlette import EventSourceResponse
@@ -35,13 +48,16 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from app import limits
+from app.auth import issue_stream_token, verify_stream_token
 from app.chat import event_log
 from app.chat.event_log import Event, EventLog
+from app.chat.stream_slots import Slot, SlotStream
 from app.chat.turn import Turn
 from app.errors import BadRequest, RateLimited
+from app.privacy.fence import check_not_erased
 from app.sessions import messages
-from app.sessions.routes import caller, session_id
-from app.state import AppState
+from app.sessions.routes import caller, identified, session_id
+from app.state import AppState, app_state
 from app.stores import scripts
 
 PING_SECONDS = 15
@@ -65,10 +81,43 @@ async def check_rate(state: AppState, user: str) -> None:
         )
 
 
-async def post_message(request: Request) -> EventSourceResponse:
-    state, user = caller(request)
-    sid = session_id(request)
-    content = limits.message_content(await limits.json_body(request))
+@dataclass
+class LiveTurn:
+    """A turn started by `start_turn`: its task runs on, whoever reads its events."""
+
+    sid: str
+    turn: int  # the seq of its user message, which names its event log
+    task: asyncio.Task[None]
+    queue: asyncio.Queue[Event | None]
+
+    async def batches(self) -> AsyncIterator[list[Event]]:
+        """The turn's events as they come, those queued meanwhile together (one
+        write, one syscall), ending with its terminal event."""
+        while True:
+            events = []
+            event = await self.queue.get()
+            while event is not None:
+                events.append(event)
+                if event.event in event_log.TERMINAL or self.queue.empty():
+                    break
+                event = self.queue.get_nowait()
+            if events:
+                yield events
+            if event is None or event.event in event_log.TERMINAL:
+                return  # the turn still persists in its task; the client need not wait
+
+
+async def start_turn(
+    state: AppState, user: str, sid: str, content: str, *, instructions: str | None = None,
+    tenant: str | None = None,
+) -> LiveTurn:
+    """Check, append the user message and start the turn's task: the one way a turn
+    starts, for the native route and the OpenAI-compatible face (app.openai) alike.
+
+    Every refusal (404/403, a full session, the rate limit) comes before anything
+    is written; `instructions` are this turn's alone (not stored in the history);
+    `tenant` is the caller's (AUTH_TENANT_CLAIM), whose knowledge kb_search reads.
+    """
     loaded = await state.sessions.load(sid, user)
     seq = messages.next_seq(loaded.messages)
     limits.check_room(seq)
@@ -80,9 +129,11 @@ async def post_message(request: Request) -> EventSourceResponse:
     if stored[0]["seq"] != seq:  # another tab wrote meanwhile: re-read
         loaded = await state.sessions.load(sid, user)
         history = loaded.messages
-    log_ = EventLog(state.sessions.redis, sid, stored[0]["seq"])
+    turn_no = int(stored[0]["seq"])
+    log_ = EventLog(state.sessions.redis, sid, turn_no)
     turn = Turn(state.turn_deps, sid, user, history, log_,
-                coalesce_ms=state.settings.stream_coalesce_ms, summary=loaded.summary)
+                coalesce_ms=state.settings.stream_coalesce_ms, summary=loaded.summary,
+                instructions=instructions, tenant=tenant)
     queue: asyncio.Queue[Event | None] = asyncio.Queue()
 
     async def drive() -> None:
@@ -92,25 +143,18 @@ async def post_message(request: Request) -> EventSourceResponse:
         finally:
             queue.put_nowait(None)
 
-    task = asyncio.create_task(drive(), name=f"turn-{sid}-{stored[0]['seq']}")
+    task = asyncio.create_task(drive(), name=f"turn-{sid}-{turn_no}")
     state.turns.add(task)  # a strong reference until done; the lifespan awaits leftovers
     task.add_done_callback(state.turns.discard)
+    return LiveTurn(sid, turn_no, task, queue)
 
-    async def stream() -> AsyncIterator[bytes]:
-        while True:
-            # Events that queued up meanwhile go out in one write (one send, one syscall).
-            frames = []
-            event = await queue.get()
-            while event is not None:
-                frames.append(event.sse())
-                if event.event in event_log.TERMINAL or queue.empty():
-                    break
-                event = queue.get_nowait()
-            if frames:
-                yield b"".join(frames)
-            if event is None or event.event in event_log.TERMINAL:
-                return  # the turn still persists in its task; the client need not wait
 
+def live_response(
+    state: AppState, live: LiveTurn, body: AsyncIterator[bytes], slot: Slot,
+    headers: dict[str, str] | None = None,
+) -> EventSourceResponse:
+    """The SSE response of a live turn, with its shutdown behaviour (module docstring);
+    it gives `slot` back when it ends."""
     grace = state.settings.shutdown_grace_seconds
     stopping = anyio.Event()  # set by sse-starlette when the server begins to stop
 
@@ -118,26 +162,57 @@ async def post_message(request: Request) -> EventSourceResponse:
         """Runs as long as the response: once the server stops, the turn gets
         `grace` seconds, then is cancelled (it ends with `server_stopping`)."""
         await stopping.wait()
-        await asyncio.wait({task}, timeout=grace)
-        task.cancel()  # a no-op when it is done
+        await asyncio.wait({live.task}, timeout=grace)
+        live.task.cancel()  # a no-op when it is done
 
-    return EventSourceResponse(
-        stream(), ping=PING_SECONDS, headers=HEADERS, shutdown_event=stopping,
-        shutdown_grace_period=grace + STOP_MARGIN_SECONDS,
+    return SlotStream(
+        slot, body, ping=PING_SECONDS, headers={**HEADERS, **(headers or {})},
+        shutdown_event=stopping, shutdown_grace_period=grace + STOP_MARGIN_SECONDS,
         data_sender_callable=stop_turn_on_shutdown,
     )
 
 
-async def get_events(request: Request) -> EventSourceResponse:
-    state, user = caller(request)
+async def post_message(request: Request) -> EventSourceResponse:
+    state, who = await identified(request)
+    user = who.user
     sid = session_id(request)
+    content = limits.message_content(await limits.json_body(request))
+    # The stream's slot first: a refused one costs no other Redis work.
+    async with state.streams.opening(user) as slot:
+        live = await start_turn(state, user, sid, content, tenant=who.tenant)
+
+    async def stream() -> AsyncIterator[bytes]:
+        async for events in live.batches():
+            yield b"".join(event.sse() for event in events)
+
+    token = issue_stream_token(state.settings.auth_secret or "", user, sid)
+    return live_response(state, live, stream(), slot, headers={"X-Stream-Token": token})
+
+
+async def events_caller(request: Request) -> tuple[AppState, str, str]:
+    """(state, user, sid): the bearer token's user, or without an Authorization header
+    the user of the `?token=` stream token, which must be for this session."""
+    token = request.query_params.get("token")
+    if token and "authorization" not in request.headers:
+        state, sid = app_state(request), session_id(request)
+        user = verify_stream_token(state.settings.auth_secret or "", token, sid)
+        await check_not_erased(state.sessions.redis, user)  # as for a bearer token
+        return state, user, sid
+    state, user = await caller(request)
+    return state, user, session_id(request)
+
+
+async def get_events(request: Request) -> EventSourceResponse:
+    state, user, sid = await events_caller(request)
     raw = request.headers.get("last-event-id") or request.query_params.get("after")
     if not raw:
         raise BadRequest("send Last-Event-ID or ?after=<event id>", code="invalid_event_id")
     turn, after = event_log.parse_event_id(raw)
-    await state.sessions.load(sid, user)  # 404 / 403 before anything is streamed
-    events = event_log.replay(state.sessions.redis, sid, turn, after)
-    first = await anext(events)  # 404 when the turn's events are gone
+    async with state.streams.opening(user) as slot:  # 429 before any other Redis work
+        await state.sessions.load(sid, user)  # 404 / 403 before anything is streamed
+        # Blocking reads on the readers' pool, never on the one the request path needs.
+        events = event_log.replay(state.streams.reader, sid, turn, after)
+        first = await anext(events)  # 404 when the turn's events are gone
 
     async def stream() -> AsyncIterator[bytes]:
         yield first.sse()
@@ -146,7 +221,7 @@ async def get_events(request: Request) -> EventSourceResponse:
         async for event in events:
             yield event.sse()
 
-    return EventSourceResponse(stream(), ping=PING_SECONDS, headers=HEADERS)
+    return SlotStream(slot, stream(), ping=PING_SECONDS, headers=HEADERS)
 
 
 routes = [

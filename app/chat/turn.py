@@ -102,12 +102,16 @@ class Turn:
     def __init__(
         self, deps: TurnDeps, sid: str, user: str, history: list[Message], log_: EventLog,
         *, coalesce_ms: int = COALESCE_MS, summary: str | None = None,
+        instructions: str | None = None, tenant: str | None = None,
     ) -> None:
         self.deps = deps
+        self.instructions = instructions  # this turn's own (the Responses API's), not stored
         self.summary = summary  # the rolling summary, read with the history (Sessions.load)
         self.coalesce_ms = coalesce_ms
         self.sid = sid
         self.user = user
+        # The caller's tenant (AUTH_TENANT_CLAIM): kb_search reads `tenant:<tid>` for it.
+        self.tool_context = ToolContext(user, tenant)
         self.history = history  # ends with this turn's user message
         self.log = log_
         self.stored: list[Message] = [history[-1]]
@@ -148,7 +152,8 @@ class Turn:
                 memories = await self.deps.recall(self.user, question)
         self.timing.recall_ms += (time.perf_counter() - recalled) * 1000
         for step in range(MAX_STEPS):
-            prompt = context.build(self.history, self.summary, memories)
+            prompt = context.build(self.history, self.summary, memories,
+                                   instructions=self.instructions)
             # The last step offers no tools, so a model looping on tools must answer.
             tools = self.deps.router.specs() if step < MAX_STEPS - 1 else []
             text: list[str] = []
@@ -198,7 +203,7 @@ class Turn:
                     "id": call.id, "name": call.name, "arguments": call.arguments,
                 })
                 with tracing.execute_tool(call.name, call.id, call.arguments) as tool_span:
-                    routed = await self.deps.router.run(call, ToolContext(self.user))
+                    routed = await self.deps.router.run(call, self.tool_context)
                     if tool_span is not None:
                         tool_span.set_attributes(_tool_attributes(routed))
                 # Tool time is the whole call: query embedding, cache lookup, the tool.

@@ -65,6 +65,26 @@ def dedupe(facts: list[Fact]) -> list[Fact]:
     return out
 
 
+# What a capped extraction keeps first (`rank`): what it would be harmful to forget
+# (allergies), then who and where the user is, then what they plan, then tastes.
+KIND_PRIORITY: tuple[Kind, ...] = (
+    "allergy", "name", "location", "work", "plan", "dislike", "preference", "note",
+)
+_PRIORITY = {kind: i for i, kind in enumerate(KIND_PRIORITY)}
+
+
+def rank(facts: list[Fact]) -> list[Fact]:
+    """Facts in the order a capped extraction keeps them: by kind (`KIND_PRIORITY`),
+    then in the extractor's own order (an LLM is asked for the most important first)."""
+    return sorted(facts, key=lambda f: _PRIORITY[f.kind])  # sorted() is stable
+
+
+def cap(facts: list[Fact], limit: int) -> tuple[list[Fact], int]:
+    """(the `limit` best facts by `rank`, how many were dropped)."""
+    ranked = rank(facts)
+    return ranked[: max(limit, 0)], max(len(ranked) - max(limit, 0), 0)
+
+
 def make_fact(kind: Kind, content: str) -> Fact | None:
     """A cleaned fact, or None when the content is empty or oversized."""
     text = clean_content(content)

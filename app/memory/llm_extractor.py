@@ -49,6 +49,7 @@ Rules:
 - Not questions, hypotheticals, wishes, or facts about other people.
 - Nothing the assistant said, unless the user confirmed it.
 - Things the user asks you to remember are kind "note".
+- Most important first: only the first facts of a long list are kept.
 - If there is nothing worth remembering, answer {"facts": []}.
 """
 

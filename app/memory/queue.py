@@ -4,7 +4,8 @@ The app only marks the session due: one ZADD on `memory-due` (sid -> ms of the
 turn's end), on the event loop, after the turn persisted. A worker's dispatcher
 (`dispatch_due`, a thread of `backbone worker`) reads the oldest marks, enqueues
 each session's job, then clears the marks it handled unless a turn marked the
-session again meanwhile (`lua/clear_marks-1.lua`). Enqueueing through rq takes
+session again meanwhile (`lua/clear_marks-1.lua`). A session whose two job ids
+are both running keeps its mark, put off by a second (`dispatch_due`). Enqueueing through rq takes
 five to seven round trips of a sync client; done per turn on the API node it cost
 about a tenth of the node's CPU per turn (bench/turn_cpu.py), in a thread that
 fought the event loop for the GIL. A worker killed between the enqueue and the
@@ -24,6 +25,7 @@ import json
 import logging
 import time
 from datetime import timedelta
+from typing import Literal
 
 import redis
 import redis.asyncio as aredis
@@ -102,6 +104,9 @@ def _fetch(q: Queue, jid: str) -> Job | None:
         return None
 
 
+Enqueued = Literal["queued", "waiting", "busy"]
+
+
 def _trace_meta(client: redis.Redis, sid: str) -> dict[str, object] | None:
     """The job meta carrying the marking turn's trace (tracing on, in this worker)."""
     if not tracing.enabled():
@@ -116,6 +121,13 @@ def _trace_meta(client: redis.Redis, sid: str) -> dict[str, object] | None:
 
 def enqueue_extraction(client: redis.Redis, sid: str, *, queue: str = QUEUE) -> bool:
     """Enqueue one extraction for `sid` unless one is already waiting; True if enqueued."""
+    return try_enqueue(client, sid, queue=queue) == "queued"
+
+
+def try_enqueue(client: redis.Redis, sid: str, *, queue: str = QUEUE) -> Enqueued:
+    """Enqueue one extraction for `sid`: "queued"; "waiting" when a job that has not
+    started yet will mine the delta; "busy" when both job ids are taken by running
+    jobs, neither of which is sure to see the latest turn (the caller keeps its mark)."""
     q = Queue(queue, connection=client)
     slots = []
     for jid in job_ids(sid):
@@ -125,9 +137,9 @@ def enqueue_extraction(client: redis.Redis, sid: str, *, queue: str = QUEUE) -> 
             q.enqueue_job(job)
             log.warning("memory job %s was queued but in no queue (its worker died as it "
                         "dequeued it): queued again", jid)
-            return True
+            return "queued"
         if state == "waiting":
-            return False
+            return "waiting"
         slots.append((jid, job, state))
     for jid, job, state in slots:
         if state == "running":
@@ -141,9 +153,9 @@ def enqueue_extraction(client: redis.Redis, sid: str, *, queue: str = QUEUE) -> 
                            result_ttl=300, failure_ttl=86400, retry=Retry(max=RETRIES),
                            meta=_trace_meta(client, sid))
         except DuplicateJobError:
-            return False  # another node enqueued it between our read and our write
-        return True
-    return False  # both slots running: the next turn enqueues again
+            return "waiting"  # another node enqueued it between our read and our write
+        return "queued"
+    return "busy"
 
 
 def enqueue_after_lock(client: redis.Redis, sid: str, delay_seconds: float, *,
@@ -168,20 +180,32 @@ def enqueue_after_lock(client: redis.Redis, sid: str, delay_seconds: float, *,
 
 # Marks a dispatcher pass reads at once (oldest first).
 DISPATCH_BATCH = 100
+# A session whose two jobs are both running is looked at again this much later.
+BUSY_PUT_OFF_MS = 1000
 
 
 def dispatch_due(client: redis.Redis, *, batch: int = DISPATCH_BATCH,
                  queue: str = QUEUE) -> int:
     """One pass: enqueue extraction for the `batch` oldest due sessions, then clear
-    their marks (each unless marked again meanwhile). How many marks it cleared."""
-    due: list[tuple[bytes, float]] = client.zrange(  # type: ignore[assignment]
-        keys.MEMORY_DUE, 0, batch - 1, withscores=True)
+    their marks (each unless marked again meanwhile). How many marks it cleared.
+
+    A session whose two job ids are both taken by running jobs keeps its mark, put
+    off by BUSY_PUT_OFF_MS (its score moved forward, and a pass reads only marks
+    whose time has come): clearing it would leave the turn that set it to the next
+    turn, which may never come, and the running jobs may have read the history
+    before that turn was appended."""
+    now_ms = int(time.time() * 1000)
+    due: list[tuple[bytes, float]] = client.zrangebyscore(  # type: ignore[assignment]
+        keys.MEMORY_DUE, "-inf", now_ms, start=0, num=batch, withscores=True)
     handled: list[tuple[str, float]] = []
+    busy: list[str] = []
     try:
         for raw, score in due:
             sid = raw.decode() if isinstance(raw, bytes) else str(raw)
             try:
-                enqueue_extraction(client, sid, queue=queue)
+                if try_enqueue(client, sid, queue=queue) == "busy":
+                    busy.append(sid)
+                    continue
             except BadRequest:  # not a session id (written by hand?): nothing to mine
                 log.warning("dropping memory-due mark %r: not a session id", sid)
             except redis.RedisError:
@@ -192,6 +216,10 @@ def dispatch_due(client: redis.Redis, *, batch: int = DISPATCH_BATCH,
                 log.exception("memory extraction for %s not queued", sid)
             handled.append((sid, score))
     finally:  # on a Redis error mid-batch, what was enqueued is still cleared
+        if busy:
+            # XX: a mark cleared meanwhile stays cleared; GT: never earlier than it is.
+            client.zadd(keys.MEMORY_DUE, dict.fromkeys(busy, now_ms + BUSY_PUT_OFF_MS),
+                        xx=True, gt=True)
         cleared = scripts.run(client, scripts.clear_due(handled)) if handled else 0
     return cleared
 

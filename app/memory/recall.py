@@ -3,7 +3,9 @@
 KNN over `idx:memory`, filtered by the user tag (escaped: user text never
 becomes query syntax) and by the embedding model's tag (a memory embedded by
 another model is never compared with this one's vector), bounded by cosine
-distance so an unrelated memory does not reach the prompt. Each row's `user` is
+distance so an unrelated memory does not reach the prompt. What reaches it is
+marked used (`app.memory.usage`: in memory now, in PostgreSQL in batches), so
+MEMORY_MAX_PER_USER evicts what recall no longer finds first. Each row's `user` is
 compared again, exactly, with the caller (`app.scope_guard`): another user's
 memory is dropped and logged. The embedding model is CPU-bound, so it runs in a
 thread.
@@ -17,6 +19,7 @@ import numpy as np
 import redis.asyncio as aredis
 
 from app.embeddings import Embedder
+from app.memory.usage import UsageMarks
 from app.stores import keys
 from app.stores.scope_guard import admitted
 from app.tools.kb_search import escape_tag, parse_search_reply
@@ -36,6 +39,7 @@ async def recall(
     *,
     max_distance: float = MAX_DISTANCE,
     index: str = keys.INDEX_MEMORY,
+    marks: UsageMarks | None = None,
 ) -> list[str]:
     """Up to k "kind: content" lines of `user`'s memories nearest to `question`."""
     keys.check_user_id(user)
@@ -53,20 +57,25 @@ async def recall(
         "DIALECT", 2,
     )  # type: ignore[no-untyped-call]  # fmt: skip
     _, rows = parse_search_reply(reply)
-    out = []
-    for _key, f in admitted(rows, "user", (user,), "memory recall"):
+    out, used = [], []
+    for key, f in admitted(rows, "user", (user,), "memory recall"):
         if float(f.get("distance", "2")) > max_distance:
             continue
         out.append(f"{f.get('kind', 'note')}: {f.get('content', '')}")
+        used.append(key.rsplit(":", 1)[-1])
+    if marks is not None and used:
+        marks.mark(user, used)
     return out
 
 
 def make_recall(
-    redis_async: aredis.Redis, embedder: Embedder, k: int = 5, max_distance: float = MAX_DISTANCE
+    redis_async: aredis.Redis, embedder: Embedder, k: int = 5, max_distance: float = MAX_DISTANCE,
+    marks: UsageMarks | None = None,
 ) -> Recall:
     """A `TurnDeps.recall` bound to the app's clients."""
 
     async def bound(user: str, question: str) -> list[str]:
-        return await recall(redis_async, embedder, user, question, k, max_distance=max_distance)
+        return await recall(redis_async, embedder, user, question, k, max_distance=max_distance,
+                            marks=marks)
 
     return bound

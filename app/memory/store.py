@@ -15,9 +15,18 @@ another user's memory (`Alice`'s for `alice`) never suppresses or absorbs one.
 
 Writes for one user are serialised by a PostgreSQL transaction-scoped advisory
 lock, so two workers mining two sessions of the same user cannot both miss each
-other's near-duplicate. The Redis copy is written inside that transaction,
+other's near-duplicate; an erase's fence takes the same lock, and nothing is
+written for an erased user. The Redis copy is written inside that transaction,
 before the commit, so the next writer's KNN already sees it. If the commit then
 fails, the copy names a row that does not exist until the job's retry writes it.
+
+At most `max_per_user` memories per user (MEMORY_MAX_PER_USER). Past it, a write
+evicts the user's least recently used ones: by `used_at`, which an insert, an
+update or an exact repeat sets and a recall moves (`app.memory.usage`, in
+batches). The row and its recall copy go together, in the same transaction
+and under the same lock as the write that overflowed; a failed commit brings
+the rows back without their copies, and they are the first the next overflow
+evicts.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from app.embeddings import Embedder, Vector
+from app.errors import DuplicateMemory, NotFound
 from app.memory.facts import Fact
 from app.stores import keys
 from app.stores.scope_guard import admitted
@@ -64,12 +74,17 @@ class Stored:
     inserted: int = 0
     updated: int = 0
     unchanged: int = 0
+    evicted: int = 0
+    # The memory each fact landed on, in order (its own, or the one it duplicates).
+    ids: tuple[str, ...] = ()
 
     def __add__(self, other: Stored) -> Stored:
         return Stored(
             self.inserted + other.inserted,
             self.updated + other.updated,
             self.unchanged + other.unchanged,
+            self.evicted + other.evicted,
+            self.ids + other.ids,
         )
 
 
@@ -107,12 +122,14 @@ def nearest(
 
 
 def _hash_fields(
-    user: str, kind: str, content: str, vector: Vector, model: str
+    user: str, kind: str, content: str, vector: Vector, model: str, sid: str | None = None
 ) -> dict[FieldT, EncodableT]:
     return {
         "user": user,
         "kind": kind,
         "model": model,
+        # '' is not indexed: a memory from no session matches no session filter.
+        "session": sid or "",
         "content": content,
         "updated_at": time.time(),
         "embedding": np.asarray(vector, dtype=np.float32).tobytes(),
@@ -128,11 +145,13 @@ class MemoryStore:
     embedder: Embedder
     merge_distance: float = MERGE_DISTANCE
     index: str = keys.INDEX_MEMORY
+    max_per_user: int | None = None  # None: no cap
 
     def write(
         self, user: str, sid: str | None, facts: Sequence[Fact], source_hash: str | None = None
     ) -> Stored:
-        """Insert new facts, update near-duplicates, skip exact repeats; idempotent."""
+        """Insert new facts, update near-duplicates, skip exact repeats; idempotent.
+        Then evict the user's least recently used memories beyond `max_per_user`."""
         keys.check_user_id(user)
         if not facts:
             return Stored()
@@ -140,46 +159,110 @@ class MemoryStore:
         total = Stored()
         with self.pg.transaction():
             self.pg.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("memory:" + user,))
+            if self.pg.execute("SELECT 1 FROM erased_users WHERE user_digest = user_digest(%s)",
+                               (user,)).fetchone():
+                return Stored()  # the user's erase began (app.privacy): write nothing
             for fact, vector in zip(facts, vectors, strict=True):
                 total += self._write_one(user, sid, fact, vector, source_hash)
+            if total.inserted and self.max_per_user is not None:
+                total += Stored(evicted=self._evict(user, self.max_per_user))
         return total
+
+    def _evict(self, user: str, keep: int) -> int:
+        """Delete the user's memories past the `keep` most recently used, rows and copies."""
+        gone = self.pg.execute(
+            "DELETE FROM memories WHERE id IN (SELECT id FROM memories WHERE user_id = %s"
+            " ORDER BY used_at DESC, id DESC OFFSET %s) AND user_id = %s RETURNING id",
+            (user, keep, user),
+        ).fetchall()
+        if gone:
+            self.redis.delete(*(keys.memory(user, str(row[0])) for row in gone))
+        return len(gone)
 
     def _write_one(
         self, user: str, sid: str | None, fact: Fact, vector: Vector, source_hash: str | None
     ) -> Stored:
         mid = memory_id(user, fact.kind, fact.content)
-        row = self.pg.execute("SELECT 1 FROM memories WHERE id = %s", (mid,)).fetchone()
+        # An exact repeat is a use: it keeps the memory from eviction.
+        row = self.pg.execute(
+            "UPDATE memories SET used_at = now() WHERE id = %s RETURNING 1", (mid,)
+        ).fetchone()
         if row is not None:
-            return Stored(unchanged=1)
+            return Stored(unchanged=1, ids=(mid,))
         near = nearest(self.redis, vector, user, fact.kind,
                        model=self.embedder.model_id, index=self.index)
         if near and near[0].distance < self.merge_distance:
             if canonical_content(near[0].content) == canonical_content(fact.content):
-                return Stored(unchanged=1)
+                self.pg.execute("UPDATE memories SET used_at = now() WHERE id = %s"
+                                " AND user_id = %s", (near[0].id, user))
+                return Stored(unchanged=1, ids=(near[0].id,))
             updated = self.pg.execute(
                 "UPDATE memories SET content = %s, session_id = %s, source_hash = %s,"
-                " updated_at = now() WHERE id = %s AND user_id = %s",
+                " updated_at = now(), used_at = now() WHERE id = %s AND user_id = %s",
                 (fact.content, sid, source_hash, near[0].id, user),
             ).rowcount
             if updated:
                 self.redis.hset(
                     keys.memory(user, near[0].id),
                     mapping=_hash_fields(user, fact.kind, fact.content, vector,
-                                         self.embedder.model_id),
+                                         self.embedder.model_id, sid),
                 )
-                return Stored(updated=1)
+                return Stored(updated=1, ids=(near[0].id,))
             # The copy outlived its row (deleted meanwhile): insert afresh below.
         self.pg.execute(
             "INSERT INTO memories (id, user_id, session_id, kind, content, source_hash)"
             " VALUES (%s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT (id) DO UPDATE SET updated_at = memories.updated_at",
+            " ON CONFLICT (id) DO UPDATE SET used_at = now()",
             (mid, user, sid, fact.kind, fact.content, source_hash),
         )
         self.redis.hset(
             keys.memory(user, mid),
-            mapping=_hash_fields(user, fact.kind, fact.content, vector, self.embedder.model_id),
+            mapping=_hash_fields(user, fact.kind, fact.content, vector, self.embedder.model_id,
+                                 sid),
         )
-        return Stored(inserted=1)
+        return Stored(inserted=1, ids=(mid,))
+
+    def rewrite(self, user: str, mid: str, kind: str, content: str) -> bool:
+        """Give the user's memory `mid` a new kind and content, re-embedded and re-deduped
+        like a written fact; its id stays. False when it already said exactly this.
+
+        Raises NotFound when the user has no memory `mid` (another user's, or deleted
+        meanwhile: the row is read FOR UPDATE, so a delete either came first or waits
+        for the commit and then removes the new copy too), and DuplicateMemory when
+        another memory of the user and kind has the same or a near-duplicate content."""
+        keys.check_user_id(user)
+        [vector] = self.embedder.embed_many([content])
+        with self.pg.transaction():
+            self.pg.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("memory:" + user,))
+            row = self.pg.execute(
+                "SELECT kind, content, session_id FROM memories"
+                " WHERE id = %s AND user_id = %s FOR UPDATE",
+                (mid, user),
+            ).fetchone()
+            if row is None:
+                raise NotFound("no such memory")
+            if (row[0], row[1]) == (kind, content):
+                return False
+            others = [memory_id(user, kind, content)] + [
+                n.id for n in nearest(self.redis, vector, user, kind, k=2,
+                                      model=self.embedder.model_id, index=self.index)
+                if n.distance < self.merge_distance
+            ]  # fmt: skip
+            for other in others:
+                if other != mid and self.pg.execute(
+                    "SELECT 1 FROM memories WHERE id = %s AND user_id = %s", (other, user)
+                ).fetchone():
+                    raise DuplicateMemory(other)
+            self.pg.execute(
+                "UPDATE memories SET kind = %s, content = %s, updated_at = now()"
+                " WHERE id = %s AND user_id = %s",
+                (kind, content, mid, user),
+            )
+            self.redis.hset(
+                keys.memory(user, mid),
+                mapping=_hash_fields(user, kind, content, vector, self.embedder.model_id, row[2]),
+            )
+        return True
 
 
 def count(pg: psycopg.Connection[Any], user: str) -> int:

@@ -12,6 +12,8 @@ Two kinds:
   depths) comes from Redis, so it is the same on every node and counts what
   every process and worker did: the cache's `cache-stats:<tool>` hashes are
   already the cluster-wide counters, so the cache path pays nothing extra.
+  Only bounded keys are read (the tools from the registry and `cache-tools`,
+  never a SCAN), so a scrape costs the same at any keyspace size.
 
 The "Metrics" table of docs/operations.md lists every name below.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     start_http_server,
@@ -63,6 +66,17 @@ MEMORY_JOB_SECONDS = Histogram("backbone_memory_job_seconds", "Memory-extraction
 MEMORY_DELTA = Histogram("backbone_memory_delta_messages",
                          "Messages mined per extraction (the delta after the cursor)",
                          buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128))
+STREAMS_OPEN = Gauge("backbone_streams_open", "Event streams (live turns and resumes) "
+                     "open on this node, summed over live processes", multiprocess_mode="livesum")
+STREAMS_REFUSED = Counter("backbone_streams_refused", "Event streams refused with "
+                          "429 too_many_streams, by the limit that refused them (user, node)",
+                          ["limit"])
+MEMORY_FACTS_DROPPED = Counter("backbone_memory_facts_dropped",
+                               "Facts an extraction found beyond MEMORY_MAX_FACTS_PER_JOB, "
+                               "dropped (the lowest ranked)")
+MEMORY_EVICTED = Counter("backbone_memory_evicted",
+                         "Memories deleted to keep a user within MEMORY_MAX_PER_USER "
+                         "(the least recently recalled or updated)")
 UNREPLICATED = Counter("backbone_session_unreplicated_appends",
                        "Session appends acknowledged although WAIT saw fewer replicas than "
                        "SESSION_REDIS_WAIT_REPLICAS within SESSION_REDIS_WAIT_TIMEOUT_MS")
@@ -123,6 +137,11 @@ def memory_job_done(result: dict[str, Any] | None, seconds: float) -> None:
     MEMORY_JOB_SECONDS.observe(seconds)
     if result is not None and "delta" in result and outcome != "lock_lost":
         MEMORY_DELTA.observe(int(result["delta"]))
+    if result is not None:
+        if result.get("dropped"):
+            MEMORY_FACTS_DROPPED.inc(int(result["dropped"]))
+        if result.get("evicted"):
+            MEMORY_EVICTED.inc(int(result["evicted"]))
 
 
 # -- read at scrape time ------------------------------------------------------
@@ -141,28 +160,38 @@ class SharedState:
     memory_due: int = 0  # sessions marked due for extraction, not yet queued
 
 
-async def read_shared(client: aredis.Redis, sessions: aredis.Redis | None = None) -> SharedState:
-    """One read of what every process shares: cache stats, unpersisted marks (on the
-    session plane, `sessions`, when it is apart), rq queues."""
-    cache: dict[str, dict[str, float]] = {}
-    async for raw in client.scan_iter(match="cache-stats:*", count=1000):
-        tool = _s(raw).split(":", 1)[1]
-        if keys.TOOL_NAME.fullmatch(tool):
-            fields = await client.hgetall(keys.cache_stats(tool))
-            cache[tool] = {_s(k): float(v) for k, v in fields.items()}
-    # The oldest mark over every shard (one small read each, at scrape time only).
-    marks = sessions if sessions is not None else client
-    firsts = [await marks.zrange(shard, 0, 0, withscores=True)
-              for shard in keys.unpersisted_shards()]
-    oldest = min((f[0] for f in firsts if f), key=lambda m: float(m[1]), default=None)
-    names = sorted(_s(q).removeprefix("rq:queue:") for q in await client.smembers("rq:queues"))
+async def read_shared(
+    client: aredis.Redis, sessions: aredis.Redis | None = None, tools: Iterable[str] = (),
+) -> SharedState:
+    """One read of what every process shares: cache stats (of `tools`, the registry's,
+    and of every tool in `cache-tools`), unpersisted marks (on the session plane,
+    `sessions`, when it is apart), rq queues. Bounded keys only, never a SCAN: three
+    round trips whatever the size of the keyspace."""
     pipe = client.pipeline(transaction=False)
-    for name in names:
+    pipe.smembers(keys.CACHE_TOOLS)
+    pipe.smembers("rq:queues")
+    listed, queue_keys = await pipe.execute()
+    names = sorted(t for t in {_s(t) for t in listed} | set(tools) if keys.TOOL_NAME.fullmatch(t))
+    queue_names = sorted(_s(q).removeprefix("rq:queue:") for q in queue_keys)
+    pipe = client.pipeline(transaction=False)
+    for tool in names:
+        pipe.hgetall(keys.cache_stats(tool))
+    for name in queue_names:
         pipe.llen(f"rq:queue:{name}")
         pipe.zcard(f"rq:failed:{name}")
     pipe.zcard(keys.MEMORY_DUE)
-    *counts, due = await pipe.execute()
-    queues = {n: (int(counts[2 * i]), int(counts[2 * i + 1])) for i, n in enumerate(names)}
+    replies = await pipe.execute()
+    cache = {tool: {_s(k): float(v) for k, v in fields.items()}
+             for tool, fields in zip(names, replies, strict=False) if fields}
+    counts, due = replies[len(names):-1], replies[-1]
+    queues = {n: (int(counts[2 * i]), int(counts[2 * i + 1])) for i, n in enumerate(queue_names)}
+    # The oldest mark over every shard: one small read each, in one round trip.
+    marks = sessions if sessions is not None else client
+    pipe = marks.pipeline(transaction=False)
+    for shard in keys.unpersisted_shards():
+        pipe.zrange(shard, 0, 0, withscores=True)
+    firsts = await pipe.execute()
+    oldest = min((f[0] for f in firsts if f), key=lambda m: float(m[1]), default=None)
     return SharedState(cache, float(oldest[1]) if oldest else None, queues,
                        time.time() * 1000, int(due))
 

@@ -18,8 +18,9 @@ from datetime import datetime
 from typing import Any
 
 from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
 
-from app.errors import NotFound
+from app.errors import Gone, NotFound
 from app.sessions.messages import Message, canonical_json
 
 TITLE_CHARS = 80
@@ -42,11 +43,49 @@ class SessionRow:
     messages: int
 
 
-async def insert_session(conn: AsyncConnection[Any], sid: str, user: str) -> None:
-    await conn.execute(
-        "INSERT INTO sessions (id, user_id) VALUES (%s, %s) ON CONFLICT (id) DO NOTHING",
-        (sid, user),
+def user_erased_error() -> Gone:
+    return Gone("this user's data was erased", code="user_erased")
+
+
+async def insert_session(
+    conn: AsyncConnection[Any], sid: str, user: str, metadata: dict[str, str] | None = None
+) -> None:
+    """The session's row with its metadata (`create_session_row`, migrations 0005 and
+    0006); 410 `user_erased` once the user's erase has begun."""
+    cur = await conn.execute("SELECT create_session_row(%s, %s, %s)",
+                             (sid, user, Jsonb(metadata or {})))
+    row = await cur.fetchone()
+    if not (row and row[0]):
+        raise user_erased_error()
+
+
+@dataclass(frozen=True)
+class SessionMeta:
+    user_id: str
+    created_at: datetime
+    metadata: dict[str, str]
+
+
+async def session_meta(conn: AsyncConnection[Any], sid: str) -> SessionMeta | None:
+    """Owner, creation time and metadata (migration 0005) of a session; None if unknown."""
+    cur = await conn.execute(
+        "SELECT user_id, created_at, metadata FROM sessions WHERE id = %s", (sid,)
     )
+    row = await cur.fetchone()
+    return SessionMeta(str(row[0]), row[1], dict(row[2] or {})) if row else None
+
+
+async def set_metadata(
+    conn: AsyncConnection[Any], sid: str, user: str, metadata: dict[str, str]
+) -> SessionMeta | None:
+    """Replace the metadata of the user's session; None when it is not theirs or gone."""
+    cur = await conn.execute(
+        "UPDATE sessions SET metadata = %s WHERE id = %s AND user_id = %s"
+        " RETURNING user_id, created_at, metadata",
+        (Jsonb(metadata), sid, user),
+    )
+    row = await cur.fetchone()
+    return SessionMeta(str(row[0]), row[1], dict(row[2] or {})) if row else None
 
 
 async def owner(conn: AsyncConnection[Any], sid: str) -> str | None:

@@ -15,10 +15,12 @@
   logged and counted (`backbone_session_unreplicated_appends_total`). To refuse
   instead, set `min-replicas-to-write` on the primaries: Redis then refuses the
   write before applying it (NOREPLICAS, a 503).
-- On a cluster with WAIT, a connection that fails mid-append (a primary dies)
-  leaves unknown whether the script ran: the append waits for the new topology
-  and tries again, and when the history has moved on by exactly this batch's
-  hashes, it was this append: acknowledged once, never appended twice.
+- A connection that fails mid-append leaves unknown whether the script ran. The
+  script itself settles it: sent again with the same batch, it finds the history
+  moved on by exactly this batch's hashes and answers "already appended" (2), so
+  the batch is acknowledged once and never stored twice, whoever re-sent it
+  (redis-py's cluster client re-sends by itself; on a cluster, with or without
+  WAIT, the append also waits for the new topology and tries again).
 - Load reads Redis; when the copy is gone (TTL, eviction, a Redis restart
   without persistence) it restores from PostgreSQL with `restore_session`,
   which writes only if the key is still absent: racing restores write once.
@@ -102,10 +104,10 @@ class Sessions:
     def cluster(self) -> bool:
         return is_cluster(self.redis)
 
-    async def create(self, user: str) -> str:
+    async def create(self, user: str, metadata: dict[str, str] | None = None) -> str:
         sid = keys.new_session_id()
         async with self.pg.connection() as conn:
-            await history_db.insert_session(conn, sid, user)
+            await history_db.insert_session(conn, sid, user, metadata)
         await scripts.arun(self.redis, scripts.create_session(sid, user, self.ttl))
         return sid
 
@@ -166,8 +168,6 @@ class Sessions:
         for attempt in range(APPEND_ATTEMPTS):
             try:
                 code, current = await self._write(sid, user, batch, next_seq)
-                if code == -2 and uncertain_until and await self._holds(sid, batch, next_seq):
-                    code = 1  # the attempt that failed had stored it
             except Exception as exc:
                 if not self._may_retry_unknown(exc, uncertain_until):
                     raise
@@ -178,7 +178,7 @@ class Sessions:
                     await self.redis.exists(keys.session(sid))  # refreshes the slot map
                 await asyncio.sleep(UNCERTAIN_PAUSE_SECONDS)
                 continue
-            if code == 1:
+            if code in (1, 2):  # 2: an attempt whose reply was lost had stored it
                 return batch
             if code == 0:
                 await self.load(sid, user)  # restores, or raises 404/403
@@ -236,26 +236,19 @@ class Sessions:
             self.redis, append, self.wait_replicas, self.wait_timeout_ms,
             before=before, short=self._short,
         )
-        if code == 1 and acked < self.wait_replicas:
+        # Code 2 (a re-sent call) renewed the TTLs: its WAIT covers the first call's write.
+        if code in (1, 2) and acked < self.wait_replicas:
             self._unreplicated(append.keys[0], acked)
         return code, current
 
     def _may_retry_unknown(self, exc: Exception, until: float | None) -> bool:
-        """Only the cluster WAIT path retries a failed append: there a primary's death
-        is expected and `_holds` tells whether the failed attempt had stored it."""
-        if not (self.cluster and self.wait_replicas > 0):
+        """Only a cluster retries a failed append: there a primary's death is expected,
+        and the script tells whether the failed attempt had stored it (code 2)."""
+        if not self.cluster:
             return False
         if until is not None and time.monotonic() > until:
             return False
         return isinstance(translate(exc), RedisUnavailable)
-
-    async def _holds(self, sid: str, batch: Sequence[Message], next_seq: int) -> bool:
-        """Whether the history ends, from `next_seq` on, with exactly this batch."""
-        raw = await self.redis.execute_command(  # type: ignore[no-untyped-call]
-            "JSON.GET", keys.session(sid), f"$[?(@.seq>={int(next_seq)})].hash"
-        )
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        return bool(text) and json.loads(text) == [m["hash"] for m in batch]
 
     def _unreplicated(self, sid: str, acked: int) -> None:
         metrics.UNREPLICATED.inc()
@@ -304,7 +297,7 @@ class Sessions:
         # Redis first, fence and removal in one MULTI (one slot): from here no
         # append or restore writes, and no live copy is left for the sweep.
         fence = self.redis.pipeline(transaction=True)
-        fence.set(keys.session_deleted(sid), user, ex=self.ttl)
+        fence.set(keys.session_deleted(sid), 1, ex=self.ttl)  # no user id: erase leaves none
         fence.execute_command("JSON.GET", keys.session(sid), '$[?(@.role=="user")].seq')
         fence.delete(*keys.session_keys(sid))
         _, turns_raw, _ = await fence.execute()

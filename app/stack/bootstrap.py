@@ -1,5 +1,10 @@
 """Make the stores ready: modules checked, tables migrated, indexes created, scripts loaded.
 
+Scripts are loaded into REDIS_URL and, when the session plane is elsewhere
+(SESSION_REDIS_URL), there too: into every primary of a cluster. A script cache
+emptied later (a restart, a failover, SCRIPT FLUSH) costs one EVAL, never an
+error (`app.stores.scripts`, `app.stores.replicated`).
+
 Called by `backbone up`, `serve` and `worker` at start and by the test
 fixtures, so every entry point fails the same clear way on a wrong Redis.
 
@@ -22,7 +27,7 @@ import redis
 from app.embeddings import shared_embedder
 from app.settings import Settings
 from app.stores import indexes, migrations, scripts
-from app.stores.clients import check_modules, pg_connect, redis_client
+from app.stores.clients import check_modules, pg_connect, redis_client, session_redis_client
 
 log = logging.getLogger("backbone.bootstrap")
 
@@ -47,6 +52,13 @@ def eviction_warning(client: redis.Redis) -> str | None:
     )
 
 
+def _separate_session_plane(settings: Settings) -> bool:
+    """Whether session scripts run on another Redis than REDIS_URL (a second node or a
+    cluster), which then needs the scripts loaded too."""
+    url = settings.session_redis_url
+    return url is not None and (settings.session_redis_cluster or url != settings.redis_url)
+
+
 def prepare(settings: Settings, dims: int | None = None) -> Prepared:
     assert settings.redis_url and settings.database_url, "start the embedded stack first"
     client = redis_client(settings.redis_url)
@@ -60,8 +72,19 @@ def prepare(settings: Settings, dims: int | None = None) -> Prepared:
         risk = eviction_warning(client)
     finally:
         client.close()
+    if _separate_session_plane(settings):
+        sessions = session_redis_client(settings)
+        try:
+            scripts.preload(sessions)
+        finally:
+            sessions.close()
     with pg_connect(settings.database_url, autocommit=True) as conn:
         ran = migrations.migrate(conn)
+        client = redis_client(settings.redis_url)
+        try:
+            indexes.tag_memory_sessions(client, conn)  # reads the migrated memories table
+        finally:
+            client.close()
     if risk is not None:
         log.warning("%s", risk)
     return Prepared(modules, created, [f"{m.version:04d}_{m.name}" for m in ran],

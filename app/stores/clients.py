@@ -224,3 +224,16 @@ def async_session_redis_client(
 
 def is_cluster(client: object) -> bool:
     return isinstance(client, (redis.RedisCluster, aredis.RedisCluster))
+
+
+def async_session_reader_client(settings: Settings) -> aredis.Redis:
+    """A session-plane client of its own for blocking reads (a resumed stream's XREAD),
+    sized MAX_STREAMS_PER_NODE: the node admits no more streams than it has readers,
+    so a reader never waits for a connection, and however many streams sit idle in
+    XREAD they never hold one the request path needs (that pool is apart)."""
+    url = settings.session_redis_url or settings.redis_url or ""
+    size = settings.max_streams_per_node
+    if settings.session_redis_cluster:
+        client = aredis.RedisCluster.from_url(url, max_connections=size, health_check_interval=30)
+        return cast(aredis.Redis, client)
+    return async_redis_client(url, max_connections=size)

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import psycopg
 import redis
 import yaml
 from redisvl.exceptions import RedisSearchError
@@ -185,6 +186,36 @@ def version_unversioned(client: redis.Redis, batch: int = 1000) -> int:
     if given:
         log.warning("idx:kb: %d scopes held chunks from before versions; versioned", given)
     return given
+
+
+def tag_memory_sessions(client: redis.Redis, pg: psycopg.Connection[Any],
+                        batch: int = 1000) -> int:
+    """Give the recall copies of memories written before the `session` TAG existed the
+    session their row names; return how many were tagged.
+
+    A search filtered by session (`POST /v1/memories/search`) would not find them
+    otherwise. `HSETNX`: a copy a writer tagged meanwhile keeps its value. Once per
+    Redis: `idx:memory:session-tagged` (`keys.MEMORY_SESSION_TAGGED`) records it."""
+    marker = keys.MEMORY_SESSION_TAGGED
+    if client.exists(marker):
+        return 0
+    client.script_load(scripts.load_all()["tag_session"].source)
+    tagged = 0
+    # A server-side cursor (inside a transaction): the rows come a batch at a time.
+    with pg.transaction(), pg.cursor(name="memory_sessions") as cur:
+        cur.execute("SELECT user_id, id, session_id FROM memories WHERE session_id IS NOT NULL")
+        while rows := cur.fetchmany(batch):
+            pipe = client.pipeline(transaction=False)
+            for user, mid, sid in rows:
+                if not keys.USER_ID.fullmatch(user):
+                    continue
+                call = scripts.tag_session(keys.memory(user, mid), sid)
+                pipe.evalsha(call.script.sha, call.script.numkeys, *call.keys, *call.args)
+            tagged += sum(int(r) for r in pipe.execute())
+    client.set(marker, 1)
+    if tagged:
+        log.warning("idx:memory: tagged %d memories from before session tags", tagged)
+    return tagged
 
 
 def _batches(client: redis.Redis, prefix: str, batch: int) -> Iterator[list[str]]:

@@ -5,8 +5,10 @@
 | `session:{<sid>}`                    | JSON array  | SESSION_TTL_SECONDS, renewed | the live history                      |
 | `session:{<sid>}:user`               | string      | same as the session        | the owning user id                      |
 | `session:{<sid>}:deleted`            | string      | SESSION_TTL_SECONDS        | fence: the session was deleted          |
+| `session:{<sid>}:responses`          | hash        | SESSION_TTL_SECONDS, renewed | turn -> its Responses API record (app.openai) |
 | `sessions:unpersisted:{<n>}`         | sorted set  | none                       | sid -> ms of its last unpersisted write (n = 0..15, from the sid) |
 | `persist-sweep-tick`                 | string      | SWEEP_INTERVAL_SECONDS     | one sweep enqueued per interval         |
+| `retention-sweep-tick`               | string      | 1 h                        | one retention sweep enqueued per hour   |
 | `memory-due`                         | sorted set  | none                       | sid -> ms of its last turn not yet handed to the memory queue |
 | `memory-due-trace:{<sid>}`           | string      | 1 hour                     | W3C trace context of the turn that marked it (tracing on only) |
 | `memory-task-lock:{<sid>}`           | string      | MEMORY_LOCK_TTL_SECONDS    | owner token of the one extractor        |
@@ -16,16 +18,20 @@
 | `events:{<sid>}:<turn>`              | stream      | 10 min                     | one turn's SSE events, for resumption   |
 | `ratelimit:{<uid>}`                  | sorted set  | window                     | message-post times (sliding window)     |
 | `ratelimit:{<uid>}:sessions`         | sorted set  | window                     | session-creation times (sliding window) |
+| `streams:{<uid>}`                    | sorted set  | the slot lease, renewed    | the user's open event streams: slot id -> ms its lease ends |
 | `cache:<tool>:<hash>`                | hash + HNSW | per tool                   | one cached tool or retrieval result     |
 | `cache-stats:<tool>`                 | hash        | none                       | lookup/hit/audit counters               |
 | `cache-threshold:<tool>`             | hash        | none                       | the tool's adaptive hit threshold       |
+| `cache-tools`                        | set         | none                       | names of the tools with cache counters (read instead of a SCAN) |
 | `cache-flight:<tool>:<hash>`         | string      | TOOL_TIMEOUT_SECONDS       | single-flight: owner token of the one run of a missed call |
+| `cache-audit:<token>`                | string      | AUDIT_ENTRY_TTL_SECONDS (1 h) | one sampled hit's audit input (tool, arguments, caller), JSON; the audit job's only argument names it, and the job GETDELs it |
 | `kb:<doc>:<chunk>`                   | hash + HNSW | none                       | one knowledge-base chunk                |
 | `kb-file:<doc>`                      | string      | none                       | content hash of an ingested file        |
 | `kb-version:<scope>`                 | string      | none                       | counter: bumped by every ingest or delete in the scope (global, user:<uid>, tenant:<tid>) |
-| `memory:<uid>:<id>`                  | hash + HNSW | none                       | one long-term memory (recall copy)      |
+| `memory:<uid>:<id>`                  | hash + HNSW | none (MEMORY_MAX_PER_USER) | one long-term memory (recall copy)      |
+| `erased:{<digest>}`                  | string      | ERASED_SECONDS (30 days)   | fence: this user's data was erased (410 `user_erased`); digest, never the id |
 | `idx:cache`, `idx:kb`, `idx:memory`  | indexes     |                            | RediSearch indexes over the hashes      |
-| `idx:<name>:model-tagged`, `idx:kb:versioned` | string | none           | start-up backfills done, once per Redis |
+| `idx:<name>:model-tagged`, `idx:kb:versioned`, `idx:memory:session-tagged` | string | none | start-up backfills done, once per Redis |
 | `rq:*`                               | rq's own    | rq's                       | queues, jobs, registries                |
 
 The `{<sid>}` hash tag puts every key of one session in the same cluster slot,
@@ -53,9 +59,15 @@ KB_SCOPE = re.compile(r"^(global|(user|tenant):[A-Za-z0-9_.@-]{1,64})$")
 
 UNPERSISTED_SHARDS = 16
 SWEEP_TICK = "persist-sweep-tick"
+RETENTION_TICK = "retention-sweep-tick"
+# Every tool with `cache-stats:<tool>` counters, so reports and /metrics read the
+# names instead of scanning the keyspace for them.
+CACHE_TOOLS = "cache-tools"
 INDEX_CACHE = "idx:cache"
 INDEX_KB = "idx:kb"
 INDEX_MEMORY = "idx:memory"
+# Start-up backfill marker: memories from before the `session` TAG were tagged (app.stores.indexes).
+MEMORY_SESSION_TAGGED = "idx:memory:session-tagged"
 # Sessions whose last turn awaits memory extraction: the app marks them, a worker
 # enqueues their jobs (app.memory.queue). On REDIS_URL, beside rq's queues.
 MEMORY_DUE = "memory-due"
@@ -109,6 +121,12 @@ def session_deleted(sid: str) -> str:
     return f"{session(sid)}:deleted"
 
 
+def session_responses(sid: str) -> str:
+    """The session's turns started through `POST /v1/responses`: turn -> the request's
+    model, instructions, metadata, previous response (app.openai.records)."""
+    return f"{session(sid)}:responses"
+
+
 def unpersisted(sid: str) -> str:
     """The shard of `sessions:unpersisted` that holds this session's mark."""
     return unpersisted_shard(int(check_session_id(sid)[0], 16) % UNPERSISTED_SHARDS)
@@ -154,6 +172,11 @@ def session_rate_limit(uid: str) -> str:
     return f"ratelimit:{{{check_user_id(uid)}}}:sessions"
 
 
+def streams(uid: str) -> str:
+    """The user's open event streams (app.chat.stream_slots): slot id -> lease end (ms)."""
+    return f"streams:{{{check_user_id(uid)}}}"
+
+
 def cache_entry(tool: str, digest: str) -> str:
     return f"cache:{check_tool(tool)}:{_hex(digest)}"
 
@@ -183,6 +206,20 @@ def cache_flight(tool: str, digest: str) -> str:
     return f"cache-flight:{check_tool(tool)}:{_hex(digest)}"
 
 
+# How long a sampled hit waits for its audit: an older one is dropped unread.
+AUDIT_ENTRY_TTL_SECONDS = 3600
+AUDIT_ENTRY = re.compile(r"^cache-audit:[0-9a-f]{32}$")
+
+
+def cache_audit(token: str | None = None) -> str:
+    """The key of one pending audit's input; a fresh random token when none is given.
+    The key is all the audit job carries: no user text or id lands in rq's job hash."""
+    key = f"cache-audit:{_hex(token or secrets.token_hex(16))}"
+    if not AUDIT_ENTRY.fullmatch(key):
+        raise ValueError(f"not an audit entry key: {key!r}")
+    return key
+
+
 def kb_version(scope: str) -> str:
     """The knowledge-base version of one scope; cached retrievals record it."""
     if not KB_SCOPE.fullmatch(scope):
@@ -202,11 +239,21 @@ def memory(uid: str, memory_id: str) -> str:
     return f"memory:{check_user_id(uid)}:{_hex(memory_id)}"
 
 
+def memory_prefix(uid: str) -> str:
+    return f"memory:{check_user_id(uid)}:"
+
+
+def erased_user(digest: str) -> str:
+    """The erase fence of one user, named by `app.identity.user_digest` (session plane)."""
+    return f"erased:{{{_hex(digest)}}}"
+
+
 def session_keys(sid: str) -> list[str]:
     """Every per-session key, for deletion (not the fence, which must outlive them)."""
     return [
         session(sid),
         session_user(sid),
+        session_responses(sid),
         memory_lock(sid),
         memory_cursor(sid),
         memory_cursor_seq(sid),

@@ -94,18 +94,22 @@ async def arun_waited(
     if isinstance(client, RedisCluster):
         return await _on_slot_node(client, call, replicas, timeout_ms, short)
     by_source = False
+    first = list(before)
     while True:
         waiting = not short.skip("")
         wait = [("WAIT", replicas, timeout_ms)] if waiting else []
-        results = await batch(client, [*before, _script(call, by_source), *wait])
+        results = await batch(client, [*first, _script(call, by_source), *wait])
         if not waiting:
             results.append(0)
-        *before, raw, acked = results
-        for result in before:
+        # Not unpacked into `before`: the retry below would send these replies as commands.
+        *replies, raw, acked = results
+        for result in replies:
             if isinstance(result, Exception):
                 raise result
         if isinstance(raw, NoScriptError) and not by_source:
-            by_source = True  # the server lost its script cache: EVAL caches it again
+            # The server lost its script cache (a restart, a failover, SCRIPT FLUSH): EVAL
+            # caches it again. The commands before already ran: only the script and WAIT.
+            by_source, first = True, []
             continue
         return _settled(call, raw, acked, replicas, short, "" if waiting else None)
 
@@ -131,6 +135,7 @@ async def _on_slot_node(
 ) -> tuple[T, int]:
     by_source = False
     deadline = time.monotonic() + REDIRECT_SECONDS
+    await client.initialize()  # a fresh client has no slot map yet (at once when it has)
     while True:
         node: ClusterNode | None = client.get_node_from_key(call.keys[0])
         if node is None:  # the slot map has no owner for it right now

@@ -107,15 +107,18 @@ async def arun_after(
     for result in replies:
         if isinstance(result, Exception):
             raise result
-    if isinstance(raw, NoScriptError):
-        return await arun(client, call)
+    if isinstance(raw, NoScriptError):  # the commands before ran: only the script again
+        raw = await client.eval(s.source, s.numkeys, *call.keys, *call.args)
+        return call.parse(raw)
     if isinstance(raw, Exception):
         raise raw
     return call.parse(raw)
 
 
 def preload(client: redis.Redis) -> None:
-    """SCRIPT LOAD every script, so the first request pays no EVAL."""
+    """SCRIPT LOAD every script, so the first request pays no EVAL. A Redis Cluster
+    client sends it to every primary; a replica a failover promotes starts without
+    them (Redis does not replicate SCRIPT LOAD) and pays one EVAL per script."""
     for s in load_all().values():
         client.script_load(s.source)
 
@@ -152,8 +155,8 @@ def create_session(sid: str, user: str, ttl: int) -> Call[int]:
 def append_messages(
     sid: str, user: str, next_seq: int, messages_json: Sequence[str], ttl: int
 ) -> Call[tuple[int, int]]:
-    """(code, next seq): 1 appended | 0 no session | -1 not the owner | -2 conflict
-    | -3 deleted."""
+    """(code, next seq): 1 appended | 2 already appended (a re-sent call) | 0 no session
+    | -1 not the owner | -2 conflict | -3 deleted."""
     return _call(
         "append_messages",
         [keys.session(sid), keys.session_user(sid), keys.session_deleted(sid)],
@@ -212,6 +215,14 @@ def rate_limit(
     )
 
 
+def acquire_stream_slot(
+    user: str, slot: str, now_ms: int, lease_ms: int, limit: int
+) -> Call[tuple[int, int]]:
+    """(1, held) admitted | (0, held) refused: the user holds `limit` live slots."""
+    return _call("acquire_stream_slot", [keys.streams(user)], [now_ms, lease_ms, limit, slot],
+                 _pair)
+
+
 # -- memory extraction --------------------------------------------------------
 
 
@@ -234,6 +245,12 @@ def tag_model(key: str, model: str) -> Call[int]:
     """1 tagged | 0 already tagged or gone. `key` is an entry of idx:cache, idx:kb or
     idx:memory (`app.stores.indexes.tag_untagged`)."""
     return _call("tag_model", [key], [model], _int)
+
+
+def tag_session(key: str, sid: str) -> Call[int]:
+    """1 tagged | 0 already tagged or gone. `key` is a memory's recall copy
+    (`app.stores.indexes.tag_memory_sessions`)."""
+    return _call("tag_session", [key], [sid], _int)
 
 
 def release_flight(lock: str, token: str) -> Call[int]:
