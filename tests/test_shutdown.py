@@ -268,3 +268,27 @@ def test_a_stopping_worker_leaves_its_pubsub_channel_at_once_whatever_its_thread
         busy.set()
         conn.close()
     assert max(took) < 5, [round(t, 2) for t in took]
+
+
+def test_a_stop_signalled_just_before_rq_installs_its_handlers_ends_the_worker_at_once(
+    settings: Settings,
+) -> None:
+    """The window between run_worker's last look at its stop and rq's own handlers: a
+    SIGINT there reached only our handler, and rq then blocked in its dequeue (minutes)."""
+    from workers.worker import MAINTENANCE_SECONDS, QUEUES, _SimpleWorker, queue
+
+    conn = redis.Redis.from_url(settings.redis_url or "")
+    worker = _SimpleWorker([queue(settings, name, conn) for name in QUEUES], connection=conn,
+                           name=f"window-{os.getpid()}-{time.monotonic_ns()}",
+                           maintenance_interval=MAINTENANCE_SECONDS)
+    worker.stop_event = threading.Event()
+    worker.stop_event.set()  # what our handler did with the signal
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    started = time.monotonic()
+    try:
+        assert worker.work(burst=False) is False
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+        conn.close()
+    assert time.monotonic() - started < 10  # rq's dequeue would have blocked for minutes

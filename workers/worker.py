@@ -235,6 +235,14 @@ class _StopFlag:
         self.stop_event.set()
         super().request_stop(signum, frame)  # type: ignore[misc]
 
+    def _install_signal_handlers(self) -> None:
+        # A signal between run_worker's last look at the stop and this install reached
+        # our handler, not rq's: without this rq would block in its dequeue regardless.
+        super()._install_signal_handlers()  # type: ignore[misc]
+        if self.stop_event.is_set():
+            worker: Any = self
+            worker._stop_requested = True  # rq's loop checks it before each dequeue
+
     def unsubscribe(self) -> None:
         # rq sends UNSUBSCRIBE, then stops its pubsub thread with no timeout: when the
         # thread reads that reply before the stop, it waits in its next get_message for
