@@ -24,7 +24,6 @@ import psycopg
 import pytest
 import redis
 from conftest import BOTH_TOPOLOGIES
-from psycopg_pool import AsyncConnectionPool
 from rq import Queue, SimpleWorker
 from starlette.testclient import TestClient
 from test_fuzz import _turn
@@ -40,11 +39,9 @@ from app.memory.queue import dispatch_all
 from app.memory.store import MemoryStore, Stored
 from app.ops.keyspace import families
 from app.privacy.coverage import KEY_FAMILIES, TABLES
-from app.privacy.erase import Eraser
+from app.privacy.erase import own_eraser
 from app.sessions import history_db, messages
-from app.sessions.store import Sessions
 from app.settings import Settings
-from app.stores.clients import async_redis_client, async_session_redis_client
 
 pytestmark = BOTH_TOPOLOGIES
 
@@ -192,30 +189,18 @@ def test_an_erase_cut_half_way_refuses_every_late_writer_and_finishes_when_run_a
     who = seed(erase_client, r, sr, pg, settings, tmp_path)
 
     async def cut_then_write_then_resume() -> dict[str, int]:
-        main = async_redis_client(settings.redis_url or "")
-        plane = async_session_redis_client(settings, main=main)
-        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            settings.database_url or "", min_size=1, max_size=4, open=False,
-            kwargs={"autocommit": True})
-        await pool.open()
-        try:
-            sessions = Sessions(plane, pool, settings.session_ttl_seconds)
-            eraser = Eraser(main, sessions, settings.redis_url or "")
+        async with own_eraser(settings) as eraser:
+            sessions = eraser.sessions
             # The process dies after the fence and the sessions: nothing else is gone.
             await eraser.erase(who.user, steps=("sessions",))
             # Writers that were already past the door arrive now.
             with pytest.raises(Gone):
                 await sessions.create(who.user)
-            async with pool.connection() as conn:
+            async with sessions.pg.connection() as conn:
                 late = messages.build(who.sids[0], 9, "user", f"late {who.marker}")
                 with pytest.raises(Exception, match="deleted"):
                     await history_db.persist(conn, who.sids[0], who.user, [late])
             return await eraser.erase(who.user)  # run again: resumes, finishes
-        finally:
-            await pool.close()
-            if plane is not main:
-                await plane.aclose()
-            await main.aclose()
 
     late_memory = MemoryStore(r, pg, shared_embedder())
     removed = asyncio.run(cut_then_write_then_resume())

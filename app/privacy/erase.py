@@ -30,6 +30,8 @@ import asyncio
 import json
 import logging
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,8 +176,9 @@ class Eraser:
         return len(found)
 
 
-async def erase_user(settings: Settings, user: str) -> dict[str, int]:
-    """Erase `user` with clients of its own (`backbone erase`, the privacy sweep)."""
+@asynccontextmanager
+async def own_eraser(settings: Settings) -> AsyncIterator[Eraser]:
+    """An Eraser on clients of its own, closed after (`backbone erase`, the privacy sweep)."""
     redis = async_redis_client(settings.redis_url or "")
     session_redis = async_session_redis_client(settings, main=redis)
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
@@ -184,9 +187,15 @@ async def erase_user(settings: Settings, user: str) -> dict[str, int]:
     await pool.open()
     try:
         sessions = Sessions(session_redis, pool, settings.session_ttl_seconds)
-        return await Eraser(redis, sessions, settings.redis_url or "").erase(user)
+        yield Eraser(redis, sessions, settings.redis_url or "")
     finally:
         await pool.close()
         if session_redis is not redis:
             await session_redis.aclose()
         await redis.aclose()
+
+
+async def erase_user(settings: Settings, user: str) -> dict[str, int]:
+    """Erase `user` with clients of its own (`backbone erase`)."""
+    async with own_eraser(settings) as eraser:
+        return await eraser.erase(user)
