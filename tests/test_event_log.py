@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -14,6 +15,7 @@ from starlette.testclient import TestClient
 from app.api import create_app
 from app.chat import event_log
 from app.chat.event_log import EventLog
+from app.errors import NotFound
 from app.settings import Settings
 from app.stores import keys
 from app.stores.clients import async_session_redis_client
@@ -74,6 +76,28 @@ async def test_a_replayed_event_is_the_same_frame_the_live_client_got(
     got = frames(b"".join(e.sse() for e in live).decode().split("\n"))
     assert [(f.id, f.event, f.data) for f in got] == [
         (e.id, e.event, d) for e, d in zip(live, datas, strict=True)]
+
+
+async def test_a_replay_of_a_running_turn_waits_for_its_first_event_and_a_gone_one_is_404(
+    settings: Settings, sr: redis.Redis
+) -> None:
+    sid = keys.new_session_id()
+    client = async_session_redis_client(settings)
+    try:
+        with pytest.raises(NotFound):  # nothing logged, nothing said to be running: gone
+            await anext(event_log.replay(client, sid, 5, "0-0"))
+        replayed = event_log.replay(client, sid, 5, "0-0", starting=True)
+        first = asyncio.ensure_future(anext(replayed))
+        await asyncio.sleep(0.3)  # the turn has not logged its first event yet
+        assert not first.done()
+        log = EventLog(client, sid, 5)
+        live = [log.emit("message.delta", {"text": "late"}), log.emit("message.done", {})]
+        await log.flush()
+        got = [await first, *[e async for e in replayed]]
+    finally:
+        sr.delete(keys.events(sid, 5))
+        await client.aclose()
+    assert [e.sse() for e in got] == [e.sse() for e in live]
 
 
 def test_a_turn_whose_event_writes_fail_still_ends_with_message_done_matching_the_history(

@@ -242,20 +242,27 @@ def _entry(entry_id: str) -> tuple[int, int]:
 
 
 async def replay(
-    redis: aredis.Redis, sid: str, turn: int, after: str, *, stall_ms: int = STALL_MS
+    redis: aredis.Redis, sid: str, turn: int, after: str, *, stall_ms: int = STALL_MS,
+    starting: bool = False,
 ) -> AsyncIterator[Event]:
     """Events of a turn after entry id `after` ('0-0' for all), live until a terminal one.
 
     404 when the turn's events are gone, and when `after` is its terminal event
     (an EventSource reconnects after every stream end; a 4xx tells it to stop).
+    `starting`: the caller knows the turn is running, so no events yet means none
+    logged yet (a busy node's first event can come after its client's first read),
+    and the replay waits for them as for any next event.
     """
     key = keys.events(sid, turn)
     tail: Any = await redis.xrevrange(key, count=1)
-    if not tail:
+    if tail:
+        tail_id, tail_fields = tail[0][0].decode(), tail[0][1]
+        if (tail_fields.get(b"event", b"").decode() in TERMINAL
+                and _entry(after) >= _entry(tail_id)):
+            raise NotFound("the turn has ended; no event follows this one",
+                           code="turn_finished")
+    elif not starting:
         raise NotFound("no events for this turn (they are kept for 10 minutes)")
-    tail_id, tail_fields = tail[0][0].decode(), tail[0][1]
-    if tail_fields.get(b"event", b"").decode() in TERMINAL and _entry(after) >= _entry(tail_id):
-        raise NotFound("the turn has ended; no event follows this one", code="turn_finished")
     last = after
     waited = 0
     while True:

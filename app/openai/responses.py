@@ -41,6 +41,7 @@ from app.errors import BadRequest, Conflict, NotFound
 from app.openai import ids, items, records
 from app.openai.errors import openai_route
 from app.openai.events import Projection, sse
+from app.sessions.messages import Message
 from app.sessions.routes import caller, identified
 from app.state import AppState
 
@@ -154,7 +155,10 @@ async def _no_slot() -> AsyncIterator[Slot | None]:
     yield None
 
 
-async def _turn_of(state: AppState, user: str, request: Request) -> tuple[str, int]:
+async def _turn_of(
+    state: AppState, user: str, request: Request
+) -> tuple[str, int, list[Message]]:
+    """(sid, turn, history) of the caller's response id; 404 / 403 as a session."""
     sid, turn = ids.parse_response(str(request.path_params["rid"]))
     loaded = await state.sessions.load(sid, user)  # 404 / 403 before anything else
     first = int(loaded.messages[0]["seq"]) if loaded.messages else 0
@@ -163,7 +167,7 @@ async def _turn_of(state: AppState, user: str, request: Request) -> tuple[str, i
         history = (await state.sessions.full_history(sid, user)).messages
     if not any(int(m["seq"]) == turn and m.get("role") == "user" for m in history):
         raise NotFound("no such response")
-    return sid, turn
+    return sid, turn, history
 
 
 def _created_at(event: Event) -> int:
@@ -173,7 +177,7 @@ def _created_at(event: Event) -> int:
 
 async def retrieve(request: Request) -> Response:
     state, user = await caller(request)
-    sid, turn = await _turn_of(state, user, request)
+    sid, turn, history = await _turn_of(state, user, request)
     q = request.query_params
     after = q.get("starting_after")
     if after is not None and not DIGITS.fullmatch(after):  # ASCII: int() takes any script's
@@ -181,9 +185,13 @@ async def retrieve(request: Request) -> Response:
     record = await records.load(state.sessions.redis, sid, turn)
     model = default_model(state)
     if q.get("stream") in ("true", "1"):
+        # The session's latest turn without its answer is running (or about to end):
+        # a resume waits for its events rather than finding none logged yet.
+        latest = max(int(m["seq"]) for m in history if m.get("role") == "user")
+        running = turn == latest and not items.turn_output(sid, turn, history)[1]
         async with state.streams.opening(user) as slot:  # as the native resume route
             return await _resume(state, sid, turn, record, model,
-                                 -1 if after is None else int(after), slot)
+                                 -1 if after is None else int(after), slot, running)
     logged = await event_log.read_all(state.sessions.redis, sid, turn)
     if logged:
         projection = Projection(sid, turn, records.skeleton(
@@ -200,9 +208,9 @@ async def retrieve(request: Request) -> Response:
 
 
 async def _resume(state: AppState, sid: str, turn: int, record: records.Record | None,
-                  model: str, after: int, slot: Slot) -> EventSourceResponse:
+                  model: str, after: int, slot: Slot, running: bool) -> EventSourceResponse:
     # Blocking reads on the readers' pool, never on the one the request path needs.
-    replayed = event_log.replay(state.streams.reader, sid, turn, "0-0")
+    replayed = event_log.replay(state.streams.reader, sid, turn, "0-0", starting=running)
     first = await anext(replayed)  # 404 when the turn's events are gone
     projection = Projection(sid, turn, records.skeleton(
         sid, turn, record, model, _created_at(first)))
