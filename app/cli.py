@@ -525,6 +525,7 @@ def _exit_now(code: int) -> None:
     torch imported that took 0.3 s idle and up to 3 s on a busy machine: a good part
     of each Ctrl-C, paid once by every process (docs/reliability.md).
     """
+    tracing.flush()  # spans still batched: the exporter's own atexit hook will not run
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
