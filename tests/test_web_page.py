@@ -57,7 +57,8 @@ class Page:
         while True:
             reply = json.loads(self.ws.recv(timeout=30))
             if reply.get("id") == msg_id:
-                assert "error" not in reply, reply
+                if "error" in reply:
+                    raise DevToolsError(reply)
                 result: dict[str, Any] = reply["result"]
                 return result
             if "method" in reply:
@@ -88,11 +89,24 @@ class Page:
     def wait_for(self, expression: str, timeout: float = 60) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            value = self.eval(expression)
+            try:
+                value = self.eval(expression)
+            except DevToolsError as e:
+                if NAVIGATED not in str(e):
+                    raise
+                value = None  # the page navigated under the evaluation: ask the new one
             if value:
                 return value
             time.sleep(0.2)
         raise AssertionError(f"timed out waiting for {expression}")
+
+
+class DevToolsError(AssertionError):
+    """A DevTools command answered with an error."""
+
+
+# What Chromium answers to an evaluation cut short by a navigation (location.href = ...).
+NAVIGATED = "Inspected target navigated or closed"
 
 
 @contextlib.contextmanager
