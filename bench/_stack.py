@@ -155,18 +155,21 @@ class TurnOutcome:
     gaps_ms: list[float] = dataclasses.field(default_factory=list)  # between events
     text_chars: int = 0  # characters of the text deltas received
     text_span_ms: float = 0.0  # first text delta to the last
-    _last_ms: float | None = dataclasses.field(default=None, repr=False)
+    _last_ms: float = dataclasses.field(default=0.0, repr=False)
     _first_text_ms: float | None = dataclasses.field(default=None, repr=False)
 
     def on_event(self, face: Face, event: str, data: bytes | str, started: float) -> None:
         """One named SSE event (not a ping comment) as it arrives: the first event, the
-        gap since the previous one, the text deltas, the end or an error."""
+        gap since the previous one, the text deltas, the end or an error. The preamble
+        counts for neither: its wait for the turn's first event is the first event's."""
         now = (time.perf_counter() - started) * 1000
-        if self._last_ms is not None:
+        if self.ttfe_ms is None:
+            if event in face.preamble:
+                return
+            self.ttfe_ms = now
+        else:
             self.gaps_ms.append(now - self._last_ms)
         self._last_ms = now
-        if self.ttfe_ms is None and event not in face.preamble:
-            self.ttfe_ms = now
         if event == face.delta:
             if self._first_text_ms is None:
                 self._first_text_ms = now

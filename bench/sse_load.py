@@ -18,7 +18,9 @@ against the same server so both see the same machine; one reader
 (`bench._stack.TurnOutcome.on_event`) counts both streams.
 
 - inter-event gap: the time between two consecutive events of one stream (ping
-  comments aside), pooled over every stream of the level;
+  comments aside), pooled over every stream of the level, from the stream's first
+  event (the Responses face's `response.created` and `response.in_progress` come
+  before the turn has done anything: their wait is the first event's);
 - text chars/s: characters of the text deltas received (`message.delta` /
   `response.output_text.delta`), all streams over the level's wall time, and
   one stream's from its first text delta to its last (p50);
@@ -155,12 +157,16 @@ def main() -> None:
                    help="native route and/or the Responses face, rounds interleaved")
     args = p.parse_args()
     faces = [FACES[name] for name in args.protocol]
+    streams = max(256, *args.concurrency)
     rows: list[tuple[int, int, str, str, Level]] = []
+    load_before = os.getloadavg()[0]
     with stores() as settings:
         for coalesce in args.coalesce_ms:
             pids: list[int] = []
+            # One node holds every stream of the level: above MAX_STREAMS_PER_NODE (256) the
+            # rest would be refused with 429 too_many_streams, not measured.
             env = {"OFFLINE_TOKEN_DELAY_MS": str(args.pace_ms), "RATE_LIMIT_SESSIONS": "100000",
-                   "STREAM_COALESCE_MS": str(coalesce)}
+                   "STREAM_COALESCE_MS": str(coalesce), "MAX_STREAMS_PER_NODE": str(streams)}
             with servers(settings, 1, pids=pids, **env) as urls:
                 for face in faces:  # warm up: model load, first connections
                     asyncio.run(run_level(urls[0], 5, face=face))
@@ -176,8 +182,9 @@ def main() -> None:
                         row.out.add(out)
                         row.wall += wall
                     rows.extend((coalesce, n, kind, name, row) for name, row in level.items())
-    print(f"one uvicorn process, offline provider at {args.pace_ms} ms/token, loopback, 2 cores, "
-          f"{args.rounds} rounds per level, load average {os.getloadavg()[0]:.1f} at the end\n")
+    print(f"one uvicorn process (MAX_STREAMS_PER_NODE {streams}), offline provider at "
+          f"{args.pace_ms} ms/token, loopback, 2 cores, {args.rounds} rounds per level, "
+          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} at the end\n")
     print("| coalesce ms | concurrent chats | client | protocol | turns | turns/s "
           "| app CPU ms/turn | load generator CPU ms/turn "
           "| first event p50 / p99 ms | inter-event gap p50 / p99 ms "
