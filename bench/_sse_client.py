@@ -16,7 +16,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench._stack import TurnOutcome
+from bench._stack import NATIVE, Face, TurnOutcome
 
 
 async def _request(base: str, method: str, path: str, headers: dict[str, str],
@@ -63,14 +63,16 @@ async def create_session(base: str, headers: dict[str, str]) -> str:
         writer.close()
 
 
-async def post_turn(base: str, sid: str, headers: dict[str, str], content: str) -> TurnOutcome:
-    """One chat turn over SSE, read to its end (the same outcome as bench._stack's)."""
+async def post_turn(base: str, sid: str, headers: dict[str, str], content: str,
+                    face: Face = NATIVE) -> TurnOutcome:
+    """One chat turn over SSE through `face`, read to its end (the same outcome, from
+    the same per-event code, as bench._stack's httpx reader)."""
     out = TurnOutcome()
+    path, payload = face.request(sid, content)
     started = time.perf_counter()
-    body = json.dumps({"content": content}).encode()
+    body = json.dumps(payload).encode()
     try:
-        reader, writer, status, fields = await _request(
-            base, "POST", f"/v1/sessions/{sid}/messages", headers, body)
+        reader, writer, status, fields = await _request(base, "POST", path, headers, body)
     except OSError as e:
         out.error = type(e).__name__
         return out
@@ -80,28 +82,23 @@ async def post_turn(base: str, sid: str, headers: dict[str, str], content: str) 
             return out
         buffer = b""
         async for chunk in _chunks(reader, fields):
-            buffer += chunk
-            *frames, buffer = buffer.split(b"\r\n\r\n")
+            # The native route ends lines with CRLF (sse-starlette), the Responses face LF.
+            buffer = (buffer + chunk).replace(b"\r\n", b"\n")
+            *frames, buffer = buffer.split(b"\n\n")
             for frame in frames:
                 event, data = "", b""
-                for line in frame.split(b"\r\n"):
+                for line in frame.split(b"\n"):
                     if line.startswith(b"event:"):
                         event = line[6:].strip().decode()
                     elif line.startswith(b"data:"):
                         data = line[5:].strip()
-                if not event:
-                    continue  # a ping comment
-                if out.ttfe_ms is None:
-                    out.ttfe_ms = (time.perf_counter() - started) * 1000
-                if event == "message.done":
-                    out.done = json.loads(data)
-                elif event == "error":
-                    out.error = str(json.loads(data)["code"])
+                if event:  # not a ping comment
+                    out.on_event(face, event, data, started)
     except (OSError, asyncio.IncompleteReadError) as e:
         out.error = type(e).__name__
     finally:
         writer.close()
     out.total_ms = (time.perf_counter() - started) * 1000
     if out.done is None and out.error is None:
-        out.error = "stream ended without message.done"
+        out.error = f"stream ended without {face.last}"
     return out

@@ -119,20 +119,75 @@ def workers(settings: Settings, count: int = 1, **env: str) -> Iterator[None]:
                 p.kill()
 
 
+@dataclasses.dataclass(frozen=True)
+class Face:
+    """How one protocol streams a turn, so one reader serves both faces: the route and
+    body of a turn, the event that ends it (its data, or its `done_key`, is `done`), the
+    text delta event and its text field, and what the server sends before the turn has
+    done anything (`preamble`, not counted as the first event)."""
+
+    name: str
+    last: str
+    delta: str
+    delta_key: str
+    preamble: tuple[str, ...] = ()
+    done_key: str | None = None
+
+    def request(self, sid: str, content: str) -> tuple[str, dict[str, object]]:
+        if self.name == "responses":
+            return "/v1/responses", {"model": "bench", "conversation": f"conv_{sid}",
+                                     "input": content, "stream": True}
+        return f"/v1/sessions/{sid}/messages", {"content": content}
+
+
+NATIVE = Face("native", "message.done", "message.delta", "text")
+RESPONSES = Face("responses", "response.completed", "response.output_text.delta", "delta",
+                 preamble=("response.created", "response.in_progress"), done_key="response")
+FACES = {f.name: f for f in (NATIVE, RESPONSES)}
+
+
 @dataclasses.dataclass
 class TurnOutcome:
     ttfe_ms: float | None = None
     total_ms: float = 0.0
     done: dict[str, object] | None = None
     error: str | None = None
+    gaps_ms: list[float] = dataclasses.field(default_factory=list)  # between events
+    text_chars: int = 0  # characters of the text deltas received
+    text_span_ms: float = 0.0  # first text delta to the last
+    _last_ms: float = dataclasses.field(default=0.0, repr=False)
+    _first_text_ms: float | None = dataclasses.field(default=None, repr=False)
+
+    def on_event(self, face: Face, event: str, data: bytes | str, started: float) -> None:
+        """One named SSE event (not a ping comment) as it arrives: the first event, the
+        gap since the previous one, the text deltas, the end or an error. The preamble
+        counts for neither: its wait for the turn's first event is the first event's."""
+        now = (time.perf_counter() - started) * 1000
+        if self.ttfe_ms is None:
+            if event in face.preamble:
+                return
+            self.ttfe_ms = now
+        else:
+            self.gaps_ms.append(now - self._last_ms)
+        self._last_ms = now
+        if event == face.delta:
+            if self._first_text_ms is None:
+                self._first_text_ms = now
+            self.text_chars += len(json.loads(data)[face.delta_key])
+            self.text_span_ms = now - self._first_text_ms
+        elif event == face.last:
+            parsed = json.loads(data)
+            self.done = parsed[face.done_key] if face.done_key else parsed
+        elif event == "error":
+            self.error = str(json.loads(data)["code"])
+
 
 
 async def post_turn(
     client: httpx.AsyncClient, base: str, sid: str, headers: dict[str, str], content: str
 ) -> TurnOutcome:
     """One chat turn over SSE, read to its end."""
-    return await _read_turn(client, f"{base}/v1/sessions/{sid}/messages", headers,
-                            {"content": content}, "message.done")
+    return await read_turn(client, base, sid, headers, content, NATIVE)
 
 
 async def post_response(
@@ -140,40 +195,32 @@ async def post_response(
 ) -> TurnOutcome:
     """The same turn through the OpenAI-compatible face: `POST /v1/responses` streamed in
     the session's conversation, read to `response.completed` (its response is `done`)."""
-    body = {"model": "bench", "conversation": f"conv_{sid}", "input": content, "stream": True}
-    return await _read_turn(client, f"{base}/v1/responses", headers, body, "response.completed",
-                            preamble=("response.created", "response.in_progress"),
-                            done_key="response")
+    return await read_turn(client, base, sid, headers, content, RESPONSES)
 
 
-async def _read_turn(
-    client: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict[str, object],
-    last: str, *, preamble: tuple[str, ...] = (), done_key: str | None = None,
+async def read_turn(
+    client: httpx.AsyncClient, base: str, sid: str, headers: dict[str, str], content: str,
+    face: Face,
 ) -> TurnOutcome:
-    """POST, read the SSE stream to its `last` event (its data, or its `done_key`, is
-    `done`); the first event is the first one not in `preamble` (what the server sends
-    before the turn has done anything)."""
+    """POST a turn through `face` with httpx, read the SSE stream to its end."""
     out = TurnOutcome()
+    path, body = face.request(sid, content)
     started = time.perf_counter()
     event = ""
     try:
-        async with client.stream("POST", url, headers=headers, json=body) as res:
+        async with client.stream("POST", base + path, headers=headers, json=body) as res:
             if res.status_code != 200:
                 out.error = f"HTTP {res.status_code}"
                 return out
             async for line in res.aiter_lines():
                 if line.startswith("event:"):
                     event = line[6:].strip()
-                    if out.ttfe_ms is None and event not in preamble:
-                        out.ttfe_ms = (time.perf_counter() - started) * 1000
-                elif line.startswith("data:") and event == last:
-                    data = json.loads(line[5:])
-                    out.done = data[done_key] if done_key else data
-                elif line.startswith("data:") and event == "error":
-                    out.error = str(json.loads(line[5:])["code"])
+                elif line.startswith("data:") and event:
+                    out.on_event(face, event, line[5:], started)
+                    event = ""
     except httpx.HTTPError as e:
         out.error = type(e).__name__
     out.total_ms = (time.perf_counter() - started) * 1000
     if out.done is None and out.error is None:
-        out.error = f"stream ended without {last}"
+        out.error = f"stream ended without {face.last}"
     return out
