@@ -1,8 +1,11 @@
 """bench/ holds the product's benchmarks; bench/experiments/ the research that ended
-negative, which `make bench` does not run."""
+negative, which `make bench` does not run. `make bench` is a quick pass (`run_all.QUICK`),
+`--full` each script's own defaults."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +48,59 @@ def test_a_moved_experiment_still_finds_the_helpers_it_imports(name: str) -> Non
                            "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout
+
+
+# Runs a bench script as __main__ up to its argparse and stops there: the arguments are
+# checked by the script's own parser (names, types, choices), and no benchmark runs.
+PARSE_ONLY = """
+import argparse, runpy, sys
+class Parsed(Exception):
+    pass
+real = argparse.ArgumentParser.parse_args
+def parse_then_stop(self, args=None, namespace=None):
+    real(self, args, namespace)
+    raise Parsed
+argparse.ArgumentParser.parse_args = parse_then_stop
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except Parsed:
+    sys.exit(0)
+sys.exit("the script ran without parsing its arguments")
+"""
+
+
+def test_every_benchmark_has_quick_arguments_and_full_mode_passes_none() -> None:
+    assert sorted(run_all.QUICK) == run_all.scripts()
+    for name in run_all.scripts():
+        assert run_all.arguments(name, full=True) == []
+        assert run_all.arguments(name, full=False) == run_all.QUICK[name]
+
+
+@pytest.mark.parametrize("name", sorted(run_all.QUICK))
+def test_each_quick_argument_is_one_its_script_accepts(name: str) -> None:
+    script = ROOT / "bench" / f"{name}.py"
+    if "ArgumentParser" not in script.read_text():
+        # chaos.py takes no arguments, and `--help` would run it.
+        assert run_all.QUICK[name] == [], f"{name} has no parser for its quick arguments"
+        return
+    done = subprocess.run([sys.executable, "-c", PARSE_ONLY, str(script), *run_all.QUICK[name]],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _dry_run(*argv: str) -> list[str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert run_all.main(["--dry-run", *argv]) == 0
+    return out.getvalue().splitlines()
+
+
+def test_the_dry_run_prints_quick_full_and_selected_command_lines() -> None:
+    quick = _dry_run()
+    assert quick == [" ".join([f"bench/{n}.py", *run_all.QUICK[n]]) for n in run_all.scripts()]
+    assert _dry_run("--full") == [f"bench/{n}.py" for n in run_all.scripts()]
+    assert _dry_run("turn_cpu", "chaos") == [
+        " ".join(["bench/turn_cpu.py", *run_all.QUICK["turn_cpu"]]), "bench/chaos.py"]
+    with pytest.raises(SystemExit):
+        run_all.main(["--dry-run", "no_such_bench"])
