@@ -30,7 +30,8 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy app workers
 
-## make bench: the product's benchmarks (not bench/experiments/), each with where its table goes
+## make bench: the product's benchmarks (not bench/experiments/), each with where its table goes;
+## a quick pass (bench/run_all.py QUICK), `.venv/bin/python bench/run_all.py --full` for the docs' figures
 bench: install
 	$(BIN)/python bench/run_all.py
 
