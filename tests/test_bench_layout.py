@@ -89,6 +89,14 @@ def test_each_quick_argument_is_one_its_script_accepts(name: str) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_the_docs_state_each_quick_argument_and_how_to_run_the_full_figures() -> None:
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert "bench/run_all.py --full" in docs
+    for name, args in run_all.QUICK.items():
+        shown = f"`{' '.join(args)}`" if args else "(none"
+        assert f"| `bench/{name}.py` | {shown}" in docs, f"docs/benchmarks.md: {name}'s quick row"
+
+
 def _dry_run(*argv: str) -> list[str]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
