@@ -43,6 +43,8 @@ from app.stores.clients import check_modules, pg_connect, redis_client
 Command = Callable[[Settings, argparse.Namespace], int]
 LOCAL_USER = "local"
 KEEP_ALIVE_SECONDS = 30
+# The event loop uvicorn runs (an import string: uvicorn imports it in `serve`).
+SERVE_LOOP = "app.event_loop:AcceptingLoop"
 ENDS_WITHOUT_TEARDOWN = ("up", "serve", "worker")
 
 
@@ -259,8 +261,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             # clients are about to reuse them (ReadErrors at 500 streams); proxies
             # in front should time out idle connections sooner than this.
             timeout_keep_alive=KEEP_ALIVE_SECONDS,
-            # uvloop and httptools: less CPU per event written than asyncio + h11.
-            loop="uvloop", http="httptools",
+            # uvloop and httptools: less CPU per event written than asyncio + h11;
+            # uvloop accepting every waiting connection at once (app.event_loop).
+            loop=SERVE_LOOP, http="httptools",
         )
     return 0
 
