@@ -31,7 +31,7 @@ from typing import Any
 
 from app.auth import issue_token, with_secret
 from app.errors import BackboneError
-from app.ops import logs, metrics, tracing
+from app.ops import gc_tuning, logs, metrics, tracing
 from app.settings import Settings
 from app.stack import running as running_stack
 from app.stack.bootstrap import eviction_warning, prepare
@@ -251,8 +251,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     with _stores(with_secret(settings)) as resolved:
         prepare(resolved, _dims(resolved))
         drain = _drain_seconds(resolved)
+        app = create_app(resolved)
+        gc_tuning.tune()  # start-up's objects out of every collection, rarer collections
         uvicorn.run(
-            create_app(resolved), host=resolved.host, port=resolved.port,
+            app, host=resolved.host, port=resolved.port,
             log_level=resolved.log_level.lower(),
             # Past the streams' own shutdown grace (app.chat.routes): uvicorn cancels
             # what still runs after this, cutting a turn's last event.
