@@ -25,8 +25,8 @@ against the same server so both see the same machine; one reader
   `response.output_text.delta`), all streams over the level's wall time, and
   one stream's from its first text delta to its last (p50);
 
-- client turn: POST sent to the stream closed, as the client sees it (this
-  includes the persistence to PostgreSQL, which ends the stream);
+- client turn: POST sent to the stream closed, as the client sees it (the stream
+  closes after `message.done`; the turn's persistence to PostgreSQL follows it);
 - model: the server's `timing.model_ms`, waiting on the (paced) provider;
 - tool calls: the server's `timing.tool_ms`, the whole `kb_search` call:
   query embedding, cache lookup, the tool on a miss, the cache store;
