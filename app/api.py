@@ -59,6 +59,7 @@ from app.sessions.store import Sessions
 from app.settings import Settings
 from app.state import AppState, app_state
 from app.stores.clients import (
+    MeteredPgPool,
     async_redis_client,
     async_session_reader_client,
     async_session_redis_client,
@@ -174,7 +175,7 @@ def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         redis = async_redis_client(settings.redis_url or "")
-        pg: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        pg: AsyncConnectionPool[Any] = MeteredPgPool(
             settings.database_url or "", min_size=1, max_size=10, open=False,
             kwargs={"autocommit": True},
         )
@@ -217,6 +218,7 @@ def create_app(settings: Settings) -> Starlette:
         memories = MemoryService(redis, pg, store_redis, store_pg, embedder)
         state = AppState(settings, redis, pg, embedder, sessions, deps, streams, auth,
                          memories)
+        lag = asyncio.create_task(metrics.watch_loop_lag())
         forced = False
         try:
             async with mcp.session_manager.run():
@@ -229,6 +231,7 @@ def create_app(settings: Settings) -> Starlette:
             log.warning("forced quit: turns in flight were cut without their grace")
         finally:
             warming.cancel()
+            lag.cancel()
             auth_start.cancel()
             if forced:
                 if state.turns:

@@ -31,7 +31,7 @@ from typing import Any
 
 from app.auth import issue_token, with_secret
 from app.errors import BackboneError
-from app.ops import logs, metrics, tracing
+from app.ops import gc_tuning, logs, metrics, tracing
 from app.settings import Settings
 from app.stack import running as running_stack
 from app.stack.bootstrap import eviction_warning, prepare
@@ -43,6 +43,8 @@ from app.stores.clients import check_modules, pg_connect, redis_client
 Command = Callable[[Settings, argparse.Namespace], int]
 LOCAL_USER = "local"
 KEEP_ALIVE_SECONDS = 30
+# The event loop uvicorn runs (an import string: uvicorn imports it in `serve`).
+SERVE_LOOP = "app.event_loop:AcceptingLoop"
 ENDS_WITHOUT_TEARDOWN = ("up", "serve", "worker")
 
 
@@ -249,8 +251,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     with _stores(with_secret(settings)) as resolved:
         prepare(resolved, _dims(resolved))
         drain = _drain_seconds(resolved)
+        app = create_app(resolved)
+        gc_tuning.tune()  # start-up's objects out of every collection, rarer collections
         uvicorn.run(
-            create_app(resolved), host=resolved.host, port=resolved.port,
+            app, host=resolved.host, port=resolved.port,
             log_level=resolved.log_level.lower(),
             # Past the streams' own shutdown grace (app.chat.routes): uvicorn cancels
             # what still runs after this, cutting a turn's last event.
@@ -259,8 +263,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             # clients are about to reuse them (ReadErrors at 500 streams); proxies
             # in front should time out idle connections sooner than this.
             timeout_keep_alive=KEEP_ALIVE_SECONDS,
-            # uvloop and httptools: less CPU per event written than asyncio + h11.
-            loop="uvloop", http="httptools",
+            # uvloop and httptools: less CPU per event written than asyncio + h11;
+            # uvloop accepting every waiting connection at once (app.event_loop).
+            loop=SERVE_LOOP, http="httptools",
         )
     return 0
 

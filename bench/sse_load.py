@@ -25,15 +25,24 @@ against the same server so both see the same machine; one reader
   `response.output_text.delta`), all streams over the level's wall time, and
   one stream's from its first text delta to its last (p50);
 
-- client turn: POST sent to the stream closed, as the client sees it (this
-  includes the persistence to PostgreSQL, which ends the stream);
+- client turn: POST sent to the stream closed, as the client sees it (the stream
+  closes after `message.done`; the turn's persistence to PostgreSQL follows it);
 - model: the server's `timing.model_ms`, waiting on the (paced) provider;
 - tool calls: the server's `timing.tool_ms`, the whole `kb_search` call:
   query embedding, cache lookup, the tool on a miss, the cache store;
 - rest: client turn minus model, tool calls and memory recall: auth, session
   load, appends, event log, persistence, SSE writes, loopback and parsing;
 - server before done: the server's own `overhead_ms`, taken when it builds
-  `message.done` (before persistence and the SSE writes, so narrower than rest).
+  `message.done` (before persistence and the SSE writes, so narrower than rest);
+
+and from the app's /metrics around each round (app.ops.metrics), per turn:
+- waited for Redis / PostgreSQL / embedder: time commands waited for a free
+  connection of a full Redis pool, time spent getting a PostgreSQL connection
+  (the turn's persist after `message.done` and the chat's session creation
+  included), time its texts waited for an embedding batch;
+- event loop lag: how late the loop ran a 250 ms timer, mean and p99 (the upper
+  bound of its histogram bucket), the level's last round;
+- app peak RSS: the app process's VmHWM after the level.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -134,6 +144,49 @@ async def run_level(base: str, n: int, client_kind: str = "httpx",
         return out, time.perf_counter() - started
 
 
+WAITS = {  # /metrics sample -> column: where a turn waited rather than worked
+    "backbone_redis_pool_wait_seconds_total": "redis",
+    "backbone_pg_pool_wait_seconds_total": "pg",
+    "backbone_embed_wait_seconds_total": "embed",
+    "backbone_event_loop_lag_seconds_sum": "lag_sum",
+    "backbone_event_loop_lag_seconds_count": "lag_count",
+}
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The app's wait counters (summed over labels) and its loop-lag histogram buckets."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    out: dict[str, float] = dict.fromkeys(WAITS.values(), 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in WAITS:
+                out[WAITS[sample.name]] += sample.value
+            elif sample.name == "backbone_event_loop_lag_seconds_bucket":
+                out[f"le {sample.labels['le']}"] = sample.value
+    return out
+
+
+def lag_p99_ms(before: dict[str, float], after: dict[str, float]) -> float:
+    """The loop-lag histogram's p99 over the level, as the upper bound of its bucket."""
+    bounds = sorted((float(k[3:]), after[k] - before.get(k, 0.0))
+                    for k in after if k.startswith("le "))
+    total = bounds[-1][1] if bounds else 0.0
+    for bound, count in bounds:
+        if total and count >= 0.99 * total:
+            return bound * 1000
+    return float("nan")
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    """The app processes' peak resident set so far (VmHWM), summed."""
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
 @dataclass
 class Level:
     """One protocol's rounds at one level, pooled: their samples, wall time and CPU."""
@@ -142,6 +195,9 @@ class Level:
     wall: float = 0.0
     cpu: float = 0.0  # the app's
     gen: float = 0.0  # the load generator's
+    waits: dict[str, float] = field(default_factory=dict)  # counter deltas (scrape)
+    lag_p99: float = 0.0  # ms, the level's last round
+    rss_mb: float = 0.0  # the app's peak RSS after the level
 
 
 def main() -> None:
@@ -173,12 +229,19 @@ def main() -> None:
                 for n, kind in itertools.product(args.concurrency, args.clients):
                     level = {face.name: Level() for face in faces}
                     for _, face in itertools.product(range(args.rounds), faces):
+                        scraped = scrape(urls[0])
                         cpu_before = cpu_seconds(pids)
                         gen_before = cpu_seconds([os.getpid()])
                         out, wall = asyncio.run(run_level(urls[0], n, kind, face))
                         row = level[face.name]
                         row.cpu += cpu_seconds(pids) - cpu_before
                         row.gen += cpu_seconds([os.getpid()]) - gen_before
+                        after = scrape(urls[0])
+                        for name in WAITS.values():
+                            row.waits[name] = (row.waits.get(name, 0.0)
+                                               + after[name] - scraped[name])
+                        row.lag_p99 = lag_p99_ms(scraped, after)
+                        row.rss_mb = peak_rss_mb(pids)
                         row.out.add(out)
                         row.wall += wall
                     rows.extend((coalesce, n, kind, name, row) for name, row in level.items())
@@ -190,9 +253,11 @@ def main() -> None:
           "| first event p50 / p99 ms | inter-event gap p50 / p99 ms "
           "| text chars/s, all streams | text chars/s, one stream p50 "
           "| errors | client turn p50 / p99 ms | model p50 ms | tool calls p50 ms "
-          "| rest p50 / p99 ms | server before done p50 / p99 ms |")
+          "| rest p50 / p99 ms | server before done p50 / p99 ms "
+          "| waited per turn for Redis / PostgreSQL / embedder, ms "
+          "| event loop lag mean / p99 ms | app peak RSS MB |")
     print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
-          "|---:|---:|")
+          "|---:|---:|---:|---:|---:|")
 
     def pair(xs: list[float]) -> str:
         return f"{percentile(xs, 50):.1f} / {percentile(xs, 99):.1f}" if xs else "n/a"
@@ -207,7 +272,11 @@ def main() -> None:
               f"| {pair(out.ttfe)} | {pair(out.gaps)} | {out.text_chars / wall:.0f} "
               f"| {p50(out.stream_rate)} | {len(out.errors)} "
               f"| {pair(out.client)} | {p50(out.model)} "
-              f"| {p50(out.tools)} | {pair(out.rest)} | {pair(out.overhead)} |")
+              f"| {p50(out.tools)} | {pair(out.rest)} | {pair(out.overhead)} "
+              f"| {row.waits['redis'] * 1000 / turns:.1f} / {row.waits['pg'] * 1000 / turns:.1f}"
+              f" / {row.waits['embed'] * 1000 / turns:.1f} "
+              f"| {row.waits['lag_sum'] * 1000 / max(row.waits['lag_count'], 1):.1f}"
+              f" / {row.lag_p99:.0f} | {row.rss_mb:.0f} |")
         if out.errors:
             print(f"  errors at {n}: {sorted(set(out.errors))}")
 

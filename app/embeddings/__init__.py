@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from app.ops import tracing
+from app.ops import metrics, tracing
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -313,12 +314,14 @@ class _Batcher:
         self.embedder = embedder
         self.loop = loop
         self.pending: list[tuple[str, asyncio.Future[Vector]]] = []
+        self.queued_at: list[float] = []  # when each pending text came (EMBED_WAIT)
         self.running = False
         self.task: asyncio.Task[None] | None = None
 
     async def submit(self, text: str) -> Vector:
         future: asyncio.Future[Vector] = self.loop.create_future()
         self.pending.append((text, future))
+        self.queued_at.append(time.perf_counter())
         if not self.running:
             self.running = True
             self.task = self.loop.create_task(self._drain())  # referenced until done
@@ -329,6 +332,8 @@ class _Batcher:
             while self.pending:
                 await asyncio.sleep(0)  # let callers already scheduled join this batch
                 batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
+                queued, self.queued_at = self.queued_at[:MAX_BATCH], self.queued_at[MAX_BATCH:]
+                metrics.EMBED_WAIT.inc(len(queued) * time.perf_counter() - sum(queued))
                 texts = [text for text, _ in batch]
                 try:
                     vectors = await self.loop.run_in_executor(

@@ -20,6 +20,7 @@ The "Metrics" table of docs/operations.md lists every name below.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -77,6 +78,30 @@ MEMORY_FACTS_DROPPED = Counter("backbone_memory_facts_dropped",
 MEMORY_EVICTED = Counter("backbone_memory_evicted",
                          "Memories deleted to keep a user within MEMORY_MAX_PER_USER "
                          "(the least recently recalled or updated)")
+# Where a request waits rather than works (bench/sse_load.py prints them per turn).
+REDIS_POOL_WAIT = Counter("backbone_redis_pool_wait_seconds",
+                          "Time commands waited for a free connection of a full Redis pool, "
+                          "by pool (requests, readers)", ["pool"])
+PG_POOL_WAIT = Counter("backbone_pg_pool_wait_seconds",
+                       "Time spent getting a connection from the PostgreSQL pool")
+EMBED_WAIT = Counter("backbone_embed_wait_seconds",
+                     "Time texts waited in the embedding queue for their batch to start")
+LOOP_LAG = Histogram("backbone_event_loop_lag_seconds",
+                     "How late the event loop ran a timer it was given (every "
+                     "LOOP_LAG_INTERVAL seconds): the wait of everything ready to run",
+                     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+LOOP_LAG_INTERVAL = 0.25
+
+
+async def watch_loop_lag() -> None:
+    """Run for the app's life: observe how late each timer of ours fires."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + LOOP_LAG_INTERVAL
+        await asyncio.sleep(LOOP_LAG_INTERVAL)
+        LOOP_LAG.observe(max(loop.time() - due, 0.0))
+
+
 UNREPLICATED = Counter("backbone_session_unreplicated_appends",
                        "Session appends acknowledged although WAIT saw fewer replicas than "
                        "SESSION_REDIS_WAIT_REPLICAS within SESSION_REDIS_WAIT_TIMEOUT_MS")

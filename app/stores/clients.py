@@ -7,14 +7,17 @@ sentence at start, instead of a stack trace from the first FT command.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, cast
 
 import hiredis
 import psycopg
 import redis
 import redis.asyncio as aredis
+from psycopg_pool import AsyncConnectionPool
 
 from app.errors import DatabaseUnavailable, MissingModules, RedisUnavailable
+from app.ops import metrics
 from app.settings import Settings
 
 # MODULE LIST name -> (minimum version as the module reports it, what it gives us)
@@ -99,15 +102,45 @@ def lean(cls: type) -> type:
     return _lean[cls]
 
 
+class MeteredPool(aredis.BlockingConnectionPool):
+    """A blocking pool that counts the time commands wait for a free connection
+    (`backbone_redis_pool_wait_seconds{pool}`): only a full pool is timed, so a
+    command that finds a connection pays one length check."""
+
+    name = "requests"
+
+    async def get_connection(self, *args: Any, **kw: Any) -> Any:
+        if self.can_get_connection():
+            return await super().get_connection(*args, **kw)  # type: ignore[no-untyped-call]
+        started = time.perf_counter()
+        try:
+            return await super().get_connection(*args, **kw)  # type: ignore[no-untyped-call]
+        finally:
+            metrics.REDIS_POOL_WAIT.labels(self.name).inc(time.perf_counter() - started)
+
+
 def async_redis_client(
-    url: str, max_connections: int = MAX_CONNECTIONS, **kw: Any
+    url: str, max_connections: int = MAX_CONNECTIONS, *, pool_name: str = "requests", **kw: Any
 ) -> aredis.Redis:
-    pool = aredis.BlockingConnectionPool.from_url(
+    pool = MeteredPool.from_url(
         url, max_connections=max_connections, timeout=POOL_WAIT_SECONDS,
         health_check_interval=30, **kw,
     )
+    pool.name = pool_name
     pool.connection_class = lean(pool.connection_class)
     return aredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
+
+
+class MeteredPgPool(AsyncConnectionPool[Any]):
+    """The app's PostgreSQL pool, counting the time spent getting a connection
+    (`backbone_pg_pool_wait_seconds`): near zero unless every connection is busy."""
+
+    async def getconn(self, timeout: float | None = None) -> Any:
+        started = time.perf_counter()
+        try:
+            return await super().getconn(timeout)
+        finally:
+            metrics.PG_POOL_WAIT.inc(time.perf_counter() - started)
 
 
 # MODULE LIST is @dangerous, so a least-privilege ACL user (deploy/redis/users.acl)
@@ -219,7 +252,7 @@ def async_session_redis_client(
             url, max_connections=MAX_CONNECTIONS, health_check_interval=30,
         )
         return cast(aredis.Redis, client)
-    return async_redis_client(url)
+    return async_redis_client(url, pool_name="sessions")
 
 
 def is_cluster(client: object) -> bool:
@@ -236,4 +269,4 @@ def async_session_reader_client(settings: Settings) -> aredis.Redis:
     if settings.session_redis_cluster:
         client = aredis.RedisCluster.from_url(url, max_connections=size, health_check_interval=30)
         return cast(aredis.Redis, client)
-    return async_redis_client(url, max_connections=size)
+    return async_redis_client(url, max_connections=size, pool_name="readers")
