@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -147,3 +150,56 @@ def test_a_taken_port_is_an_oserror_naming_the_address() -> None:
             taken.close()
 
     run_on(AcceptingLoop, main)
+
+
+EMFILE_SERVER = r"""
+import asyncio, logging, os, resource, sys
+from app.event_loop import AcceptingLoop
+
+logging.basicConfig(level=logging.ERROR, stream=sys.stderr, format="%(message)s")
+
+class Answer(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+    def data_received(self, data):
+        self.transport.write(b"ok")
+        self.transport.close()
+
+async def main():
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Answer, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    # A few descriptors more than this process has open: the burst runs out of them.
+    opened = len(os.listdir("/proc/self/fd"))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (opened + 4, hard))
+    await asyncio.sleep(60)
+
+with asyncio.Runner(loop_factory=AcceptingLoop) as runner:
+    runner.run(main())
+"""
+
+
+def test_out_of_descriptors_it_pauses_accepting_and_then_serves_the_rest() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", EMFILE_SERVER], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        # More clients than the server has descriptors left; each asks once.
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(12)]
+        for c in clients:
+            c.sendall(b"?")
+        started = time.monotonic()
+        answers = []
+        for c in clients:
+            c.settimeout(20)
+            answers.append(c.recv(2))
+            c.close()
+        assert answers == [b"ok"] * 12  # every one served, the late ones after the pause
+        assert time.monotonic() - started >= 0.9  # at least one pause of ACCEPT_RETRY_SECONDS
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert "not accepting connections for 1 s" in err
+    assert "Too many open files" in err
