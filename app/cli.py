@@ -44,7 +44,7 @@ Command = Callable[[Settings, argparse.Namespace], int]
 LOCAL_USER = "local"
 KEEP_ALIVE_SECONDS = 30
 # The event loop uvicorn runs (an import string: uvicorn imports it in `serve`).
-SERVE_LOOP = "app.event_loop:AcceptingLoop"
+SERVE_LOOP = "app.ops.event_loop:AcceptingLoop"
 ENDS_WITHOUT_TEARDOWN = ("up", "serve", "worker")
 
 
@@ -264,7 +264,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             # in front should time out idle connections sooner than this.
             timeout_keep_alive=KEEP_ALIVE_SECONDS,
             # uvloop and httptools: less CPU per event written than asyncio + h11;
-            # uvloop accepting every waiting connection at once (app.event_loop).
+            # uvloop accepting every waiting connection at once (app.ops.event_loop).
             loop=SERVE_LOOP, http="httptools",
         )
     return 0

@@ -2,7 +2,7 @@
 
 uvloop's own server accepts one connection per loop iteration; under load an
 iteration takes tens of milliseconds, so 1,000 chats asking at once waited
-seconds in the kernel's accept queue (app.event_loop). These run the loop
+seconds in the kernel's accept queue (app.ops.event_loop). These run the loop
 `backbone serve` runs, count its iterations with a callback that re-schedules
 itself, and open connections that wait in the accept queue before the loop
 looks at the socket.
@@ -23,7 +23,7 @@ import uvloop
 from uvicorn.importer import import_from_string
 
 from app.cli import SERVE_LOOP
-from app.event_loop import AcceptingLoop, AcceptingServer
+from app.ops.event_loop import AcceptingLoop, AcceptingServer
 
 BURST = 200
 
@@ -87,7 +87,7 @@ def test_a_burst_of_waiting_connections_is_accepted_in_one_or_two_iterations() -
 
 
 def test_uvloops_own_server_takes_an_iteration_per_connection() -> None:
-    # Why app.event_loop exists: if uvloop ever accepts in batches again, it can go.
+    # Why app.ops.event_loop exists: if uvloop ever accepts in batches again, it can go.
     assert run_on(uvloop.new_event_loop, burst_iterations) >= BURST // 2
 
 
@@ -154,7 +154,7 @@ def test_a_taken_port_is_an_oserror_naming_the_address() -> None:
 
 EMFILE_SERVER = r"""
 import asyncio, logging, os, resource, sys
-from app.event_loop import AcceptingLoop
+from app.ops.event_loop import AcceptingLoop
 
 logging.basicConfig(level=logging.ERROR, stream=sys.stderr, format="%(message)s")
 

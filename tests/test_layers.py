@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
      "app.limits", "app.state", "app.health", "app.web", "app.api",
      # the OpenAI-compatible face: a projection of the chat routes' turn
      "app.openai", "app.mcp"),
-    ("app.stack", "app.cli", "app.event_loop"),
+    ("app.stack", "app.cli"),
 ]
 
 
