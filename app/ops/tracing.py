@@ -19,6 +19,8 @@ What is kept out, for cost and privacy:
 - client spans with no parent (rq's polling and heartbeats, the dispatcher's and
   ticker's rounds, background flushes) are not sampled;
 - the ASGI middleware's per-message `send`/`receive` spans (one per SSE frame);
+- the round trips of bookkeeping run inside `untraced()`: the stream slots' acquire
+  and release (app.chat.stream_slots), two client spans a turn;
 - user content: the redis instrumentation adds every document an FT.SEARCH
   returns (passages, cached answers, a user's memories) as attributes of a span
   named `redis.search`; renaming that span before the reply arrives keeps them
@@ -179,6 +181,16 @@ def span(name: str, attributes: Mapping[str, Any] | None = None
     if _tracer is None:
         return _NULL
     return _tracer.start_as_current_span(name, attributes=attributes)
+
+
+def untraced() -> AbstractContextManager[object]:
+    """No client spans inside: store round trips of bookkeeping no trace reader needs
+    (their time stays in the parent's span). Nothing is imported when tracing is off."""
+    if _tracer is None:
+        return _NULL
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    return suppress_instrumentation()
 
 
 def as_json(value: Any) -> str:
