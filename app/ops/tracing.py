@@ -4,8 +4,9 @@
 worker`). Without `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) it
 returns False and imports nothing of OpenTelemetry: every `span()` below is one
 `None` check. With it, the SDK exports over OTLP/HTTP through a batch
-processor (`OTEL_BSP_*`), configured only from the standard `OTEL_*` variables
-(service name, resource attributes, sampler, headers); and the official
+processor (`OTEL_BSP_*`; the SDK's exporter, encoding with app.ops.otlp),
+configured only from the standard `OTEL_*` variables (service name, resource
+attributes, sampler, headers); and the official
 instrumentations trace the ASGI server (`asgi_middleware`), redis-py, psycopg
 and httpx (the LLM provider).
 
@@ -87,10 +88,11 @@ def setup(service: str, *, processor: SpanProcessor | None = None,
     sampler = _no_orphan_clients(TracerProvider(shutdown_on_exit=False).sampler)
     provider = TracerProvider(resource=resource, sampler=sampler)
     if processor is None:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        processor = BatchSpanProcessor(OTLPSpanExporter())
+        from app.ops.otlp import Exporter  # the SDK's, with a leaner encoder
+
+        processor = BatchSpanProcessor(Exporter())
     provider.add_span_processor(processor)
     if not isinstance(trace.get_tracer_provider(), TracerProvider):
         trace.set_tracer_provider(provider)  # once per process; tests may set up again
