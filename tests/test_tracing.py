@@ -124,14 +124,17 @@ def test_one_turn_is_one_trace_from_the_route_through_redis_and_postgres_into_th
     [embed] = _by_name(spans, "embeddings ")
     assert parent(parent(embed)) is turn  # type: ignore[arg-type]
     assert [parent(s) for s in _by_name(spans, "recall")] == [turn]
-    assert [parent(s) for s in _by_name(spans, "persist")] == [turn]
+    [persist] = _by_name(spans, "persist")
+    assert parent(persist) is turn
+    # Its unpersisted mark's ZSCORE and script make no span; PostgreSQL's write does.
+    assert {_system(s) for s in spans if parent(s) is persist} == {"postgresql"}
     redis_spans = [s for s in spans if _system(s) == "redis"]
     pg_spans = [s for s in spans if _system(s) == "postgresql"]
     assert redis_spans and pg_spans
-    # The stream slot's release (a ZREM) is bookkeeping without a span; the session
-    # read, the rate limit and the erase fence below the server span keep theirs.
+    # Admission (the erase fence's EXISTS, the stream slot's script and ZREM, the rate
+    # limit's script) makes no span: below the server span, only the session's read.
+    assert [s.name for s in redis_spans if parent(s) is server] == ["EVALSHA"]
     assert not _by_name(redis_spans, "ZREM")
-    assert len([s for s in redis_spans if parent(s) is server]) == 3
     assert all(s.kind is SpanKind.CLIENT for s in redis_spans + pg_spans)
     # The worker's extraction joined the trace, a child of the turn that marked it,
     # with its own store spans below it.

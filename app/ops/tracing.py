@@ -20,8 +20,10 @@ What is kept out, for cost and privacy:
 - client spans with no parent (rq's polling and heartbeats, the dispatcher's and
   ticker's rounds, background flushes) are not sampled;
 - the ASGI middleware's per-message `send`/`receive` spans (one per SSE frame);
-- the round trips of bookkeeping run inside `untraced()`: the stream slots' acquire
-  and release (app.chat.stream_slots), two client spans a turn;
+- the round trips of admission run inside `untraced()`: the erase fence
+  (app.privacy.fence), the stream slot's acquire and release (app.chat.stream_slots)
+  and the rate limits (app.chat.routes, app.limits), four client spans a turn; and
+  the persist's unpersisted-mark reads and writes (app.sessions.store), two more;
 - user content: the redis instrumentation adds every document an FT.SEARCH
   returns (passages, cached answers, a user's memories) as attributes of a span
   named `redis.search`; renaming that span before the reply arrives keeps them
