@@ -12,6 +12,7 @@ import redis.asyncio as aredis
 from starlette.requests import Request
 
 from app.errors import PayloadTooLarge, RateLimited, Unprocessable
+from app.ops import tracing
 from app.settings import Settings
 from app.stores import keys, scripts
 
@@ -70,10 +71,11 @@ async def check_session_rate(client: aredis.Redis, settings: Settings, user: str
     """429 with Retry-After once the user created RATE_LIMIT_SESSIONS sessions within the
     window: one Lua round trip on `ratelimit:{<uid>}:sessions`, apart from message posts."""
     window = settings.rate_limit_window_seconds
-    ok, value = await scripts.arun(client, scripts.rate_limit(
-        user, int(time.time() * 1000), window * 1000, settings.rate_limit_sessions,
-        secrets.token_hex(8), key=keys.session_rate_limit(user),
-    ))
+    with tracing.untraced():  # admission: no span (app.ops.tracing)
+        ok, value = await scripts.arun(client, scripts.rate_limit(
+            user, int(time.time() * 1000), window * 1000, settings.rate_limit_sessions,
+            secrets.token_hex(8), key=keys.session_rate_limit(user),
+        ))
     if not ok:
         raise RateLimited(
             f"at most {settings.rate_limit_sessions} new sessions per {window} s",

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import redis.asyncio as aredis
 from live import app_process
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
@@ -29,6 +30,7 @@ from starlette.testclient import TestClient
 from waits import wait_until
 
 from app.api import create_app
+from app.chat.stream_slots import StreamSlots
 from app.memory.queue import dispatch_all
 from app.ops import tracing
 from app.settings import Settings
@@ -122,10 +124,17 @@ def test_one_turn_is_one_trace_from_the_route_through_redis_and_postgres_into_th
     [embed] = _by_name(spans, "embeddings ")
     assert parent(parent(embed)) is turn  # type: ignore[arg-type]
     assert [parent(s) for s in _by_name(spans, "recall")] == [turn]
-    assert [parent(s) for s in _by_name(spans, "persist")] == [turn]
+    [persist] = _by_name(spans, "persist")
+    assert parent(persist) is turn
+    # Its unpersisted mark's ZSCORE and script make no span; PostgreSQL's write does.
+    assert {_system(s) for s in spans if parent(s) is persist} == {"postgresql"}
     redis_spans = [s for s in spans if _system(s) == "redis"]
     pg_spans = [s for s in spans if _system(s) == "postgresql"]
     assert redis_spans and pg_spans
+    # Admission (the erase fence's EXISTS, the stream slot's script and ZREM, the rate
+    # limit's script) makes no span: below the server span, only the session's read.
+    assert [s.name for s in redis_spans if parent(s) is server] == ["EVALSHA"]
+    assert not _by_name(redis_spans, "ZREM")
     assert all(s.kind is SpanKind.CLIENT for s in redis_spans + pg_spans)
     # The worker's extraction joined the trace, a child of the turn that marked it,
     # with its own store spans below it.
@@ -164,6 +173,23 @@ def test_a_repeated_question_is_an_exact_hit_on_its_tool_span_and_its_audit_join
                if s.context.trace_id == hit.context.trace_id]
     assert audit.kind is SpanKind.CONSUMER
     assert audit.parent is not None and audit.parent.span_id == hit.context.span_id
+
+
+@pytest.mark.anyio
+async def test_the_stream_slots_acquire_and_release_make_no_span_and_a_command_beside_them_does(
+    settings: Settings, user: str
+) -> None:
+    client = aredis.Redis.from_url(settings.redis_url or "")
+    with traced() as exporter:
+        slots = StreamSlots(client, client, per_user=8, per_node=256)
+        with tracing.span("request"):
+            slot = await slots.acquire(user)
+            await client.get(f"unrelated:{user}")
+            slot.release()
+        await slots.aclose()  # waits for the release's ZREM
+        names = [s.name for s in exporter.get_finished_spans()]
+    await client.aclose()
+    assert names == ["GET", "request"]
 
 
 def test_content_capture_puts_the_messages_on_the_chat_span_only_when_switched_on(

@@ -54,6 +54,7 @@ from app.chat.event_log import Event, EventLog
 from app.chat.stream_slots import Slot, SlotStream
 from app.chat.turn import Turn
 from app.errors import BadRequest, RateLimited
+from app.ops import tracing
 from app.privacy.fence import check_not_erased
 from app.sessions import messages
 from app.sessions.routes import caller, identified, session_id
@@ -70,10 +71,11 @@ HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 async def check_rate(state: AppState, user: str) -> None:
     """429 with Retry-After once the user's sliding window is full (Lua, one round trip)."""
     s = state.settings
-    ok, value = await scripts.arun(state.sessions.redis, scripts.rate_limit(
-        user, int(time.time() * 1000), s.rate_limit_window_seconds * 1000,
-        s.rate_limit_messages, secrets.token_hex(8),
-    ))
+    with tracing.untraced():  # admission, as the stream slot: no span (app.ops.tracing)
+        ok, value = await scripts.arun(state.sessions.redis, scripts.rate_limit(
+            user, int(time.time() * 1000), s.rate_limit_window_seconds * 1000,
+            s.rate_limit_messages, secrets.token_hex(8),
+        ))
     if not ok:
         raise RateLimited(
             f"at most {s.rate_limit_messages} messages per {s.rate_limit_window_seconds} s",

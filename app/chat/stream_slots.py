@@ -41,7 +41,7 @@ from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
 from app.errors import TooManyStreams
-from app.ops import metrics
+from app.ops import metrics, tracing
 from app.stores import keys, scripts
 from app.stores.batch import batch
 
@@ -92,10 +92,12 @@ class StreamSlots:
         slot = Slot(self, user, secrets.token_hex(8))
         self._opening += 1
         try:
-            ok, _held = await scripts.arun(self.redis, scripts.acquire_stream_slot(
-                user, slot.id, int(time.time() * 1000), int(self.lease_seconds * 1000),
-                self.per_user,
-            ))
+            # Admission bookkeeping: no span of its own (app.ops.tracing), as the release.
+            with tracing.untraced():
+                ok, _held = await scripts.arun(self.redis, scripts.acquire_stream_slot(
+                    user, slot.id, int(time.time() * 1000), int(self.lease_seconds * 1000),
+                    self.per_user,
+                ))
         finally:
             self._opening -= 1
         if not ok:
@@ -133,7 +135,8 @@ class StreamSlots:
 
     async def _zrem(self, slot: Slot) -> None:
         try:
-            await self.redis.zrem(keys.streams(slot.user), slot.id)
+            with tracing.untraced():
+                await self.redis.zrem(keys.streams(slot.user), slot.id)
         except rexc.RedisError as e:
             log.warning("stream slot not released (it lapses within %.0f s): %s",
                         self.lease_seconds, e)

@@ -4,8 +4,9 @@
 worker`). Without `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) it
 returns False and imports nothing of OpenTelemetry: every `span()` below is one
 `None` check. With it, the SDK exports over OTLP/HTTP through a batch
-processor (`OTEL_BSP_*`), configured only from the standard `OTEL_*` variables
-(service name, resource attributes, sampler, headers); and the official
+processor (`OTEL_BSP_*`; the SDK's exporter, encoding with app.ops.otlp),
+configured only from the standard `OTEL_*` variables (service name, resource
+attributes, sampler, headers); and the official
 instrumentations trace the ASGI server (`asgi_middleware`), redis-py, psycopg
 and httpx (the LLM provider).
 
@@ -19,6 +20,10 @@ What is kept out, for cost and privacy:
 - client spans with no parent (rq's polling and heartbeats, the dispatcher's and
   ticker's rounds, background flushes) are not sampled;
 - the ASGI middleware's per-message `send`/`receive` spans (one per SSE frame);
+- the round trips of admission run inside `untraced()`: the erase fence
+  (app.privacy.fence), the stream slot's acquire and release (app.chat.stream_slots)
+  and the rate limits (app.chat.routes, app.limits), four client spans a turn; and
+  the persist's unpersisted-mark reads and writes (app.sessions.store), two more;
 - user content: the redis instrumentation adds every document an FT.SEARCH
   returns (passages, cached answers, a user's memories) as attributes of a span
   named `redis.search`; renaming that span before the reply arrives keeps them
@@ -85,10 +90,11 @@ def setup(service: str, *, processor: SpanProcessor | None = None,
     sampler = _no_orphan_clients(TracerProvider(shutdown_on_exit=False).sampler)
     provider = TracerProvider(resource=resource, sampler=sampler)
     if processor is None:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        processor = BatchSpanProcessor(OTLPSpanExporter())
+        from app.ops.otlp import Exporter  # the SDK's, with a leaner encoder
+
+        processor = BatchSpanProcessor(Exporter())
     provider.add_span_processor(processor)
     if not isinstance(trace.get_tracer_provider(), TracerProvider):
         trace.set_tracer_provider(provider)  # once per process; tests may set up again
@@ -179,6 +185,16 @@ def span(name: str, attributes: Mapping[str, Any] | None = None
     if _tracer is None:
         return _NULL
     return _tracer.start_as_current_span(name, attributes=attributes)
+
+
+def untraced() -> AbstractContextManager[object]:
+    """No client spans inside: store round trips of bookkeeping no trace reader needs
+    (their time stays in the parent's span). Nothing is imported when tracing is off."""
+    if _tracer is None:
+        return _NULL
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    return suppress_instrumentation()
 
 
 def as_json(value: Any) -> str:

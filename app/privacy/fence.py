@@ -15,6 +15,7 @@ import redis.asyncio as aredis
 from psycopg import AsyncConnection
 
 from app.identity import user_digest
+from app.ops import tracing
 from app.privacy import ERASED_SECONDS
 from app.sessions.history_db import user_erased_error
 from app.stores import keys
@@ -22,7 +23,9 @@ from app.stores import keys
 
 async def check_not_erased(redis: aredis.Redis, user: str) -> None:
     """410 `user_erased` while the user's erase fence stands."""
-    if await redis.exists(keys.erased_user(user_digest(user))):
+    with tracing.untraced():  # admission, on every request: no span (app.ops.tracing)
+        erased = await redis.exists(keys.erased_user(user_digest(user)))
+    if erased:
         raise user_erased_error()
 
 

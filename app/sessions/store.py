@@ -48,7 +48,7 @@ import redis.asyncio as aredis
 from psycopg_pool import AsyncConnectionPool
 
 from app.errors import Conflict, Forbidden, NotFound, RedisUnavailable, translate
-from app.ops import metrics
+from app.ops import metrics, tracing
 from app.sessions import history_db
 from app.sessions.messages import Message, canonical_json, renumber
 from app.stores import keys, replicated, scripts
@@ -271,18 +271,23 @@ class Sessions:
         NotFound (code `session_deleted`) when the session was deleted meanwhile:
         nothing is written and its unpersisted mark is dropped.
         """
-        score = await self.redis.zscore(keys.unpersisted(sid), sid)
+        # The unpersisted mark's reads and writes are the sweep's bookkeeping: no client
+        # span (app.ops.tracing); the persist span holds PostgreSQL's.
+        with tracing.untraced():
+            score = await self.redis.zscore(keys.unpersisted(sid), sid)
         batch = list(messages)
         async with self.pg.connection(timeout=PERSIST_WAIT_SECONDS) as conn:
             try:
                 done = await history_db.persist(conn, sid, user, batch)
             except NotFound:
-                await self.redis.zrem(keys.unpersisted(sid), sid)
+                with tracing.untraced():
+                    await self.redis.zrem(keys.unpersisted(sid), sid)
                 raise
         # An earlier turn whose persist failed is only in Redis: keep the mark (not
         # `whole`), so the sweep (which writes the whole history) persists it.
         if score is not None and done.whole:
-            await scripts.arun(self.redis, scripts.clear_unpersisted(sid, score))
+            with tracing.untraced():
+                await scripts.arun(self.redis, scripts.clear_unpersisted(sid, score))
         return done.inserted
 
     async def delete(self, sid: str, user: str) -> None:
