@@ -3,12 +3,6 @@ spans decode to equal ExportTraceServiceRequests, whatever the spans hold."""
 
 from __future__ import annotations
 
-import contextlib
-import http.server
-import threading
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -27,6 +21,7 @@ from opentelemetry.trace import (
     TraceState,
     set_span_in_context,
 )
+from otlp_receiver import receiver
 
 from app.ops import otlp
 
@@ -107,41 +102,15 @@ def test_a_value_outside_int64_goes_through_the_sdk_encoder() -> None:
         otlp.encode([odd])
 
 
-class _Receiver(http.server.BaseHTTPRequestHandler):
-    got: list[bytes]
-
-    def do_POST(self) -> None:
-        self.got.append(self.rfile.read(int(self.headers["Content-Length"])))
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _receiver() -> Iterator[tuple[str, list[bytes]]]:
-    got: list[bytes] = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             type("H", (_Receiver,), {"got": got}))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1/traces", got
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_the_exporter_posts_our_encoding_and_falls_back_to_the_sdk_for_the_rest() -> None:
     spans = _spans()
     span = spans[0]
     odd = ReadableSpan(name="odd", context=span.context, attributes={"huge": 1 << 64},
                        resource=span.resource, start_time=1, end_time=2)
-    with _receiver() as (endpoint, got):
-        exporter = otlp.Exporter(endpoint=endpoint)
+    with receiver() as (base, got):
+        exporter = otlp.Exporter(endpoint=f"{base}/v1/traces")
         assert exporter.export(spans) is SpanExportResult.SUCCESS
         assert exporter.export([odd]) is SpanExportResult.SUCCESS
         exporter.shutdown()
-    assert [_decoded(b) for b in got] == [encode_spans(spans), encode_spans([odd])]
-    assert not _decoded(got[1]).resource_spans[0].scope_spans[0].spans[0].attributes
+    assert got == [encode_spans(spans), encode_spans([odd])]
+    assert not got[1].resource_spans[0].scope_spans[0].spans[0].attributes

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import http.server
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +22,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from otlp_receiver import receiver
 from rq import Queue, SimpleWorker
 from sse import frames
 from starlette.testclient import TestClient
@@ -226,39 +225,6 @@ def test_without_an_endpoint_no_tracing_is_imported_and_no_client_is_patched(
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["[]", "[]"]
-
-
-class _Receiver(http.server.BaseHTTPRequestHandler):
-    """An OTLP/HTTP traces endpoint: decodes each POST /v1/traces as the protobuf."""
-
-    got: list[ExportTraceServiceRequest]
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        if self.path == "/v1/traces" and self.headers["Content-Type"] == "application/x-protobuf":
-            self.got.append(ExportTraceServiceRequest.FromString(body))
-            self.send_response(200)
-        else:
-            self.send_response(400)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def receiver() -> Iterator[tuple[str, list[ExportTraceServiceRequest]]]:
-    got: list[ExportTraceServiceRequest] = []
-    handler = type("Handler", (_Receiver,), {"got": got})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", got
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def _spans(got: list[ExportTraceServiceRequest]) -> list[tuple[str, Any]]:
