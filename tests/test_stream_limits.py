@@ -10,6 +10,7 @@ admitted ones read on a pool of their own.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Callable
 
@@ -20,9 +21,10 @@ import redis.asyncio as aredis
 from live import app_process
 from prometheus_client import REGISTRY
 from sse import frames
+from sse_starlette import EventSourceResponse
 from waits import wait_until
 
-from app.chat.stream_slots import StreamSlots
+from app.chat.stream_slots import SlotStream, StreamSlots
 from app.errors import TooManyStreams
 from app.settings import Settings
 from app.stack.embedded import free_port
@@ -229,3 +231,13 @@ async def test_a_held_slot_is_renewed_and_keeps_the_user_within_the_limit(
     slot.release()
     await slots.aclose()
     assert sr.zcard(keys.streams(user)) == 0
+
+
+def test_slot_streams_replace_the_send_step_sse_starlette_takes_for_every_frame() -> None:
+    """SlotStream sends a frame without sse-starlette's per-send cancel scope (there is
+    no send timeout) by overriding `_send_with_timeout`. Were the library to stop
+    sending frames through it, the override would do nothing and the cost come back;
+    were it to stop reading `_send_interrupted`, a failed send would get a closing frame."""
+    assert "_send_with_timeout" in vars(SlotStream)
+    assert "self._send_with_timeout(" in inspect.getsource(EventSourceResponse._stream_response)
+    assert "self._send_interrupted" in inspect.getsource(EventSourceResponse.__call__)
