@@ -154,3 +154,30 @@ async def test_a_batch_on_a_dropped_connection_fails_as_a_command_does_then_reco
         await client.delete(key)
         await client.aclose()
         admin.close()
+
+
+async def test_a_batch_whose_replies_do_not_come_times_out_and_the_next_gets_its_own(
+    settings: Settings,
+) -> None:
+    """The batch's one read bound: Redis paused past the client's socket_timeout, the
+    batch fails as a read timeout in time, and the connection it held is not reused
+    half read: the next batch on the one-connection pool gets its own replies."""
+    client = async_redis_client(settings.redis_url or "", max_connections=1,
+                                socket_timeout=0.3)
+    admin = redis.Redis.from_url(settings.redis_url or "")
+    key = f"test-clients:{uuid.uuid4().hex}"
+    try:
+        await client.set(key, "before")
+        admin.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+        started = time.monotonic()
+        with pytest.raises(redis.TimeoutError, match="reading"):
+            await batch(client, [("SET", key, "during"), ("GET", key)])
+        assert time.monotonic() - started < 1.2  # the bound, not the pause, ended it
+        admin.execute_command("CLIENT", "UNPAUSE")
+        # A half-read connection would answer with the paused batch's replies (OK, ...).
+        assert await batch(client, [("ECHO", "mine"), ("INCR", f"{key}:n")]) == [b"mine", 1]
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+        await client.delete(key, f"{key}:n")
+        await client.aclose()
+        admin.close()

@@ -22,6 +22,8 @@ command to its slot's node; its replies went through the response callbacks.
 
 from __future__ import annotations
 
+import asyncio
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,11 +50,19 @@ async def batch(client: aredis.Redis, commands: Sequence[tuple[Any, ...]]) -> li
 async def _exchange(conn: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
     await conn.send_packed_command(conn.pack_commands(commands))
     replies: list[Any] = []
-    for _ in commands:
-        try:
-            replies.append(await conn.read_response())
-        except rexc.ResponseError as e:  # every reply is read, so the socket stays in step
-            replies.append(e)
+    # One bound for the batch's replies (the connection's socket_timeout), not one per
+    # reply (4 µs each, and most replies are already read with the first). When it
+    # runs out, redis-py's read, cancelled mid-reply, closes the connection.
+    try:
+        async with asyncio.timeout(conn.socket_timeout):
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response(timeout=math.inf))
+                except rexc.ResponseError as e:  # every reply is read: the socket stays in step
+                    replies.append(e)
+    except TimeoutError:  # asyncio's, from this bound, as redis-py's own read says it
+        await conn.disconnect(nowait=True)
+        raise rexc.TimeoutError("Timeout reading from socket") from None
     return replies
 
 
