@@ -44,9 +44,10 @@ from app.settings import Settings
 from app.stack.embedded import EmbeddedRedis, free_port
 from app.stores import indexes, keys
 from app.stores.clients import async_redis_client, redis_client
+from app.stores.indexes import escape_tag
 from app.tools import KbSearch
 from app.tools.base import Tool, ToolContext, ToolResult
-from app.tools.kb_search import escape_tag, parse_search_reply
+from app.tools.kb_search import parse_search_reply
 
 SECRET = "the spare key to the lamp room hides under the third blue step"
 DOC = f"""# Lamp room

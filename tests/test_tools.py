@@ -18,9 +18,9 @@ from app.kb.ingest import doc_id, ingest_paths
 from app.settings import Settings
 from app.stack.embedded import free_port
 from app.stores.clients import async_redis_client
+from app.stores.indexes import escape_tag
 from app.tools import KbSearch, ToolContext, ToolResult, WebSearch, make_tools
 from app.tools.base import MAX_QUERY_CHARS
-from app.tools.kb_search import escape_tag
 
 T = TypeVar("T")
 

@@ -20,7 +20,8 @@ import redis.asyncio as aredis
 import redis.exceptions as rexc
 
 from app.embeddings import Vector
-from app.tools.kb_search import escape_tag, parse_search_reply
+from app.stores.indexes import escape_tag
+from app.tools.kb_search import parse_search_reply
 
 log = logging.getLogger("backbone.cache")
 

@@ -21,8 +21,9 @@ import redis.asyncio as aredis
 from app.embeddings import Embedder
 from app.memory.usage import UsageMarks
 from app.stores import keys
+from app.stores.indexes import escape_tag
 from app.stores.scope_guard import admitted
-from app.tools.kb_search import escape_tag, parse_search_reply
+from app.tools.kb_search import parse_search_reply
 
 # With all-MiniLM-L6-v2 a question about a stored fact sits at 0.65-0.8 from it
 # ("Where do I live?" / "lives in Lisbon" 0.68); an unrelated fact past 0.9.

@@ -30,8 +30,9 @@ from app.memory.facts import Fact
 from app.memory.requests import AddRequest, SearchRequest, UpdateRequest
 from app.memory.store import MERGE_DISTANCE, MemoryStore
 from app.stores import keys
+from app.stores.indexes import escape_tag
 from app.stores.scope_guard import admitted
-from app.tools.kb_search import escape_tag, parse_search_reply
+from app.tools.kb_search import parse_search_reply
 
 COLUMNS = "id, kind, content, session_id, created_at, updated_at"
 

@@ -47,8 +47,9 @@ from app.embeddings import Embedder, Vector
 from app.errors import DuplicateMemory, NotFound
 from app.memory.facts import Fact
 from app.stores import keys
+from app.stores.indexes import escape_tag
 from app.stores.scope_guard import admitted
-from app.tools.kb_search import escape_tag, parse_search_reply
+from app.tools.kb_search import parse_search_reply
 
 # Measured with all-MiniLM-L6-v2: a refinement of the same fact sits near 0.1 ("is allergic
 # to peanuts" / "... and tree nuts" 0.098, "works at Acme" / "... Acme Corp" 0.087), a

@@ -44,7 +44,8 @@ from app.sessions.store import Sessions
 from app.settings import Settings
 from app.stores import keys
 from app.stores.clients import async_redis_client, async_session_redis_client, redis_client
-from app.tools.kb_search import escape_tag, parse_search_reply
+from app.stores.indexes import escape_tag
+from app.tools.kb_search import parse_search_reply
 
 log = logging.getLogger("backbone.privacy")
 

@@ -24,7 +24,8 @@ from app.errors import ClientError
 from app.identity import Identity
 from app.sessions.store import Sessions
 from app.stores import keys
-from app.tools.kb_search import escape_tag, parse_search_reply
+from app.stores.indexes import escape_tag
+from app.tools.kb_search import parse_search_reply
 
 DOCS_LIMIT = 10_000
 

@@ -15,6 +15,7 @@ that reports extra defaults does not cause a rebuild at every start.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterator
@@ -272,7 +273,15 @@ def status(client: redis.Redis) -> dict[str, dict[str, Any]]:
     return out
 
 
-_TAG_SPECIAL = re.compile(r"([^A-Za-z0-9_])")
+# Everything but letters, digits and _ is tag syntax somewhere; escape it all.
+_TAG_SPECIAL = re.compile(r"[^A-Za-z0-9_]")
+
+
+@functools.lru_cache(maxsize=4096)
+def escape_tag(value: str) -> str:
+    """`value` as a TAG query term. Remembered: a turn's lookups escape the same tool,
+    scope, model and digest again and again (re.sub expands its template per match)."""
+    return _TAG_SPECIAL.sub(lambda m: "\\" + m[0], value)
 
 
 def models(client: redis.Redis, index_name: str) -> dict[str, int]:
@@ -284,7 +293,7 @@ def models(client: redis.Redis, index_name: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for value in raw or []:
         model = value.decode() if isinstance(value, bytes) else str(value)
-        escaped = _TAG_SPECIAL.sub(r"\\\1", model)
+        escaped = escape_tag(model)
         reply = client.execute_command(  # type: ignore[no-untyped-call]
             "FT.SEARCH", index_name, f"@model:{{{escaped}}}",
             "LIMIT", 0, 0, "DIALECT", 2,

@@ -22,7 +22,6 @@ or the RESP3 map), whichever protocol the client negotiated.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 import numpy as np
@@ -33,6 +32,7 @@ from app.cache.decision import FITTED_MAX_DISTANCE
 from app.embeddings import Embedder, Vector
 from app.llm.base import ToolSpec
 from app.stores import keys
+from app.stores.indexes import escape_tag
 from app.stores.scope_guard import admitted
 from app.tools.base import (
     QUERY_PARAMETERS,
@@ -52,14 +52,6 @@ PartScope = Literal["global", "tenant", "user"]
 # A cached result serves reworded questions too: its text never quotes the asker's words.
 HEADING = "Knowledge-base passages:"
 NOTHING_FOUND = "The knowledge base has no passage relevant to this query."
-# Everything but letters, digits and _ is tag syntax somewhere; escape it all.
-_TAG_SPECIAL = re.compile(r"([^A-Za-z0-9_])")
-
-
-def escape_tag(value: str) -> str:
-    return _TAG_SPECIAL.sub(r"\\\1", value)
-
-
 def scopes_for(ctx: ToolContext) -> list[str]:
     """The scope tags a caller may read; raises ArgumentError for an invalid id."""
     if not keys.USER_ID.fullmatch(ctx.user_id):
