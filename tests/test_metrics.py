@@ -142,7 +142,9 @@ def test_with_a_multiprocess_dir_the_scrape_sums_every_process(tmp_path: Path) -
     assert sample(out, "backbone_persist_lag_seconds") == 0
 
 
-def test_a_worker_with_a_metrics_port_serves_its_own_metrics(settings: Settings) -> None:
+def test_a_worker_with_a_metrics_port_serves_its_own_metrics(
+    settings: Settings, tmp_path: Path
+) -> None:
     """What compose runs: the worker in its own container, its /metrics on its own port."""
     import signal
 
@@ -153,9 +155,11 @@ def test_a_worker_with_a_metrics_port_serves_its_own_metrics(settings: Settings)
     port = free_port()
     env = {**os.environ, "REDIS_URL": settings.redis_url or "",
            "DATABASE_URL": settings.database_url or "", "WORKER_METRICS_PORT": str(port),
-           "LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           "LOG_LEVEL": "INFO"}
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
     body: list[str] = []
 
     def served() -> bool:
@@ -170,6 +174,15 @@ def test_a_worker_with_a_metrics_port_serves_its_own_metrics(settings: Settings)
         wait_until(served, "the worker's /metrics", timeout=90)
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            # Once in a full run the worker did not stop: say what it was doing, and
+            # leave no process behind to fail the next test with a ResourceWarning.
+            proc.kill()
+            proc.wait()
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+            raise AssertionError(
+                f"the worker did not stop within 60 s of SIGINT:\n{tail}") from None
     names = {f.name for f in text_string_to_metric_families(body[-1])}
     assert {"backbone_memory_job_seconds", "backbone_memory_delta_messages"} <= names
