@@ -176,7 +176,7 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         redis = async_redis_client(settings.redis_url or "")
         pg: AsyncConnectionPool[Any] = MeteredPgPool(
-            settings.database_url or "", min_size=1, max_size=10, open=False,
+            settings.database_url or "", min_size=1, max_size=settings.pg_pool_size, open=False,
             kwargs={"autocommit": True},
         )
         await pg.open(wait=False)

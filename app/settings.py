@@ -163,6 +163,9 @@ class Settings:
     # and one node; the node's limit also sizes its pool of blocking readers.
     max_streams_per_user: int = 8
     max_streams_per_node: int = 256
+    # PostgreSQL connections one app process holds at most (sessions created, turns
+    # persisted, histories restored); PostgreSQL's max_connections bounds all nodes' sum.
+    pg_pool_size: int = 10
     # /metrics: a bearer token; None: answered to loopback callers only.
     metrics_token: str | None = None
     cache_audit_retention_days: int = 30
@@ -226,6 +229,7 @@ class Settings:
             rate_limit_sessions=_int(e, "RATE_LIMIT_SESSIONS", 10, minimum=1),
             max_streams_per_user=_int(e, "MAX_STREAMS_PER_USER", 8, minimum=1),
             max_streams_per_node=_int(e, "MAX_STREAMS_PER_NODE", 256, minimum=1),
+            pg_pool_size=_int(e, "PG_POOL_SIZE", 10, minimum=1),
             metrics_token=_str(e, "METRICS_TOKEN"),
             cache_audit_retention_days=_int(e, "CACHE_AUDIT_RETENTION_DAYS", 30, minimum=1),
             log_level=(_str(e, "LOG_LEVEL", "INFO") or "INFO").upper(),

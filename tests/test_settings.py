@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -21,7 +22,8 @@ def test_with_no_environment_everything_defaults_to_the_embedded_stack() -> None
 @pytest.mark.parametrize(
     ("name", "value"),
     [("SESSION_TTL_SECONDS", "soon"), ("PORT", "-1"), ("RETRIEVAL_CACHE_AUDIT_RATE", "1.5"),
-     ("RETRIEVAL_CACHE_AUDIT_RATE", "often"), ("MEMORY_LOCK_TTL_SECONDS", "0")],
+     ("RETRIEVAL_CACHE_AUDIT_RATE", "often"), ("MEMORY_LOCK_TTL_SECONDS", "0"),
+     ("PG_POOL_SIZE", "0")],
 )
 def test_a_malformed_variable_fails_loudly_naming_it(name: str, value: str) -> None:
     with pytest.raises(SettingsError, match=name):
@@ -65,3 +67,15 @@ def test_the_readmes_main_settings_are_rows_of_the_full_table(project_root: Path
         # Same default and meaning; only a link into the docs may be added in the README.
         unlinked = [re.sub(r" \(\[[^\]]*\]\([^)]*\)\)", "", r) for r in (row, full[name])]
         assert unlinked[0] == unlinked[1], name
+
+
+def test_the_app_holds_at_most_pg_pool_size_postgresql_connections(settings: Settings) -> None:
+    from starlette.testclient import TestClient
+
+    from app.api import create_app
+
+    sized = dataclasses.replace(settings, pg_pool_size=3)
+    with TestClient(create_app(sized)) as client:
+        pool = client.app_state["backbone"].pg
+        assert (pool.min_size, pool.max_size) == (1, 3)
+    assert Settings.from_env({}).pg_pool_size == 10
