@@ -109,10 +109,14 @@ class LeanCommands:
         ):
             return False
         transport = writer.transport
-        if transport.is_closing() or transport.get_write_buffer_size():
+        try:
+            if transport.is_closing() or transport.get_write_buffer_size():
+                return False
+            high = transport.get_write_buffer_limits()[1]
+        except (AttributeError, NotImplementedError):  # a transport that cannot say: bound it
             return False
         size = len(command) if isinstance(command, bytes | str) else sum(map(len, command))
-        return bool(size < transport.get_write_buffer_limits()[1])
+        return bool(size < high)
 
 
 _lean: dict[type, type] = {}
