@@ -23,7 +23,6 @@ command to its slot's node; its replies went through the response callbacks.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,18 +50,24 @@ async def _exchange(conn: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]
     await conn.send_packed_command(conn.pack_commands(commands))
     replies: list[Any] = []
     # One bound for the batch's replies (the connection's socket_timeout), not one per
-    # reply (4 µs each, and most replies are already read with the first). When it
-    # runs out, redis-py's read, cancelled mid-reply, closes the connection.
+    # reply (4 µs each, and most replies are already read with the first): the reads run
+    # with the connection's own timeout unset, which no one else sees (the batch holds
+    # the connection, as LeanCommands' send does). When the bound runs out, redis-py's
+    # read, cancelled mid-reply, closes the connection.
+    timeout = conn.socket_timeout
+    conn.socket_timeout = None
     try:
-        async with asyncio.timeout(conn.socket_timeout):
+        async with asyncio.timeout(timeout):
             for _ in commands:
                 try:
-                    replies.append(await conn.read_response(timeout=math.inf))
+                    replies.append(await conn.read_response())
                 except rexc.ResponseError as e:  # every reply is read: the socket stays in step
                     replies.append(e)
     except TimeoutError:  # asyncio's, from this bound, as redis-py's own read says it
         await conn.disconnect(nowait=True)
         raise rexc.TimeoutError("Timeout reading from socket") from None
+    finally:
+        conn.socket_timeout = timeout
     return replies
 
 
