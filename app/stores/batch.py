@@ -52,8 +52,9 @@ async def _exchange(conn: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]
     # One bound for the batch's replies (the connection's socket_timeout), not one per
     # reply (4 µs each, and most replies are already read with the first): the reads run
     # with the connection's own timeout unset, which no one else sees (the batch holds
-    # the connection, as LeanCommands' send does). When the bound runs out, redis-py's
-    # read, cancelled mid-reply, closes the connection.
+    # the connection, as LeanCommands' send does). When the bound runs out, the read is
+    # cancelled mid-reply and the connection is closed (redis-py's read does it too; here
+    # it does not depend on that), so a half-read socket never goes back to the pool.
     timeout = conn.socket_timeout
     conn.socket_timeout = None
     try:
